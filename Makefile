@@ -1,0 +1,31 @@
+# Two commands do everything: `make demo` and `make test`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install lint clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+	# CPU torch first: otherwise pip resolves a multi-GB CUDA build through lightning/transformers.
+	if command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/pip install -q "torch>=2.5"; \
+	else $(BIN)/pip install -q torch==2.13.0; fi 2>&1 | grep -v "is ignored" || true
+	$(BIN)/pip install -q -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+	$(BIN)/python -c "import torch, lightning, transformers, lrl" 
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -x --timeout=600 tests
+
+demo: $(STAMP)
+	$(BIN)/python scripts/demo.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check lrl callbacks datamodules scripts tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,221 @@
+"""The block-diffusion LM: a transformers decoder plus the training forward and the inference primitives.
+
+The network itself is a stock transformers model (Qwen3/Qwen2; SDAR checkpoints are Qwen3 weights). This module
+adds what makes it a block-diffusion model (spec §1.2–§1.3):
+
+* `diffusion_logits`: the training forward over [noisy_1 | … | noisy_K | clean] copies of a row, all with the
+  same position ids, under the block-diffusion mask of `lrl.models.masks`; logits only at masked positions.
+  K = 1 is SDAR's doubled sequence; K > 1 packs several denoising steps of a trajectory into one row.
+* `new_cache` / `forward_chunk`: prefill of block-aligned prompts into a `BlockKVCache`, forwards of the current
+  block against the cache (not stored), and store passes that commit a finished block.
+
+Attention: SDPA with a dense boolean 4-D mask (CPU and default); flex_attention with a BlockMask for training on
+CUDA when ``attention="flex"`` (flex has no backward on CPU; transformers' eager path mishandles bool masks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+
+import torch
+from torch import nn
+
+from lrl.models.config import BlockDiffusionConfig
+from lrl.models.kv_cache import BlockKVCache
+from lrl.models.masks import dense_block_diffusion_mask, flex_block_diffusion_mask, segment_ids
+
+
+class BlockDiffusionLM(nn.Module):
+    """A causal-LM checkpoint used as a block-diffusion model.
+
+    Args:
+        model: a transformers ``*ForCausalLM`` (``.model`` is the decoder, ``.lm_head`` the output layer).
+        bd_config: mask id, block size and logit shift of this checkpoint.
+        identity: config.json keys that make the checkpoint a diffusion model for other tools (model_type,
+            architectures, auto_map, …); written back by ``save_pretrained`` (see `lrl.models.loading`).
+        attention: ``"sdpa"`` (dense bool mask, works everywhere) or ``"flex"`` (BlockMask, CUDA training).
+    """
+
+    def __init__(self, model: nn.Module, bd_config: BlockDiffusionConfig, identity: dict | None = None,
+                 attention: str = "sdpa"):
+        super().__init__()
+        if attention not in ("sdpa", "flex"):
+            raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
+        self.model = model
+        self.bd = bd_config
+        self.identity = dict(identity or {})
+        self.attention = attention
+        params = inspect.signature(model.model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        model.config._attn_implementation = "sdpa"
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def hf_config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def max_length(self) -> int:
+        return int(getattr(self.hf_config, "max_position_embeddings", 1 << 30))
+
+    def _decoder(self, input_ids, position_ids, mask, cache=None) -> torch.Tensor:
+        kwargs = {self._cache_kw: cache} if cache is not None else {}
+        out = self.model.model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask={"full_attention": mask, "sliding_attention": mask},
+            use_cache=False,
+            **kwargs,
+        )
+        return out.last_hidden_state
+
+    @contextlib.contextmanager
+    def _attn_impl(self, impl: str):
+        old = self.hf_config._attn_implementation
+        self.hf_config._attn_implementation = impl
+        try:
+            yield
+        finally:
+            self.hf_config._attn_implementation = old
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)
+
+    # ------------------------------------------------------------------ training forward
+    def diffusion_hidden(self, input_ids: torch.Tensor, noisy_masks: torch.Tensor, lengths: torch.Tensor,
+                         block_size: int | None = None) -> torch.Tensor:
+        """Decoder states of the packed [noisy_1 | … | noisy_K | clean] row.
+
+        Args:
+            input_ids: (B, L) clean tokens x_0, right-padded.
+            noisy_masks: (B, K, L) bool; copy k is x_0 with MASK where noisy_masks[:, k] is True.
+            lengths: (B,) valid tokens per row.
+            block_size: attention block size (default: the model's).
+        Returns:
+            (B, (K+1)·L, hidden) states; noisy copy k occupies [k·L, (k+1)·L), the clean copy the last L.
+        """
+        b, length = input_ids.shape
+        k = noisy_masks.shape[1]
+        bs = block_size or self.bd.block_size
+        noisy = torch.where(noisy_masks, torch.full_like(noisy_masks, self.bd.mask_token_id, dtype=input_ids.dtype),
+                            input_ids.unsqueeze(1))
+        packed = torch.cat([noisy.reshape(b, k * length), input_ids], dim=1)
+        pos = torch.arange(length, device=input_ids.device).repeat(k + 1).unsqueeze(0).expand(b, -1)
+        copy, block, valid = segment_ids(lengths.to(input_ids.device), length, k, bs)
+        if self.attention == "flex" and input_ids.is_cuda:
+            mask = flex_block_diffusion_mask(copy, block, valid)
+            with self._attn_impl("flex_attention"):
+                return self._decoder(packed, pos, mask)
+        return self._decoder(packed, pos, dense_block_diffusion_mask(copy, block, valid))
+
+    def diffusion_logits(self, input_ids: torch.Tensor, noisy_masks: torch.Tensor, lengths: torch.Tensor,
+                         block_size: int | None = None) -> torch.Tensor:
+        """Logits predicting the masked tokens, (M, V), in the order of ``noisy_masks.nonzero()`` (b, k, l).
+
+        Without logit shift, position l of a noisy copy predicts token l. With a shift (AR-adapted models), token l
+        is predicted at l − 1 of the same copy when l − 1 is in the same block, else at l − 1 of the clean copy
+        (the last token of the previous, already-known block).
+        """
+        hidden = self.diffusion_hidden(input_ids, noisy_masks, lengths, block_size)
+        b_idx, k_idx, l_idx = noisy_masks.nonzero(as_tuple=True)
+        length, k = input_ids.shape[1], noisy_masks.shape[1]
+        src = k_idx * length + l_idx
+        if self.bd.logit_shift:
+            bs = block_size or self.bd.block_size
+            if bool((l_idx == 0).any()):
+                raise ValueError("with logit_shift, position 0 cannot be masked (nothing precedes it)")
+            same_block = (l_idx % bs) != 0
+            src = torch.where(same_block, src - 1, k * length + l_idx - 1)
+        return self.logits(hidden[b_idx, src])
+
+    # ------------------------------------------------------------------ inference primitives
+    def new_cache(self, rows: int, max_len: int) -> BlockKVCache:
+        cfg = self.hf_config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        return BlockKVCache(cfg.num_hidden_layers, rows, max_len, kv_heads, head_dim, dtype=self.dtype,
+                            device=self.device)
+
+    @torch.no_grad()
+    def forward_chunk(self, cache: BlockKVCache, input_ids: torch.Tensor, *, rows: torch.Tensor | None = None,
+                      block_size: int, key_valid: torch.Tensor | None = None,
+                      store: torch.Tensor | None = None) -> torch.Tensor:
+        """Run T tokens per row at slots [lengths[r], lengths[r] + T) against the row's cache.
+
+        Args:
+            cache: the rows' `BlockKVCache`.
+            input_ids: (A, T) tokens of the chunk (a decoding block, or block-aligned prompt blocks at prefill).
+            rows: (A,) cache rows of the chunk (None: all rows, in order).
+            block_size: block size of the attention pattern inside the chunk (rollout block size).
+            key_valid: (A, T) bool, chunk positions other tokens may attend to (False: padding or positions past
+                the generation budget). Default all True.
+            store: (A,) long, how many chunk slots to commit per row (the store pass); None commits nothing.
+        Returns:
+            (A, T, V) logits where ``[:, j]`` predicts the token at chunk position j (the shift of AR-adapted
+            models is applied here, using the stored state of the previous position).
+        """
+        a, t = input_ids.shape
+        device = input_ids.device
+        starts = cache.lengths if rows is None else cache.lengths[rows]
+        slots = starts[:, None] + torch.arange(t, device=device)
+        kv_len = int(starts.max()) + t
+        if key_valid is None:
+            key_valid = torch.ones(a, t, dtype=torch.bool, device=device)
+        kslot = torch.arange(kv_len, device=device)
+        rel = kslot[None, :] - starts[:, None]  # (A, kv_len) key slot relative to the chunk start
+        in_chunk = (rel >= 0) & (rel < t)
+        chunk_valid = torch.gather(key_valid, 1, rel.clamp(0, t - 1)) & in_chunk
+        kvalid = (rel < 0) | chunk_valid  # committed slots or valid chunk slots
+        qblock = slots // block_size
+        kblock = kslot // block_size
+        mask = kvalid[:, None, :] & (kblock[None, None, :] <= qblock[:, :, None])
+        mask = mask | (kslot[None, None, :] == slots[:, :, None])
+        cache.bind(rows, slots, kv_len)
+        hidden = self._decoder(input_ids, slots, mask.unsqueeze(1), cache=cache)
+        if self.bd.logit_shift:
+            prev = cache.last_hidden if rows is None or cache.last_hidden is None else cache.last_hidden[rows]
+            if prev is None:
+                prev = torch.zeros_like(hidden[:, 0])
+            logits = self.logits(torch.cat([prev[:, None], hidden[:, :-1]], dim=1))
+        else:
+            logits = self.logits(hidden)
+        if store is not None:
+            store = store.to(device)
+            if self.bd.logit_shift:
+                if cache.last_hidden is None:
+                    cache.last_hidden = torch.zeros(cache.num_rows, hidden.shape[-1], dtype=hidden.dtype,
+                                                    device=device)
+                last = hidden[torch.arange(a, device=device), (store - 1).clamp(min=0)]
+                target = torch.arange(cache.num_rows, device=device) if rows is None else rows
+                keep = store > 0
+                cache.last_hidden[target[keep]] = last[keep]
+            if rows is None:
+                cache.lengths += store
+            else:
+                cache.lengths[rows] += store
+        return logits
+
+    @torch.no_grad()
+    def full_logits(self, input_ids: torch.Tensor, lengths: torch.Tensor, block_size: int) -> torch.Tensor:
+        """Uncached reference: (B, L, V) logits of whole sequences under the block-causal mask."""
+        b, length = input_ids.shape
+        copy, block, valid = segment_ids(lengths.to(input_ids.device), length, 0, block_size)
+        pos = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(b, -1)
+        hidden = self._decoder(input_ids, pos, dense_block_diffusion_mask(copy, block, valid))
+        if self.bd.logit_shift:
+            hidden = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
+        return self.logits(hidden)
+
+    def save_pretrained(self, path, tokenizer=None, **kwargs) -> None:
+        from lrl.models.loading import save_checkpoint
+
+        save_checkpoint(self, path, tokenizer=tokenizer, **kwargs)

@@ -1,0 +1,169 @@
+"""Load and save block-diffusion checkpoints (HF directories: config.json + safetensors + tokenizer files), offline.
+
+SDAR checkpoints are Qwen3 weights whose config.json says ``model_type: sdar`` and ``architectures:
+["SDARForCausalLM"]`` (plus ``auto_map`` to their own modeling file). We never execute remote code: the config is
+mapped onto the matching transformers class (Qwen3 for SDAR, Qwen2 for Fast-dLLM-v2), and the keys that make the
+checkpoint a diffusion model for other tools are kept as the model's *identity* and written back on save, because
+SGLang decides from ``architectures`` whether to serve a checkpoint as a diffusion LM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lrl.models.block_lm import BlockDiffusionLM
+from lrl.models.config import resolve_block_diffusion_config
+
+# model_type (lower-case) → transformers family used to build the network.
+FAMILIES = {
+    "sdar": "qwen3",
+    "qwen3": "qwen3",
+    "trado": "qwen3",
+    "qwen2": "qwen2",
+    "fast_dllm_v2": "qwen2",
+    "fast_dllm_qwen": "qwen2",
+    "sdar_moe": "qwen3_moe",
+    "qwen3_moe": "qwen3_moe",
+}
+# Keys preserved verbatim from the original config.json and restored on save.
+IDENTITY_KEYS = ("model_type", "architectures", "auto_map", "block_size", "mask_token_id", "logit_shift")
+
+
+def _family_classes(family: str):
+    if family == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        return Qwen3Config, Qwen3ForCausalLM
+    if family == "qwen2":
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        return Qwen2Config, Qwen2ForCausalLM
+    if family == "qwen3_moe":
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        return Qwen3MoeConfig, Qwen3MoeForCausalLM
+    raise ValueError(f"unknown model family {family!r}")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' per-shard progress bars and the expected 'model of type sdar' warning."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory: {cfg_file} does not exist")
+    return json.loads(cfg_file.read_text())
+
+
+def load_tokenizer(path: str | os.PathLike):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    *,
+    mask_token_id: int | None = None,
+    block_size: int | None = None,
+    logit_shift: bool | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+    attention: str = "sdpa",
+    load_tokenizer_files: bool = True,
+):
+    """Load ``(BlockDiffusionLM, tokenizer)`` from a local HF checkpoint directory without network access.
+
+    Args:
+        path: directory with config.json, *.safetensors and tokenizer files.
+        mask_token_id, block_size, logit_shift: explicit overrides of the checkpoint's values.
+        dtype: parameter dtype (default: float32 on CPU, the checkpoint's ``torch_dtype`` elsewhere).
+        device: where to put the model.
+        attention: ``"sdpa"`` or ``"flex"`` (see `BlockDiffusionLM`).
+    """
+    raw = read_config(path)
+    model_type = str(raw.get("model_type", "")).lower()
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise ValueError(
+            f"{path}: model_type {raw.get('model_type')!r} is not supported; known: {sorted(FAMILIES)}"
+        )
+    config_cls, model_cls = _family_classes(family)
+    identity = {k: raw[k] for k in IDENTITY_KEYS if k in raw}
+    body = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
+    hf_config = config_cls(**body)
+    tokenizer = load_tokenizer(path) if load_tokenizer_files else None
+    bd = resolve_block_diffusion_config(raw, tokenizer, mask_token_id=mask_token_id, block_size=block_size,
+                                        logit_shift=logit_shift)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    if dtype is None:
+        dtype = torch.float32 if device is None or str(device) == "cpu" else getattr(hf_config, "torch_dtype", None)
+    with _quiet_transformers():
+        model = model_cls.from_pretrained(str(path), config=hf_config, dtype=dtype or torch.float32,
+                                          local_files_only=True, attn_implementation="sdpa")
+    if device is not None:
+        model = model.to(device)
+    return BlockDiffusionLM(model, bd, identity=identity, attention=attention), tokenizer
+
+
+def _atomic_dir_write(path: Path, writer) -> None:
+    """Write a directory into a sibling temp dir, then swap it in, so a crash never leaves a half checkpoint."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        writer(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(lm: BlockDiffusionLM, path: str | os.PathLike, tokenizer=None, state_dict=None) -> None:
+    """Save an HF directory that keeps the block-diffusion identity (model_type, architectures, auto_map, …).
+
+    ``state_dict`` lets a caller save weights other than ``lm``'s current ones (e.g. gathered FSDP weights).
+    """
+
+    def write(tmp: Path) -> None:
+        with _quiet_transformers():
+            lm.model.save_pretrained(str(tmp), safe_serialization=True, state_dict=state_dict)
+        cfg_file = tmp / "config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg.update(lm.identity)
+        cfg["block_size"] = lm.bd.block_size
+        cfg["mask_token_id"] = lm.bd.mask_token_id
+        if lm.bd.logit_shift or "logit_shift" in lm.identity:
+            cfg["logit_shift"] = lm.bd.logit_shift
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+
+    _atomic_dir_write(Path(path), write)

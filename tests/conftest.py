@@ -1,0 +1,38 @@
+"""Shared fixtures: a tiny character-level block-diffusion model, built locally (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from lrl.models import build_char_tokenizer
+
+    return build_char_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_tokenizer):
+    from lrl.models import build_tiny_model
+
+    lm = build_tiny_model(tiny_tokenizer, block_size=4, seed=0)
+    lm.eval()
+    return lm
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_lm, tiny_tokenizer):
+    """A saved tiny checkpoint directory (SDAR identity), shared read-only by tests."""
+    from lrl.models import save_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(tiny_lm, path, tokenizer=tiny_tokenizer)
+    return path
