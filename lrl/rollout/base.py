@@ -1,0 +1,28 @@
+"""The rollout interface used by the datamodule, the evaluation and the trainer (verl's BaseRollout, slimmed)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Mapping, Sequence
+
+import torch
+
+from lrl.rollout.types import RolloutBatch, SamplingParams
+
+
+class RolloutGenerator(abc.ABC):
+    """Generates responses for prompts with some policy weights; knows which weights it has."""
+
+    weight_version: int = 0
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[str | Sequence[int]], sampling: SamplingParams) -> RolloutBatch:
+        """``samples_per_prompt`` responses for every prompt, group by group (group i = prompt i)."""
+
+    @abc.abstractmethod
+    def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                       version: int | None = None) -> None:
+        """Load new policy weights (HF parameter names) and set ``weight_version`` (default: current + 1)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release resources (servers, memory)."""

@@ -1,0 +1,91 @@
+"""The decoding step shared by every engine: sample tokens, score confidence, choose positions to unmask.
+
+These pure functions are imported both by the native engine and by the SGLang plugin, so the two can never
+drift (spec §2.2–§2.3). Shapes: A rows, T block positions, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    *,
+    greedy: bool,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per position and its confidence.
+
+    Args:
+        logits: (M, V) logits of the positions to fill.
+        greedy: argmax decoding; the confidence is then the softmax probability at T = 1 (lmdeploy forces T = 1).
+        temperature, top_k, top_p: sampling controls (top_k 0 and top_p 1 switch them off).
+        generator: random source (seeded by the caller for reproducibility).
+    Returns:
+        tokens (M,) long, confidence (M,) float: probability of the drawn token under softmax(logits / T), before
+        top-k/top-p truncation (spec §2.3).
+    """
+    logits = logits.float()
+    if greedy:
+        probs = logits.softmax(-1)
+        conf, tokens = probs.max(-1)
+        return tokens, conf
+    scaled = logits / temperature
+    probs = scaled.softmax(-1)
+    filtered = scaled
+    if top_k and top_k < filtered.shape[-1]:
+        kth = torch.topk(filtered, top_k, dim=-1).values[..., -1:]
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(filtered, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching mass top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        filtered = torch.full_like(filtered, float("-inf")).scatter(-1, order, sorted_logits)
+    sample_probs = filtered.softmax(-1) if filtered is not scaled else probs
+    tokens = torch.multinomial(sample_probs, 1, generator=generator).squeeze(-1)
+    conf = probs.gather(-1, tokens[:, None]).squeeze(-1)
+    return tokens, conf
+
+
+def select_unmask(
+    confidence: torch.Tensor,
+    masked: torch.Tensor,
+    *,
+    strategy: str,
+    threshold: float = 0.9,
+    k: int = 1,
+) -> torch.Tensor:
+    """Which masked positions to unmask this step (spec §2.2).
+
+    Args:
+        confidence: (A, T) confidence of the drawn token at each position (ignored where not masked).
+        masked: (A, T) bool, positions still masked.
+        strategy: ``low_confidence_dynamic``: the most confident masked position plus every masked position with
+            confidence >= threshold; ``low_confidence_static``: the k most confident; ``sequential``: the first k
+            masked positions left to right.
+        threshold: dynamic threshold φ.
+        k: tokens per step of the static and sequential strategies.
+    Returns:
+        (A, T) bool, a subset of ``masked``; at least one position in every row that has a masked position.
+    """
+    neg = torch.finfo(confidence.dtype).min if confidence.is_floating_point() else -1
+    conf = torch.where(masked, confidence, torch.full_like(confidence, neg))
+    any_masked = masked.any(-1, keepdim=True)
+    if strategy == "low_confidence_dynamic":
+        best = torch.zeros_like(masked).scatter(-1, conf.argmax(-1, keepdim=True), True)
+        chosen = (masked & (conf >= threshold)) | (best & any_masked)
+    elif strategy == "low_confidence_static":
+        n = masked.sum(-1, keepdim=True).clamp(max=k)
+        ranks = conf.argsort(-1, descending=True, stable=True).argsort(-1, stable=True)
+        chosen = masked & (ranks < n)
+    elif strategy == "sequential":
+        order = masked.long().cumsum(-1)
+        chosen = masked & (order <= k)
+    else:
+        raise ValueError(f"unknown remasking strategy {strategy!r}")
+    return chosen
