@@ -1,0 +1,8 @@
+"""Callbacks of lrl: each one concern, validated in __init__, resumable through state_dict."""
+
+from callbacks.pareto_checkpoint import ParetoFrontierCheckpoint
+from callbacks.reward_logger import RewardNormalizationLogger
+from callbacks.tpf_filter import TPFAwareFilter
+from callbacks.weight_sync import WeightSync
+
+__all__ = ["ParetoFrontierCheckpoint", "RewardNormalizationLogger", "TPFAwareFilter", "WeightSync"]

@@ -1,2 +1,73 @@
-def main():
-    print("lrl: LightningRL CLI (coming)")
+"""The `lrl` command: LightningCLI for `fit` / `validate` / `test`, plus `lrl serve`.
+
+Model and data are chosen by ``class_path`` in the YAML (LightningRL and SFT share the CLI). Values that several
+objects need have ONE source, given at the top level and linked into model and data with ``link_arguments``:
+``checkpoint`` (model + tokenizer directory), ``block_size`` (rollout = training block size) and
+``mask_token_id`` (override of the checkpoint's). The group size lives in the datamodule only.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+
+class LRLCLI(LightningCLI):
+    """LightningCLI with the project's shared arguments and links."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--checkpoint", type=str, required=True,
+                            help="HF checkpoint directory of the policy (weights + tokenizer); shared by model and data")
+        parser.add_argument("--block_size", type=int | None, default=None,
+                            help="Diffusion block size for rollout and training (default: the checkpoint's)")
+        parser.add_argument("--mask_token_id", type=int | None, default=None,
+                            help="Override of the checkpoint's mask token id (must agree with the tokenizer)")
+        for key in ("checkpoint", "block_size", "mask_token_id"):
+            parser.link_arguments(key, f"model.init_args.{key}")
+            parser.link_arguments(key, f"data.init_args.{key}")
+
+    def before_fit(self) -> None:
+        """Refuse a resume that would silently start over (Lightning only warns when `last` is not found)."""
+        ckpt = self.config[self.subcommand].get("ckpt_path")
+        if ckpt != "last":
+            return
+        from pathlib import Path
+
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        dirs = [cb.dirpath for cb in self.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+        if not dirs or any(d is None for d in dirs):
+            raise ValueError(
+                "--ckpt_path last needs a ModelCheckpoint with a fixed `dirpath` (trainer.callbacks); otherwise "
+                "Lightning looks in a new logger version folder and silently starts from scratch"
+            )
+        if not any((Path(d) / "last.ckpt").exists() for d in dirs):
+            raise FileNotFoundError(f"--ckpt_path last: no last.ckpt in {dirs}; nothing to resume from")
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> LRLCLI:
+    return LRLCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == "serve":
+        from lrl.serve import main as serve_main
+
+        serve_main(args[1:])
+        return
+    cli_main(argv)  # None: LightningCLI reads sys.argv itself
+
+
+if __name__ == "__main__":
+    main()

@@ -68,6 +68,11 @@ def resolve_block_diffusion_config(
             "(add e.g. '<|MASK|>' as the tokenizer's mask_token, or set mask_token_id in config.json)"
         )
     mask = int(mask)
+    if tok_mask is not None and mask != int(tok_mask):
+        raise ValueError(
+            f"mask token mismatch: mask_token_id={mask} was requested but the tokenizer's mask token "
+            f"{getattr(tokenizer, 'mask_token', None)!r} has id {tok_mask}"
+        )
     vocab = get("vocab_size")
     if vocab is not None and mask >= int(vocab):
         raise ValueError(f"mask_token_id={mask} is outside the model's vocabulary (vocab_size={vocab})")

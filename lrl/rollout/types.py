@@ -105,6 +105,7 @@ class RolloutBatch:
         correct: (N,) bool verifier outcome; accuracy: (N,) float (bool or code pass rate);
         rewards: name -> (N,) float, raw and normalized rewards; advantages: (N,) float.
         prompts / ground_truths: optional per-group task data (length num_groups) for scoring and logging.
+        stats: scalar diagnostics of how the batch was made (timings, filter counts), logged by the trainer.
     """
 
     prompt_ids: list[list[int]]
@@ -122,6 +123,7 @@ class RolloutBatch:
     advantages: torch.Tensor | None = None
     prompts: list[str] | None = None
     ground_truths: list[str] | None = None
+    stats: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)
@@ -171,7 +173,7 @@ class RolloutBatch:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("prompts", "ground_truths", "weight_version"):
+            if f.name in ("prompts", "ground_truths", "weight_version", "stats"):
                 out[f.name] = v
             elif isinstance(v, torch.Tensor):
                 out[f.name] = v[idx]
@@ -211,6 +213,8 @@ class RolloutBatch:
             vals = [getattr(p, f.name) for p in parts]
             if f.name == "weight_version":
                 out[f.name] = min(vals)
+            elif f.name == "stats":
+                out[f.name] = {k: v for d in vals for k, v in d.items()}
             elif f.name in ("prompts", "ground_truths"):
                 out[f.name] = None if any(v is None for v in vals) else [x for v in vals for x in v]
             elif isinstance(vals[0], torch.Tensor):

@@ -1,0 +1,377 @@
+"""`RolloutDataModule`: prompts → rollouts → rewards → filters (with refill) → advantages, one batch per RL step.
+
+It owns the prompt source (a task from `lrl.tasks`), shuffles it per epoch with a seeded generator, and streams
+prompt groups through the rollout generator (the in-process native engine by default, SGLang when configured).
+Group filters (all-wrong, TPF range, zero-std) come from the `TPFAwareFilter` callback, which registers itself
+here; removed groups are replaced by drawing new prompts until the batch holds ``prompts_per_step`` groups
+(bounded by ``max_refill_rounds``), as in the paper's Algorithm 1 (spec §3.4). Its state (epoch, cursor, step
+counter) goes into Lightning checkpoints, and every random choice derives from ``seed`` and that state, so a
+resumed run draws exactly the prompts and samples an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, IterableDataset
+
+from lrl.rollout.base import RolloutGenerator
+from lrl.rollout.types import RolloutBatch, SamplingParams
+
+
+@dataclass
+class RolloutBackend:
+    """Where rollouts come from.
+
+    Args:
+        kind: ``native`` (in-process engine on a copy of the policy) or ``sglang`` (HTTP servers).
+        max_rows: most rows decoded at once by the native engine.
+        dtype: dtype of the native engine's weight copy (e.g. ``bfloat16`` on GPU; None = the policy's).
+        progress: show a progress bar during rollouts.
+        urls: SGLang server (or router) URLs.
+        sglang: extra keyword arguments of `lrl.rollout.sglang_client.SGLangRolloutGenerator`.
+    """
+
+    kind: Literal["native", "sglang"] = "native"
+    max_rows: int = 512
+    dtype: str | None = None
+    progress: bool = False
+    urls: list[str] = field(default_factory=list)
+    sglang: dict[str, Any] = field(default_factory=dict)
+
+
+class _RolloutStream(IterableDataset):
+    """One RL step per item; an epoch ends after ``steps_per_epoch`` items (resumable mid-epoch)."""
+
+    def __init__(self, dm: RolloutDataModule):
+        self.dm = dm
+
+    def __len__(self) -> int:
+        return self.dm.steps_per_epoch
+
+    def __iter__(self):
+        dm = self.dm
+        while dm.step_in_epoch < dm.steps_per_epoch:
+            yield dm.next_batch()
+        dm.start_new_epoch()
+
+
+class RolloutDataModule(LightningDataModule):
+    """Streams reward-scored, filtered rollout batches for `LightningRLModule`.
+
+    Args:
+        checkpoint: policy checkpoint (tokenizer source; linked from the top-level ``--checkpoint``).
+        block_size: rollout block size (linked; default the checkpoint's).
+        mask_token_id: mask id override (linked; checked against the tokenizer by the model layer).
+        task: task name in the `lrl.tasks` registry (``synthetic``, ``gsm8k``, ``math``, ``mbpp``, ``humaneval``).
+        task_kwargs: keyword arguments of the task (dataset name or local file, field names, sizes, seeds).
+        train_split: split the training prompts come from.
+        eval_split: held-out split for validation / Pareto evaluation.
+        eval_size: number of held-out records evaluated (None: all).
+        eval_seed: seed of the held-out set for tasks that generate it (the synthetic task): any unseen seed
+            gives a fresh held-out set.
+        prompts_per_step: prompt groups per RL step (after filtering and refill).
+        group_size: responses per prompt, G (the GRPO group).
+        max_new_tokens: generation budget per response; must be a multiple of the block size.
+        max_prompt_tokens: prompts longer than this are skipped (counted in ``data/skipped_long_prompts``).
+        threshold: confidence threshold of the dynamic strategy during rollouts.
+        remasking_strategy: rollout unmasking strategy.
+        denoising_steps: steps per block of the static/sequential strategies (default: the block size).
+        temperature: rollout sampling temperature.
+        top_k: rollout top-k (0 = off).
+        top_p: rollout top-p (1 = off).
+        eos_policy: ``truncate`` after the stop token, or ``keep_final_block`` (released engine).
+        acc_reward: ``pm1`` (paper: ±1, unnormalised), ``z_score`` (released config) or ``raw``.
+        tpf_reward: per-group normalisation of the TPF reward: ``z_score``, ``minmax`` or ``none``.
+        tpf_coefficient: weight of the TPF reward (0 = accuracy-only GRPO).
+        joint_normalization: sum raw rewards, then normalise once (ablation of the decoupled normalisation).
+        truncated_is_wrong: responses that hit ``max_new_tokens`` count as wrong.
+        advantage: ``batch`` (paper Eq. 7), ``prompt_group`` or ``prompt_group_center`` (spec §3.5).
+        refill: draw new prompts for filtered groups until the batch is full (paper); False = released code.
+        max_refill_rounds: bound on rollout rounds per step, the first included.
+        steps_per_epoch: RL steps per epoch (default: enough steps to visit every training prompt once).
+        seed: seed of prompt order and rollout sampling.
+        rollout: the rollout backend.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        block_size: int | None = None,
+        mask_token_id: int | None = None,
+        *,
+        task: str = "synthetic",
+        task_kwargs: dict[str, Any] | None = None,
+        train_split: str = "train",
+        eval_split: str = "test",
+        eval_size: int | None = None,
+        eval_seed: int | None = None,
+        prompts_per_step: int = 128,
+        group_size: int = 32,
+        max_new_tokens: int = 256,
+        max_prompt_tokens: int | None = 1024,
+        threshold: float = 0.9,
+        remasking_strategy: Literal["low_confidence_dynamic", "low_confidence_static", "sequential"] = (
+            "low_confidence_dynamic"),
+        denoising_steps: int | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        eos_policy: Literal["truncate", "keep_final_block"] = "truncate",
+        acc_reward: Literal["pm1", "z_score", "raw"] = "pm1",
+        tpf_reward: Literal["z_score", "minmax", "none"] = "z_score",
+        tpf_coefficient: float = 1.0,
+        joint_normalization: bool = False,
+        truncated_is_wrong: bool = True,
+        advantage: Literal["batch", "prompt_group", "prompt_group_center"] = "batch",
+        refill: bool = True,
+        max_refill_rounds: int = 4,
+        steps_per_epoch: int | None = None,
+        seed: int = 0,
+        rollout: RolloutBackend | None = None,
+    ):
+        super().__init__()
+        if group_size < 2:
+            raise ValueError(f"data.group_size must be >= 2 for group-normalised rewards, got {group_size}")
+        if prompts_per_step < 1:
+            raise ValueError(f"data.prompts_per_step must be >= 1, got {prompts_per_step}")
+        if block_size is not None and max_new_tokens % block_size != 0:
+            raise ValueError(
+                f"data.max_new_tokens={max_new_tokens} must be a multiple of block_size={block_size} "
+                "(generation proceeds in whole blocks)"
+            )
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"data.threshold must be in [0, 1], got {threshold}")
+        if max_refill_rounds < 1:
+            raise ValueError(f"data.max_refill_rounds must be >= 1, got {max_refill_rounds}")
+        self.save_hyperparameters(ignore=["rollout"])
+        self.checkpoint = checkpoint
+        self.block_size = block_size
+        self.rollout_cfg = rollout or RolloutBackend()
+        self.group_filter: Callable[[RolloutBatch], Any] | None = None  # set by the TPFAwareFilter callback
+        self.generator: RolloutGenerator | None = None
+        self.task = None
+        self.tokenizer = None
+        self.train_records: list[dict] = []
+        self.eval_records: list[dict] = []
+        self.epoch = 0
+        self.cursor = 0
+        self.step_in_epoch = 0
+        self.rl_step = 0
+        self._order: list[int] | None = None
+        self.skipped_long = 0
+        self._steps_per_epoch = steps_per_epoch
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        from lrl.models import load_tokenizer
+        from lrl.tasks import get_task
+
+        if self.task is None:
+            kwargs = dict(self.hparams.task_kwargs or {})
+            if self.hparams.eval_seed is not None:
+                kwargs["eval_seed"] = self.hparams.eval_seed
+            self.task = get_task(self.hparams.task, **kwargs)
+            self.tokenizer = load_tokenizer(self.checkpoint)
+        if stage in (None, "fit") and not self.train_records:
+            self.train_records = self._fit_prompts(self.task.load(self.hparams.train_split))
+            if not self.train_records:
+                raise ValueError(f"task {self.hparams.task!r} split {self.hparams.train_split!r} has no usable prompts")
+        if not self.eval_records:
+            try:
+                recs = self.task.load(self.hparams.eval_split)
+            except ValueError:
+                recs = []
+            self.eval_records = recs[: self.hparams.eval_size] if self.hparams.eval_size else recs
+
+    def _fit_prompts(self, records: list[dict]) -> list[dict]:
+        limit = self.hparams.max_prompt_tokens
+        if limit is None:
+            return records
+        keep = [r for r in records if len(self.tokenizer(self.task.prompt(r), add_special_tokens=False).input_ids)
+                <= limit]
+        self.skipped_long = len(records) - len(keep)
+        return keep
+
+    @property
+    def steps_per_epoch(self) -> int:
+        if self._steps_per_epoch is not None:
+            return self._steps_per_epoch
+        n = max(1, len(self.train_records))
+        return max(1, n // self.hparams.prompts_per_step)
+
+    def sampling_params(self, block_size: int, seed: int) -> SamplingParams:
+        hp = self.hparams
+        return SamplingParams(
+            block_size=block_size, remasking_strategy=hp.remasking_strategy, threshold=hp.threshold,
+            denoising_steps=hp.denoising_steps or block_size, temperature=hp.temperature, top_k=hp.top_k,
+            top_p=hp.top_p, greedy=False, max_new_tokens=hp.max_new_tokens,
+            stop_token_ids=(self.tokenizer.eos_token_id,), samples_per_prompt=hp.group_size, seed=seed,
+            eos_policy=hp.eos_policy,
+        )
+
+    def _build_generator(self) -> RolloutGenerator:
+        cfg = self.rollout_cfg
+        if cfg.kind == "sglang":
+            from lrl.rollout.sglang_client import SGLangRolloutGenerator
+
+            if not cfg.urls:
+                raise ValueError("data.rollout.urls is empty: give the SGLang server or router URL(s)")
+            return SGLangRolloutGenerator(cfg.urls, self.checkpoint, **cfg.sglang)
+        from lrl.rollout.engine import NativeEngine
+
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None or getattr(module, "policy", None) is None:
+            raise RuntimeError("the native rollout engine needs the policy of a LightningRLModule")
+        lm = copy.deepcopy(module.policy).eval()
+        lm.requires_grad_(False)
+        if cfg.dtype:
+            lm.to(getattr(torch, cfg.dtype))
+        return NativeEngine(lm, module.tokenizer, max_rows=cfg.max_rows, progress=cfg.progress)
+
+    def get_generator(self) -> RolloutGenerator:
+        if self.generator is None:
+            self.generator = self._build_generator()
+        return self.generator
+
+    # ------------------------------------------------------------------ data order and state
+    def _epoch_order(self) -> list[int]:
+        if self._order is None:
+            g = torch.Generator().manual_seed(self.hparams.seed * 1_000_003 + self.epoch)
+            self._order = torch.randperm(len(self.train_records), generator=g).tolist()
+        return self._order
+
+    def _draw(self, n: int) -> list[dict]:
+        """Next n prompts of this epoch's permutation (wrapping within the epoch's order)."""
+        order = self._epoch_order()
+        out = []
+        for _ in range(n):
+            out.append(self.train_records[order[self.cursor % len(order)]])
+            self.cursor += 1
+        return out
+
+    def start_new_epoch(self) -> None:
+        self.epoch += 1
+        self.cursor = 0
+        self.step_in_epoch = 0
+        self._order = None
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor, "step_in_epoch": self.step_in_epoch,
+                "rl_step": self.rl_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.cursor = int(state["cursor"])
+        self.step_in_epoch = int(state["step_in_epoch"])
+        self.rl_step = int(state["rl_step"])
+        self._order = None
+
+    # ------------------------------------------------------------------ one RL step of data
+    def score(self, batch: RolloutBatch, records: list[dict]) -> None:
+        """Fill accuracy, correct and the shaped rewards of ``batch`` (group i ↔ records[i]), spec §3.1–§3.3."""
+        from lrl.algorithms.reward_shaping import apply_length_penalty, shape_rewards
+
+        hp = self.hparams
+        per_row = [records[int(g)] for g in batch.group_index]
+        acc = torch.tensor(self.task.score(batch.texts, per_row), dtype=torch.float32)
+        correct = acc >= 1.0
+        if hp.truncated_is_wrong:
+            correct = apply_length_penalty(correct, batch.truncated, enabled=True)
+            acc = torch.where(batch.truncated, torch.zeros_like(acc), acc)
+        batch.accuracy, batch.correct = acc, correct
+        batch.rewards = shape_rewards(acc, batch.tpf, batch.group_index, acc_mode=hp.acc_reward,
+                                      tpf_mode=hp.tpf_reward, tpf_coefficient=hp.tpf_coefficient,
+                                      joint=hp.joint_normalization)
+
+    def next_batch(self) -> RolloutBatch:
+        from lrl.algorithms.advantages import compute_advantages
+
+        hp = self.hparams
+        gen = self.get_generator()
+        bsz = self.block_size or gen_block_size(gen)
+        target, kept_parts = hp.prompts_per_step, []
+        counts = {"filter/drawn": 0, "filter/kept": 0, "filter/dropped_all_wrong": 0, "filter/dropped_tpf_range": 0,
+                  "filter/dropped_zero_std": 0, "filter/rounds": 0}
+        t_roll = t_rew = 0.0
+        have = 0
+        for attempt in range(hp.max_refill_rounds):
+            need = target - have
+            records = self._draw(need)
+            prompts = [self.task.prompt(r) for r in records]
+            seed = (hp.seed * 7_919 + self.rl_step) * 101 + attempt
+            t = time.perf_counter()
+            batch = gen.generate(prompts, self.sampling_params(bsz, seed))
+            t_roll += time.perf_counter() - t
+            batch.prompts = prompts
+            batch.ground_truths = [self.task.ground_truth(r) for r in records]
+            t = time.perf_counter()
+            self.score(batch, records)
+            t_rew += time.perf_counter() - t
+            counts["filter/drawn"] += need
+            counts["filter/rounds"] += 1
+            if self.group_filter is not None:
+                res = self.group_filter(batch)
+                kept = res.kept
+                counts["filter/dropped_all_wrong"] += res.dropped_all_wrong
+                counts["filter/dropped_tpf_range"] += res.dropped_tpf_range
+                counts["filter/dropped_zero_std"] += res.dropped_zero_std
+            else:
+                kept = torch.arange(batch.num_groups)
+            if len(kept):
+                kept_parts.append(batch.select_groups(kept))
+                have += len(kept)
+            if have >= target or not hp.refill:
+                break
+        counts["filter/kept"] = have
+        counts["filter/refilled"] = max(0, counts["filter/drawn"] - target)
+        self.step_in_epoch += 1
+        self.rl_step += 1
+        if not kept_parts:
+            empty = _empty_batch(gen.weight_version)
+            empty.stats = {**counts, "timing/rollout_s": t_roll, "timing/reward_s": t_rew}
+            return empty
+        out = RolloutBatch.concat(kept_parts)
+        out.advantages = compute_advantages(out.rewards["total"], out.group_index, mode=hp.advantage)
+        out.stats = {**counts, "timing/rollout_s": t_roll, "timing/reward_s": t_rew,
+                     "data/epoch": float(self.epoch), "data/skipped_long_prompts": float(self.skipped_long),
+                     "rollout/weight_version": float(out.weight_version)}
+        for name, values in out.rewards.items():
+            out.stats[f"reward/{name}/mean"] = float(values.float().mean())
+            out.stats[f"reward/{name}/std"] = float(values.float().std(unbiased=False)) if len(values) > 1 else 0.0
+        return out
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_RolloutStream(self), batch_size=None, collate_fn=_identity, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        if not self.eval_records:
+            raise ValueError(f"task {self.hparams.task!r} has no records in split {self.hparams.eval_split!r}")
+        return DataLoader([{"task": self.task, "records": self.eval_records}], batch_size=None,
+                          collate_fn=_identity)
+
+    test_dataloader = val_dataloader
+
+
+def gen_block_size(gen: RolloutGenerator) -> int:
+    lm = getattr(gen, "lm", None)
+    if lm is None:
+        raise ValueError("block_size must be set when the rollout generator has no local model (e.g. SGLang)")
+    return lm.bd.block_size
+
+
+def _identity(x):
+    return x
+
+
+def _empty_batch(version: int) -> RolloutBatch:
+    z = torch.zeros(0, dtype=torch.long)
+    return RolloutBatch(prompt_ids=[], response_ids=[], texts=[], step_maps=[], num_forwards=z, num_store_passes=z,
+                        finish_reasons=[], group_index=z, weight_version=version)

@@ -1,0 +1,157 @@
+"""Response log-probabilities of a block-diffusion policy: the trajectory and single-pass estimators (spec §4.2).
+
+Both return one log-prob per response token, flat, in response-major / position-minor order, so old, new and
+reference log-probs of the same samples line up element by element.
+
+* ``trajectory`` (paper Eq. 3/8/9, TraceRL packing): the sampled trajectory is replayed from the step map. For
+  block b with distinct step ids s_1 < s_2 < …, round r masks the response positions of b whose step is ≥ s_r
+  (not yet unmasked at that step) and targets those whose step == s_r. All blocks' r-th rounds share one noisy
+  copy (blocks only see clean earlier blocks, so they do not interfere), and the rounds of a response are packed
+  as several noisy copies beside one clean copy, so a response costs ceil(rounds / max_copies) forwards rather
+  than one per step. The attention block size must equal the rollout block size.
+* ``single_pass`` (released code): every response token masked at once in one noisy copy, with the model's
+  configured block size (4 for unmodified SDAR configs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from lrl.models.block_lm import BlockDiffusionLM
+
+Estimator = Literal["trajectory", "single_pass"]
+
+
+@dataclass
+class PackedRows:
+    """Training rows for one forward: clean ids, noisy copies and which masked positions are targets.
+
+    input_ids (B, L) clean prompt+response, right-padded; lengths (B,); noisy (B, K, L) bool masked positions of
+    each noisy copy; targets (B, K, L) bool ⊆ noisy, the positions scored in that copy; sample (B,) index of the
+    response each row belongs to.
+    """
+
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    noisy: torch.Tensor
+    targets: torch.Tensor
+    sample: torch.Tensor
+
+
+def trajectory_rounds(prompt_len: int, step_map: list[int], block_size: int) -> list[tuple[list[int], list[int]]]:
+    """The denoising rounds of one response as (masked positions, target positions), absolute positions.
+
+    Round r packs the r-th step of every block. A step id of 0 (a token never sampled, e.g. a forced token)
+    would be treated as known from the start.
+    """
+    by_block: dict[int, list[tuple[int, int]]] = {}
+    for i, s in enumerate(step_map):
+        pos = prompt_len + i
+        by_block.setdefault(pos // block_size, []).append((pos, s))
+    per_block = {b: sorted({s for _, s in items if s > 0}) for b, items in by_block.items()}
+    rounds = max((len(v) for v in per_block.values()), default=0)
+    out = []
+    for r in range(rounds):
+        masked, targets = [], []
+        for b, items in by_block.items():
+            steps = per_block[b]
+            if r >= len(steps):
+                continue
+            s_r = steps[r]
+            masked += [p for p, s in items if s >= s_r]
+            targets += [p for p, s in items if s == s_r]
+        out.append((masked, targets))
+    return out
+
+
+def pack_samples(prompt_ids: list[list[int]], response_ids: list[list[int]], step_maps: list[list[int]], *,
+                 estimator: Estimator, block_size: int, pad_id: int, max_copies: int = 8,
+                 device: torch.device | str = "cpu") -> PackedRows:
+    """Build the training rows of a set of responses for one estimator (see module docstring)."""
+    rows = []  # (sample, ids, [(masked, targets), ...])
+    for j, (p, r, sm) in enumerate(zip(prompt_ids, response_ids, step_maps)):
+        ids = list(p) + list(r)
+        resp = list(range(len(p), len(ids)))
+        if not resp:
+            continue
+        if estimator == "single_pass":
+            copies = [(resp, resp)]
+        elif estimator == "trajectory":
+            copies = trajectory_rounds(len(p), sm, block_size)
+        else:
+            raise ValueError(f"unknown log-prob estimator {estimator!r} (expected 'trajectory' or 'single_pass')")
+        for c in range(0, len(copies), max_copies):
+            rows.append((j, ids, copies[c : c + max_copies]))
+    if not rows:
+        raise ValueError("pack_samples: no response tokens to score")
+    length = max(len(ids) for _, ids, _ in rows)
+    k = max(len(c) for _, _, c in rows)
+    b = len(rows)
+    input_ids = torch.full((b, length), pad_id, dtype=torch.long)
+    noisy = torch.zeros(b, k, length, dtype=torch.bool)
+    targets = torch.zeros(b, k, length, dtype=torch.bool)
+    for i, (_, ids, copies) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        for c, (m, t) in enumerate(copies):
+            noisy[i, c, m] = True
+            targets[i, c, t] = True
+    return PackedRows(
+        input_ids=input_ids.to(device),
+        lengths=torch.tensor([len(ids) for _, ids, _ in rows], device=device),
+        noisy=noisy.to(device),
+        targets=targets.to(device),
+        sample=torch.tensor([j for j, _, _ in rows], device=device),
+    )
+
+
+def response_logprobs(lm: BlockDiffusionLM, prompt_ids, response_ids, step_maps, *, estimator: Estimator,
+                      block_size: int | None = None, pad_id: int = 0, max_copies: int = 8,
+                      rows_per_forward: int = 8, with_entropy: bool = False):
+    """Log-prob of every response token under ``lm`` (grad flows if enabled by the caller).
+
+    Args:
+        lm: the policy or reference model.
+        prompt_ids, response_ids, step_maps: per response (as in `RolloutBatch`).
+        estimator: ``trajectory`` or ``single_pass``.
+        block_size: attention block size; default the rollout block size for ``trajectory`` must be passed,
+            and the model's configured block size is used for ``single_pass``.
+        max_copies: noisy copies packed per row (trajectory rounds per forward).
+        rows_per_forward: rows per forward pass (memory knob).
+        with_entropy: also return the (detached) entropy of each predicted distribution.
+    Returns:
+        logp (T,) with T = Σ response lengths, response-major; and entropy (T,) or None.
+    """
+    if estimator == "single_pass":
+        bs = lm.bd.block_size
+    else:
+        if block_size is None:
+            raise ValueError("the trajectory estimator needs block_size = the rollout block size")
+        bs = block_size
+    packed = pack_samples(prompt_ids, response_ids, step_maps, estimator=estimator, block_size=bs, pad_id=pad_id,
+                          max_copies=max_copies, device=lm.device)
+    vals, ents, keys = [], [], []
+    n = packed.input_ids.shape[0]
+    for s in range(0, n, rows_per_forward):
+        sl = slice(s, s + rows_per_forward)
+        logits = lm.diffusion_logits(packed.input_ids[sl], packed.noisy[sl], packed.lengths[sl], block_size=bs)
+        b_idx, k_idx, l_idx = packed.noisy[sl].nonzero(as_tuple=True)
+        is_target = packed.targets[sl][b_idx, k_idx, l_idx]
+        logits = logits[is_target].float()
+        b_idx, l_idx = b_idx[is_target], l_idx[is_target]
+        tok = packed.input_ids[sl][b_idx, l_idx]
+        lse = logits.logsumexp(-1)
+        vals.append(logits.gather(-1, tok[:, None]).squeeze(-1) - lse)
+        if with_entropy:
+            with torch.no_grad():
+                p = (logits - lse[:, None]).exp()
+                ents.append(lse - (p * logits).sum(-1))
+        keys.append(packed.sample[sl][b_idx] * (1 << 32) + l_idx)
+    logp, key = torch.cat(vals), torch.cat(keys)
+    order = torch.argsort(key)
+    expected = sum(len(r) for r in response_ids)
+    if logp.numel() != expected:
+        raise RuntimeError(f"log-prob count {logp.numel()} != response tokens {expected} (bad step map?)")
+    return logp[order], (torch.cat(ents)[order] if with_entropy else None)

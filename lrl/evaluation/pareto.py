@@ -1,0 +1,161 @@
+"""The speed–quality evaluation: accuracy and TPF over decoding thresholds, summarised by AUP (spec §6).
+
+One point per decoding setting: the static 1-token-per-step anchor (TPF = 1 by construction) and the dynamic
+strategy at each threshold φ. Decoding is greedy, as in the paper's evaluation. AUP follows d3LLM's definition
+(`lrl.metrics.aup`) over all points; the y_max used is recorded, and the single-point ρ·y at each threshold is
+kept for comparison with the paper's tables (which cannot be rebuilt from single points, spec §6.3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lrl.rollout.base import RolloutGenerator
+from lrl.rollout.types import SamplingParams
+
+
+@dataclass
+class ParetoPoint:
+    """One decoding setting's result. ``threshold`` is None for the static 1-token-per-step anchor."""
+
+    setting: str
+    threshold: float | None
+    accuracy: float  # percent
+    tpf: float  # Σ tokens / Σ forwards
+    tokens: int
+    forwards: int
+    store_passes: int
+    wall_s: float
+    num_responses: int
+
+
+@dataclass
+class ParetoResult:
+    points: list[ParetoPoint]
+    aup: float
+    y_max: float
+    frontier: list[int] = field(default_factory=list)
+
+    def point(self, threshold: float | None) -> ParetoPoint | None:
+        for p in self.points:
+            if p.threshold == threshold:
+                return p
+        return None
+
+    def to_dict(self) -> dict:
+        return {"points": [asdict(p) for p in self.points], "aup": self.aup, "y_max": self.y_max,
+                "frontier": self.frontier}
+
+
+def run_pareto_sweep(generator: RolloutGenerator, task, records: list[dict], *, thresholds: list[float],
+                     block_size: int, max_new_tokens: int, stop_token_ids: tuple[int, ...],
+                     static_anchor: bool = True, y_max: float | None = None,
+                     eos_policy: str = "truncate") -> ParetoResult:
+    """Decode ``records`` greedily at every setting and score them with ``task.score``.
+
+    Args:
+        generator: the rollout generator (its current weights are evaluated).
+        task: a `lrl.tasks.Task` (prompt template and verifier).
+        records: evaluation records of the task.
+        thresholds: confidence thresholds of the dynamic strategy.
+        block_size, max_new_tokens, stop_token_ids: decoding settings shared by all points.
+        static_anchor: add the 1-token-per-step point (static strategy, block_size steps per block).
+        y_max: accuracy used by AUP's weighting (None: best accuracy among these points).
+    """
+    from lrl.metrics import aup, pareto_frontier
+
+    if not records:
+        raise ValueError("run_pareto_sweep: no evaluation records")
+    prompts = [task.prompt(r) for r in records]
+    settings: list[tuple[str, float | None, SamplingParams]] = []
+    common = dict(block_size=block_size, greedy=True, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
+                  samples_per_prompt=1, eos_policy=eos_policy)
+    if static_anchor:
+        settings.append(("static_1tok", None, SamplingParams(remasking_strategy="low_confidence_static",
+                                                             denoising_steps=block_size, **common)))
+    for t in thresholds:
+        settings.append((f"dynamic@{t:g}", float(t), SamplingParams(remasking_strategy="low_confidence_dynamic",
+                                                                    threshold=float(t), **common)))
+    points = []
+    for name, thr, sp in settings:
+        start = time.perf_counter()
+        batch = generator.generate(prompts, sp)
+        wall = time.perf_counter() - start
+        scores = task.score(batch.texts, records)
+        acc = 100.0 * sum(float(s) >= 1.0 for s in scores) / len(scores)
+        points.append(ParetoPoint(
+            setting=name, threshold=thr, accuracy=acc, tpf=batch.batch_tpf,
+            tokens=int(batch.response_lengths.sum()), forwards=int(batch.num_forwards.sum()),
+            store_passes=int(batch.num_store_passes.sum()), wall_s=wall, num_responses=len(batch),
+        ))
+    curve = [(p.tpf, p.accuracy) for p in points]
+    best = max(p.accuracy for p in points)
+    ymax = y_max if y_max is not None else best
+    value = aup(curve, y_max=ymax) if ymax > 0 else 0.0
+    return ParetoResult(points=points, aup=value, y_max=ymax, frontier=pareto_frontier(curve))
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot_pareto(result: ParetoResult, title: str = "accuracy vs TPF", baseline: ParetoResult | None = None):
+    """A matplotlib Figure: accuracy (%) against TPF, frontier highlighted, optional baseline curve."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=110)
+    for res, label, color in ((baseline, "base", "tab:gray"), (result, "policy", "tab:blue")):
+        if res is None:
+            continue
+        pts = sorted(res.points, key=lambda p: p.tpf)
+        ax.plot([p.tpf for p in pts], [p.accuracy for p in pts], "o-", color=color, alpha=0.5,
+                label=f"{label} (AUP {res.aup:.1f})")
+        front = [res.points[i] for i in res.frontier]
+        ax.plot([p.tpf for p in front], [p.accuracy for p in front], "o", color=color, markersize=8)
+        for p in pts:
+            ax.annotate(p.setting.replace("dynamic@", "φ="), (p.tpf, p.accuracy), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("tokens per forward (TPF)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def write_pareto(result: ParetoResult, out_dir: str | os.PathLike, *, title: str = "accuracy vs TPF",
+                 baseline: ParetoResult | None = None, extra: dict | None = None) -> tuple[Path, Path]:
+    """Write ``pareto.json`` and ``pareto.png`` atomically into ``out_dir``; returns both paths."""
+    import io
+
+    out = Path(out_dir)
+    payload = result.to_dict()
+    if extra:
+        payload.update(extra)
+    json_path, png_path = out / "pareto.json", out / "pareto.png"
+    _atomic_write(json_path, json.dumps(payload, indent=2).encode())
+    fig = plot_pareto(result, title=title, baseline=baseline)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    _atomic_write(png_path, buf.getvalue())
+    return json_path, png_path

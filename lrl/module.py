@@ -1,0 +1,347 @@
+"""`LightningRLModule`: the GRPO / LightningRL policy update as a LightningModule (spec §4, §9).
+
+One training step consumes one `RolloutBatch` (rewards, filters and advantages already applied by the
+datamodule): it computes old log-probs with the rollout weights (= the current policy: rollouts are on-policy),
+reference log-probs if β > 0, then runs ``ppo_epochs`` × ``minibatches`` optimizer steps of
+L = L_policy + β·KL + μ·NLL (`lrl.algorithms.losses`), each minibatch split into micro-batches whose
+contributions are normalised by the whole minibatch's counts (across ranks), so the reduction never depends on
+the micro-batch size. Manual optimization: several optimizer steps per batch, as in Lightning's PPO template.
+
+The training step pulls its batch itself (``training_step(dataloader_iter)``): Lightning then does not prefetch
+the next batch, so the next rollout starts only after this step's optimizer steps (strictly on-policy, and the
+datamodule's cursor in a checkpoint is exact).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningModule
+
+from lrl.algorithms.logprobs import response_logprobs
+from lrl.algorithms.losses import LossStats, build_normalizer, lightningrl_loss
+from lrl.models import BlockDiffusionLM, load_checkpoint
+from lrl.rollout.types import RolloutBatch
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many optimizer steps were skipped for a NaN/inf loss."""
+
+
+class LightningRLModule(LightningModule):
+    """Policy (+ frozen reference) and the LightningRL/GRPO update.
+
+    Args:
+        checkpoint: HF checkpoint directory of the initial policy (linked from the top-level ``--checkpoint``).
+        block_size: rollout block size; the trajectory estimator trains with the same block size (linked).
+        mask_token_id: override of the checkpoint's mask token id (linked).
+        estimator: ``trajectory`` (paper Eq. 3/8/9, replays the step map) or ``single_pass`` (released code:
+            all response tokens masked at once with the model's configured block size).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        adam_eps: AdamW epsilon.
+        warmup_steps: linear warmup (optimizer steps) of a constant schedule, applied once for the whole run.
+        reset_optimizer_each_step: re-create optimizer moments and restart warmup at every RL step (reproduces the
+            released code, spec §4.5; off in the paper profile).
+        max_grad_norm: gradient clipping norm (0 disables).
+        eps_low: PPO clip ε.
+        eps_high: upper clip ε_high for non-negative advantages.
+        kl_beta: β of the KL penalty against the frozen reference (0: no reference model is loaded).
+        kl_estimator: ``k1``, ``k2`` or ``k3``.
+        nll_weight: μ of the NLL term on correct responses.
+        nll_correct: which responses count as correct for the NLL: ``verifier`` (paper) or ``reward_nonneg``
+            (released code's ``reward >= 0`` proxy, spec §3.6).
+        policy_reduction: ``sequence`` or ``token``.
+        kl_reduction: ``sequence`` or ``token``.
+        nll_reduction: ``sequence`` or ``token``.
+        ppo_epochs: passes over each rollout batch.
+        minibatches: optimizer steps per pass (the batch is split into this many minibatches of whole groups'
+            responses in rollout order).
+        micro_batch_size: responses per forward/backward (memory knob; does not change the loss).
+        max_copies: trajectory rounds packed per training row.
+        gradient_checkpointing: trade compute for memory in the decoder.
+        max_skipped_steps: stop with an error after this many optimizer steps skipped for a non-finite loss.
+        eval_thresholds: dynamic thresholds of the validation Pareto sweep.
+        eval_max_new_tokens: generation budget of the validation sweep.
+        eval_static_anchor: include the 1-token-per-step anchor in the sweep.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str,
+        block_size: int | None = None,
+        mask_token_id: int | None = None,
+        *,
+        estimator: Literal["trajectory", "single_pass"] = "trajectory",
+        lr: float = 1e-6,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-8,
+        warmup_steps: int = 10,
+        reset_optimizer_each_step: bool = False,
+        max_grad_norm: float = 1.0,
+        eps_low: float = 0.2,
+        eps_high: float = 0.2,
+        kl_beta: float = 0.01,
+        kl_estimator: Literal["k1", "k2", "k3"] = "k3",
+        nll_weight: float = 0.1,
+        nll_correct: Literal["verifier", "reward_nonneg"] = "verifier",
+        policy_reduction: Literal["sequence", "token"] = "sequence",
+        kl_reduction: Literal["sequence", "token"] = "token",
+        nll_reduction: Literal["sequence", "token"] = "token",
+        ppo_epochs: int = 1,
+        minibatches: int = 1,
+        micro_batch_size: int = 16,
+        max_copies: int = 8,
+        gradient_checkpointing: bool = False,
+        max_skipped_steps: int = 3,
+        eval_thresholds: list[float] = (0.95, 0.9, 0.8, 0.7, 0.5),
+        eval_max_new_tokens: int = 256,
+        eval_static_anchor: bool = True,
+    ):
+        super().__init__()
+        for name, value in (("lr", lr), ("ppo_epochs", ppo_epochs), ("minibatches", minibatches),
+                            ("micro_batch_size", micro_batch_size), ("max_copies", max_copies)):
+            if value <= 0:
+                raise ValueError(f"model.{name} must be > 0, got {value}")
+        if eps_low < 0 or eps_high < 0 or eps_low >= 1:
+            raise ValueError(f"model.eps_low must be in [0, 1) and eps_high >= 0, got {eps_low}, {eps_high}")
+        if kl_beta < 0 or nll_weight < 0:
+            raise ValueError(f"model.kl_beta and model.nll_weight must be >= 0, got {kl_beta}, {nll_weight}")
+        if block_size is not None and block_size <= 0:
+            raise ValueError(f"block_size must be > 0, got {block_size}")
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.policy: BlockDiffusionLM | None = None
+        self.tokenizer = None
+        self._ref: list[BlockDiffusionLM] = []  # a list keeps the frozen ref out of state_dict and .to()
+        self.skipped_steps = 0
+        self.rl_step = 0
+        self.last_batch: RolloutBatch | None = None
+        self.last_pareto = None
+
+    # ------------------------------------------------------------------ model setup
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        self.policy, self.tokenizer = load_checkpoint(hp.checkpoint, mask_token_id=hp.mask_token_id)
+        if hp.gradient_checkpointing:
+            self.policy.model.gradient_checkpointing_enable()
+        if hp.kl_beta > 0:
+            ref = copy.deepcopy(self.policy).eval()
+            ref.requires_grad_(False)
+            self._ref = [ref]
+
+    @property
+    def rollout_block_size(self) -> int:
+        return self.hparams.block_size or self.policy.bd.block_size
+
+    @property
+    def reference(self) -> BlockDiffusionLM | None:
+        if not self._ref:
+            return None
+        ref = self._ref[0]
+        if ref.device != self.device:
+            ref.to(self.device)
+        return ref
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps,
+                                weight_decay=hp.weight_decay)
+        warm = hp.warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / warm) if warm > 0 else 1.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        return batch  # RolloutBatch holds ragged lists; tensors are moved where they are used
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lrl"] = {"skipped_steps": self.skipped_steps, "rl_step": self.rl_step}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.configure_model()  # weights are loaded into the policy right after this hook
+        state = checkpoint.get("lrl", {})
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.rl_step = int(state.get("rl_step", 0))
+
+    # ------------------------------------------------------------------ log-probs
+    def _logprobs(self, lm: BlockDiffusionLM, batch: RolloutBatch, rows: list[int], with_entropy: bool = False):
+        hp = self.hparams
+        return response_logprobs(
+            lm, [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows],
+            [batch.step_maps[i] for i in rows], estimator=hp.estimator, block_size=self.rollout_block_size,
+            pad_id=self.tokenizer.pad_token_id, max_copies=hp.max_copies, rows_per_forward=hp.micro_batch_size,
+            with_entropy=with_entropy,
+        )
+
+    @torch.no_grad()
+    def _frozen_logprobs(self, lm: BlockDiffusionLM, batch: RolloutBatch) -> list[torch.Tensor]:
+        """Per-response log-prob tensors of a frozen model (old or reference), computed micro-batch-wise."""
+        out = []
+        n, mbs = len(batch), self.hparams.micro_batch_size
+        was_training = lm.training
+        lm.eval()
+        for s in range(0, n, mbs):
+            rows = list(range(s, min(n, s + mbs)))
+            logp, _ = self._logprobs(lm, batch, rows)
+            out.extend(logp.split([len(batch.response_ids[i]) for i in rows]))
+        lm.train(was_training)
+        return out
+
+    # ------------------------------------------------------------------ the step
+    def training_step(self, dataloader_iter):
+        batch: RolloutBatch = next(dataloader_iter)
+        self.last_batch = batch  # for callbacks (the hook's `batch` argument is the iterator in this mode)
+        hp = self.hparams
+        if len(batch) == 0:  # every group was filtered out, even after refills: nothing to learn from
+            self.rl_step += 1
+            self.log_dict({**batch.stats, "filter/empty_step": 1.0}, on_step=True, batch_size=1)
+            return None
+        if batch.advantages is None:
+            raise ValueError("training batch has no advantages: the datamodule must compute rewards first")
+        t0 = time.perf_counter()
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        if hp.reset_optimizer_each_step:  # released code: a new optimizer and warmup every RL step (spec §4.5)
+            opt.optimizer.state.clear()
+            sched.last_epoch = 0
+            for group, lr in zip(opt.optimizer.param_groups, sched.base_lrs):
+                group["lr"] = lr * sched.lr_lambdas[0](0)
+        self.policy.train()
+        old = self._frozen_logprobs(self.policy, batch)
+        ref_model = self.reference
+        ref = self._frozen_logprobs(ref_model, batch) if ref_model is not None and hp.kl_beta > 0 else None
+        if hp.nll_correct == "verifier":
+            correct = batch.correct if batch.correct is not None else torch.zeros(len(batch), dtype=torch.bool)
+        else:
+            correct = batch.rewards["total"] >= 0
+        adv = batch.advantages.float()
+        n = len(batch)
+        world = self.trainer.world_size if self.trainer is not None else 1
+        total_stats: LossStats | None = None
+        entropy_sum, entropy_count = 0.0, 0
+        mb_bounds = _split_even(n, hp.minibatches)
+        gen = torch.Generator().manual_seed(int(self.rl_step))
+        for epoch in range(hp.ppo_epochs):
+            order = torch.arange(n) if epoch == 0 else torch.randperm(n, generator=gen)
+            for lo, hi in mb_bounds:
+                mb = order[lo:hi].tolist()
+                seq_tokens = torch.tensor([len(batch.response_ids[i]) for i in mb])
+                norm = build_normalizer(seq_tokens, correct[mb]).all_reduced() if world > 1 else \
+                    build_normalizer(seq_tokens, correct[mb])
+                opt.zero_grad(set_to_none=True)
+                mb_stats = None
+                for ms in range(0, len(mb), hp.micro_batch_size):
+                    local = list(range(ms, min(len(mb), ms + hp.micro_batch_size)))
+                    rows = [mb[i] for i in local]
+                    lengths = [len(batch.response_ids[i]) for i in rows]
+                    logp, ent = self._logprobs(self.policy, batch, rows, with_entropy=epoch == 0)
+                    dev = logp.device
+                    seq_index = torch.repeat_interleave(torch.tensor(local), torch.tensor(lengths)).to(dev)
+                    old_t = torch.cat([old[i] for i in rows]).to(dev)
+                    ref_t = torch.cat([ref[i] for i in rows]).to(dev) if ref is not None else None
+                    adv_t = torch.repeat_interleave(adv[rows], torch.tensor(lengths)).to(dev)
+                    cor_t = torch.repeat_interleave(correct[rows], torch.tensor(lengths)).to(dev)
+                    out = lightningrl_loss(
+                        logp, old_t, adv_t, seq_index, norm, ref_logp=ref_t, correct_tokens=cor_t,
+                        eps_low=hp.eps_low, eps_high=hp.eps_high, kl_beta=hp.kl_beta if ref_t is not None else 0.0,
+                        kl_estimator=hp.kl_estimator, nll_weight=hp.nll_weight,
+                        policy_reduction=hp.policy_reduction, kl_reduction=hp.kl_reduction,
+                        nll_reduction=hp.nll_reduction,
+                    )
+                    if ent is not None:
+                        entropy_sum += float(ent.sum())
+                        entropy_count += ent.numel()
+                    mb_stats = out.stats if mb_stats is None else mb_stats + out.stats
+                    if not out.nonfinite:
+                        # DDP averages gradients over ranks; contributions are already globally normalised.
+                        self.manual_backward(out.loss * world)
+                if bool(mb_stats.nonfinite > 0):
+                    opt.zero_grad(set_to_none=True)
+                    self.skipped_steps += 1
+                    self.log("train/skipped_steps", float(self.skipped_steps))
+                    if self.skipped_steps > hp.max_skipped_steps:
+                        raise NonFiniteLossError(
+                            f"{self.skipped_steps} optimizer steps had a non-finite loss "
+                            f"(model.max_skipped_steps={hp.max_skipped_steps}); lower the learning rate or check "
+                            "the rollouts"
+                        )
+                else:
+                    if hp.max_grad_norm > 0:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), hp.max_grad_norm)
+                        self.log("train/grad_norm", float(grad_norm), on_step=True)
+                    opt.step()
+                    sched.step()
+                total_stats = mb_stats if total_stats is None else total_stats + mb_stats
+        self.rl_step += 1
+        self._log_step(batch, total_stats, entropy_sum / max(entropy_count, 1), time.perf_counter() - t0,
+                       len(mb_bounds) * hp.ppo_epochs)
+
+    def _log_step(self, batch: RolloutBatch, stats: LossStats, entropy: float, train_s: float, n_opt: int) -> None:
+        metrics = {k: v for k, v in stats.metrics().items()}
+        # stats are sums over minibatches and epochs; report per optimizer step
+        for k in ("loss/policy", "loss/kl", "loss/nll"):
+            metrics[k] /= n_opt
+        metrics["loss/total"] = metrics["loss/policy"] + metrics["loss/kl"] + metrics["loss/nll"]
+        metrics["entropy"] = entropy
+        metrics["timing/train_s"] = train_s
+        metrics["lr"] = self.lr_schedulers().get_last_lr()[0]
+        metrics["rl_step"] = float(self.rl_step)
+        tpf = batch.tpf
+        metrics["tpf/mean"] = float(tpf.mean())
+        metrics["tpf/batch"] = batch.batch_tpf
+        metrics["completions/mean_length"] = float(batch.response_lengths.float().mean())
+        metrics["completions/clipped_ratio"] = float(batch.truncated.float().mean())
+        if batch.accuracy is not None:
+            metrics["reward/accuracy/mean"] = float(batch.accuracy.float().mean())
+        for k, v in batch.stats.items():
+            metrics[k] = float(v)
+        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
+
+    # ------------------------------------------------------------------ evaluation
+    def validation_step(self, batch, batch_idx: int = 0):
+        """``batch`` = {"task": Task, "records": [...]}: a Pareto sweep of the current policy."""
+        result = self.run_pareto(batch["task"], batch["records"])
+        metrics = {"val/aup": result.aup}
+        for p in result.points:
+            key = "static" if p.threshold is None else f"{p.threshold:g}"
+            metrics[f"val/acc@{key}"] = p.accuracy
+            metrics[f"val/tpf@{key}"] = p.tpf
+        self.log_dict(metrics, batch_size=len(batch["records"]))
+        self.last_pareto = result
+        return result
+
+    test_step = validation_step
+
+    @torch.no_grad()
+    def run_pareto(self, task, records, *, thresholds=None, y_max: float | None = None):
+        from lrl.evaluation import run_pareto_sweep
+        from lrl.rollout.engine import NativeEngine
+
+        hp = self.hparams
+        was_training = self.policy.training
+        self.policy.eval()
+        engine = NativeEngine(self.policy, self.tokenizer)
+        try:
+            return run_pareto_sweep(
+                engine, task, records, thresholds=list(thresholds or hp.eval_thresholds),
+                block_size=self.rollout_block_size, max_new_tokens=hp.eval_max_new_tokens,
+                stop_token_ids=(self.tokenizer.eos_token_id,), static_anchor=hp.eval_static_anchor, y_max=y_max,
+            )
+        finally:
+            self.policy.train(was_training)
+
+
+def _split_even(n: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) bounds of ``parts`` nearly equal contiguous chunks of n items (empty chunks dropped)."""
+    parts = max(1, min(parts, n))
+    size = math.ceil(n / parts)
+    return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
