@@ -364,3 +364,21 @@ def test_loss_stats_pack_roundtrip() -> None:
     )
     back = LossStats.from_tensor(out.stats.as_tensor())
     assert back.metrics() == pytest.approx(out.stats.metrics())
+
+
+def test_low_precision_inputs_computed_in_float32() -> None:
+    # bf16 log-probs: the log-ratio is taken in float32 and the gradient still reaches the bf16 leaf.
+    logp = torch.tensor([-1.0, -2.0], dtype=torch.bfloat16, requires_grad=True)
+    norm = build_normalizer(torch.tensor([2]), torch.tensor([True]))
+    out = lightningrl_loss(
+        logp,
+        torch.tensor([-1.0, -2.0]),
+        torch.tensor([1.0, 1.0]),
+        torch.tensor([0, 0]),
+        norm,
+        ref_logp=torch.tensor([-1.0, -2.0]),
+        correct_tokens=torch.tensor([True, True]),
+    )
+    assert out.loss.dtype == torch.float32
+    out.loss.backward()
+    assert logp.grad is not None and logp.grad.dtype == torch.bfloat16

@@ -34,7 +34,7 @@ _KL_ESTIMATORS = ("k1", "k2", "k3")
 _LOG_RATIO_CLAMP = 10.0
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LossNormalizer:
     """Counts of the whole minibatch that every micro-batch contribution is divided by (spec §4.3).
 
@@ -163,15 +163,16 @@ def policy_surrogate(
         eps_high: ε_high, upper clip range for non-negative advantages.
 
     Returns:
-        ``(surr, ratio, clipped_low, clipped_high)``, each ``(T,)``: the surrogate to maximise, ρ, and bool masks of
-        tokens whose clipped branch is active and binding (zero gradient): low = A < 0 and ρ < 1−ε_low,
-        high = A > 0 and ρ > 1+ε_high (TRL's ``clip_ratio/low_mean`` / ``high_mean``).
+        ``(surr, ratio, clipped_low, clipped_high)``, each ``(T,)`` (float32 or wider): the surrogate to maximise,
+        ρ, and bool masks of tokens whose clipped branch is active and binding (zero gradient):
+        low = A < 0 and ρ < 1−ε_low, high = A > 0 and ρ > 1+ε_high (TRL's ``clip_ratio/low_mean`` / ``high_mean``).
     """
     _check_same_shape(logp=logp, old_logp=old_logp, advantages=advantages)
     if eps_low < 0 or eps_high < 0:
         raise ValueError(f"policy_surrogate: eps_low and eps_high must be >= 0, got {eps_low}, {eps_high}")
-    advantages = advantages.to(logp.dtype)
-    log_ratio = (logp - old_logp.to(logp.dtype)).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
+    dtype = _compute_dtype(logp, old_logp)
+    advantages = advantages.to(dtype)
+    log_ratio = (logp.to(dtype) - old_logp.to(dtype)).clamp(-_LOG_RATIO_CLAMP, _LOG_RATIO_CLAMP)
     ratio = torch.exp(log_ratio)
     upper = torch.where(advantages >= 0, ratio.new_tensor(1.0 + eps_high), ratio.new_tensor(1.0 + eps_low))
     clipped_ratio = torch.minimum(torch.clamp(ratio, min=1.0 - eps_low), upper)
@@ -193,10 +194,11 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: KLEstimator = "k3") ->
         estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
 
     Returns:
-        ``(T,)`` KL estimate per token.
+        ``(T,)`` KL estimate per token (float32 or wider).
     """
     _check_same_shape(logp=logp, ref_logp=ref_logp)
-    d = logp - ref_logp.to(logp.dtype)
+    dtype = _compute_dtype(logp, ref_logp)
+    d = logp.to(dtype) - ref_logp.to(dtype)
     if estimator == "k1":
         return d
     if estimator == "k2":
@@ -240,7 +242,7 @@ def reduce(values: Tensor, seq_index: Tensor, mode: Reduction, norm: LossNormali
     return (values / n_s.clamp(min=1)).sum() / denominator
 
 
-@dataclass
+@dataclass(eq=False)
 class LossStats:
     """Detached sums of one or more micro-batches; add them up, then call :meth:`metrics` (spec §4.3 logging).
 
@@ -299,7 +301,7 @@ class LossStats:
         }
 
 
-@dataclass
+@dataclass(eq=False)
 class LossOutput:
     """Result of :func:`lightningrl_loss` for one micro-batch.
 
@@ -408,6 +410,14 @@ def lightningrl_loss(
         nonfinite=(~torch.isfinite(loss.detach())).double(),
     )
     return LossOutput(loss=loss, stats=stats)
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """At least float32: log-ratios of bf16/fp16 log-probs lose most of their precision (spec §4.4 [ODD])."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
 
 
 def _check_same_shape(**tensors: Tensor | None) -> None:

@@ -33,8 +33,8 @@ class CodeTask(Task):
 
     Args:
         name: Registry name.
-        prompt_template: Template with ``{question}``; default: the function-test template of spec §6.1 (use
-            :data:`~lrl.tasks.base.QWEN_STDIO_TEMPLATE` for stdio sets).
+        prompt_template: Template with ``{question}``; ``None`` picks the spec §6.1 template of ``test_method``
+            (:data:`~lrl.tasks.base.QWEN_CODE_TEMPLATE` or :data:`~lrl.tasks.base.QWEN_STDIO_TEMPLATE`).
         source: Hub dataset name or local ``.jsonl``/``.json``/``.parquet`` path (``{split}`` allowed).
         config: Hub configuration name.
         splits: Our split names (``train``/``eval``/``test``) → dataset split names.
@@ -55,7 +55,7 @@ class CodeTask(Task):
     kind: ClassVar[TaskKind] = "code"
 
     name: str = "code_dataset"
-    prompt_template: str = QWEN_CODE_TEMPLATE
+    prompt_template: str | None = None  # type: ignore[assignment]  # resolved in __post_init__
     source: str = ""
     config: str | None = None
     splits: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_SPLITS))
@@ -77,6 +77,8 @@ class CodeTask(Task):
             raise ValueError(f"{self.name}: test_method must be 'function' or 'stdio', got {self.test_method!r}")
         if self.timeout_s <= 0:
             raise ValueError(f"{self.name}: timeout_s must be > 0, got {self.timeout_s}")
+        if self.prompt_template is None:
+            self.prompt_template = QWEN_CODE_TEMPLATE if self.test_method == "function" else QWEN_STDIO_TEMPLATE
 
     def load(self, split: str) -> list[dict[str, Any]]:
         """Records of ``split``; raises ``ValueError`` naming the record index and field when one is missing."""

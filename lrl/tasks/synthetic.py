@@ -7,7 +7,7 @@ math verifier as real datasets; the SFT target ends in ``\\boxed{N}`` like the r
 
 Example::
 
-    question: "Tom has 7 apples. He buys 5 more. He sells 3. How many apples now?"
+    question: "Tom has 7 apples. He buys 5 more. He sells 3. How many now?"
     answer:   "7+5=12. 12-3=9. #### 9"
     target:   "7+5=12. 12-3=9. \\boxed{9}"
 
@@ -47,7 +47,7 @@ START_PRODUCT = "{name} has {a} {box} of {b} {obj}."
 ADD = "{p} {verb} {b} more."
 SUB = "{p} {verb} {b}."
 MUL = "{p} {verb} them."
-ASK = "How many {obj} now?"
+ASK = "How many now?"
 _SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}
 
 
@@ -106,7 +106,7 @@ def generate_problem(rng: random.Random, num_steps: int) -> dict[str, Any]:
             x = new_x
         if max(results) >= 10:
             break
-    sentences.append(ASK.format(obj=obj))
+    sentences.append(ASK)
     return {
         "question": " ".join(sentences),
         "answer": f"{' '.join(steps)} #### {x}",
@@ -164,7 +164,9 @@ class SyntheticArithmetic(MathTask):
     def __post_init__(self) -> None:
         self.steps = tuple(int(s) for s in self.steps)
         if not self.steps or any(not 1 <= s <= MAX_STEPS for s in self.steps):
-            raise ValueError(f"{self.name}: steps must be a non-empty tuple of values in [1, {MAX_STEPS}], got {self.steps}")
+            raise ValueError(
+                f"{self.name}: steps must be a non-empty tuple of values in [1, {MAX_STEPS}], got {self.steps}"
+            )
         if self.num_train < 0 or self.num_eval < 0:
             raise ValueError(f"{self.name}: num_train and num_eval must be >= 0, got {self.num_train}, {self.num_eval}")
         if self.train_seed == self.eval_seed:

@@ -1,0 +1,101 @@
+"""Trajectory and single-pass log-probs against slow per-step / per-block recomputation (spec §4.2)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lrl.algorithms.logprobs import response_logprobs, trajectory_rounds
+from lrl.rollout import NativeEngine, SamplingParams
+
+
+def test_trajectory_rounds_by_hand():
+    # prompt of 3 tokens, block 4: response positions 3..9; block 0 = [3], block 1 = [4..7], block 2 = [8, 9]
+    step_map = [1, 3, 2, 3, 2, 4, 5]
+    rounds = trajectory_rounds(3, step_map, 4)
+    # round 0: block0 step1 {3}; block1 step2: masked {4,5,6,7} (steps 3,2,3,2 >= 2), targets {5,7};
+    #          block2 step4: masked {8,9}, targets {8}
+    assert rounds[0] == ([3, 4, 5, 6, 7, 8, 9], [3, 5, 7, 8])
+    # round 1: block1 step3: masked {4,6}, targets {4,6}; block2 step5: masked {9}, targets {9}
+    assert rounds[1] == ([4, 6, 9], [4, 6, 9])
+    assert len(rounds) == 2
+
+
+def _rollout(lm, tok, block_size):
+    eng = NativeEngine(lm, tok)
+    sp = SamplingParams(block_size=block_size, max_new_tokens=3 * block_size, samples_per_prompt=2, seed=3,
+                        threshold=0.3, temperature=1.0)
+    return eng.generate(["Q: 12+7=?\nA: ", "abc"], sp)
+
+
+def _slow_trajectory(lm, prompt, resp, steps, bs):
+    out = torch.zeros(len(resp))
+    ids = torch.tensor(prompt + resp)
+    p = len(prompt)
+    for t in sorted(set(steps)):
+        idx = [i for i, s in enumerate(steps) if s == t]
+        blk = (p + idx[0]) // bs
+        end = (blk + 1) * bs
+        seq = ids[: min(end, len(ids))].clone()
+        for i, s in enumerate(steps):
+            pos = p + i
+            if pos // bs == blk and s >= t:
+                seq[pos] = lm.bd.mask_token_id
+        logp = lm.full_logits(seq[None], torch.tensor([len(seq)]), bs)[0].log_softmax(-1)
+        for i in idx:
+            out[i] = logp[p + i, resp[i]]
+    return out
+
+
+@pytest.mark.parametrize("bs", [4, 8])
+def test_trajectory_estimator_matches_per_step_slow_computation(tiny_lm, tiny_tokenizer, bs):
+    batch = _rollout(tiny_lm, tiny_tokenizer, bs)
+    with torch.no_grad():
+        fast, _ = response_logprobs(tiny_lm, batch.prompt_ids, batch.response_ids, batch.step_maps,
+                                    estimator="trajectory", block_size=bs, pad_id=tiny_tokenizer.pad_token_id,
+                                    max_copies=3, rows_per_forward=2)
+    slow = torch.cat([_slow_trajectory(tiny_lm, p, r, s, bs) for p, r, s in
+                      zip(batch.prompt_ids, batch.response_ids, batch.step_maps)])
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+    assert len(set(sum(batch.step_maps, []))) > 3  # a real multi-step trajectory was exercised
+
+
+def test_single_pass_estimator_matches_per_block_slow_computation(tiny_lm, tiny_tokenizer):
+    batch = _rollout(tiny_lm, tiny_tokenizer, 8)
+    bs = tiny_lm.bd.block_size  # single pass uses the model's configured block size (4), not the rollout's
+    with torch.no_grad():
+        fast, _ = response_logprobs(tiny_lm, batch.prompt_ids, batch.response_ids, batch.step_maps,
+                                    estimator="single_pass", pad_id=tiny_tokenizer.pad_token_id)
+    slow = []
+    for p, r in zip(batch.prompt_ids, batch.response_ids):
+        ids, n = torch.tensor(p + r), len(p)
+        vals = torch.zeros(len(r))
+        for blk in range(n // bs, (len(ids) - 1) // bs + 1):
+            end = min((blk + 1) * bs, len(ids))
+            seq = ids[:end].clone()
+            lo = max(blk * bs, n)
+            seq[lo:end] = tiny_lm.bd.mask_token_id
+            logp = tiny_lm.full_logits(seq[None], torch.tensor([end]), bs)[0].log_softmax(-1)
+            for pos in range(lo, end):
+                vals[pos - n] = logp[pos, ids[pos]]
+        slow.append(vals)
+    torch.testing.assert_close(fast, torch.cat(slow), atol=1e-4, rtol=1e-4)
+
+
+def test_logprobs_have_gradients_and_entropy(tiny_lm, tiny_tokenizer):
+    batch = _rollout(tiny_lm, tiny_tokenizer, 4)
+    logp, ent = response_logprobs(tiny_lm, batch.prompt_ids[:1], batch.response_ids[:1], batch.step_maps[:1],
+                                  estimator="trajectory", block_size=4, pad_id=tiny_tokenizer.pad_token_id,
+                                  with_entropy=True)
+    assert logp.requires_grad and (logp <= 0).all()
+    assert ent.shape == logp.shape and (ent >= 0).all() and (ent <= torch.log(torch.tensor(101.0)) + 1e-4).all()
+    logp.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in tiny_lm.parameters())
+    tiny_lm.zero_grad(set_to_none=True)
+
+
+def test_unknown_estimator_and_missing_block_size(tiny_lm):
+    with pytest.raises(ValueError, match="unknown log-prob estimator"):
+        response_logprobs(tiny_lm, [[5, 6]], [[7]], [[1]], estimator="nope", block_size=4)
+    with pytest.raises(ValueError, match="block_size"):
+        response_logprobs(tiny_lm, [[5, 6]], [[7]], [[1]], estimator="trajectory")
