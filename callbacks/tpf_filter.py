@@ -57,8 +57,8 @@ class TPFAwareFilter(Callback):
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         seen = max(self.totals["groups_seen"], 1)
-        pl_module.log_dict({f"filter/total_{k}": float(v) for k, v in self.totals.items()}, on_step=True)
-        pl_module.log("filter/total_kept_fraction", self.totals["groups_kept"] / seen, on_step=True)
+        pl_module.log_dict({f"filter/total_{k}": float(v) for k, v in self.totals.items()}, on_step=True, batch_size=1)
+        pl_module.log("filter/total_kept_fraction", self.totals["groups_kept"] / seen, on_step=True, batch_size=1)
 
     @override
     def state_dict(self) -> dict:

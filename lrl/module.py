@@ -198,7 +198,7 @@ class LightningRLModule(LightningModule):
 
     # ------------------------------------------------------------------ the step
     def training_step(self, dataloader_iter):
-        batch: RolloutBatch = next(dataloader_iter)
+        batch, _, _ = next(dataloader_iter)  # Lightning yields (batch, batch_idx, dataloader_idx)
         self.last_batch = batch  # for callbacks (the hook's `batch` argument is the iterator in this mode)
         hp = self.hparams
         if len(batch) == 0:  # every group was filtered out, even after refills: nothing to learn from
@@ -227,6 +227,7 @@ class LightningRLModule(LightningModule):
         n = len(batch)
         world = self.trainer.world_size if self.trainer is not None else 1
         total_stats: LossStats | None = None
+        grad_norms: list[float] = []
         entropy_sum, entropy_count = 0.0, 0
         mb_bounds = _split_even(n, hp.minibatches)
         gen = torch.Generator().manual_seed(int(self.rl_step))
@@ -267,7 +268,6 @@ class LightningRLModule(LightningModule):
                 if bool(mb_stats.nonfinite > 0):
                     opt.zero_grad(set_to_none=True)
                     self.skipped_steps += 1
-                    self.log("train/skipped_steps", float(self.skipped_steps))
                     if self.skipped_steps > hp.max_skipped_steps:
                         raise NonFiniteLossError(
                             f"{self.skipped_steps} optimizer steps had a non-finite loss "
@@ -277,16 +277,20 @@ class LightningRLModule(LightningModule):
                 else:
                     if hp.max_grad_norm > 0:
                         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), hp.max_grad_norm)
-                        self.log("train/grad_norm", float(grad_norm), on_step=True)
+                        grad_norms.append(float(grad_norm))
                     opt.step()
                     sched.step()
                 total_stats = mb_stats if total_stats is None else total_stats + mb_stats
         self.rl_step += 1
+        extra = {"train/skipped_steps": float(self.skipped_steps)}
+        if grad_norms:
+            extra["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         self._log_step(batch, total_stats, entropy_sum / max(entropy_count, 1), time.perf_counter() - t0,
-                       len(mb_bounds) * hp.ppo_epochs)
+                       len(mb_bounds) * hp.ppo_epochs, extra)
 
-    def _log_step(self, batch: RolloutBatch, stats: LossStats, entropy: float, train_s: float, n_opt: int) -> None:
-        metrics = {k: v for k, v in stats.metrics().items()}
+    def _log_step(self, batch: RolloutBatch, stats: LossStats, entropy: float, train_s: float, n_opt: int,
+                  extra: dict[str, float]) -> None:
+        metrics = {**stats.metrics(), **extra}
         # stats are sums over minibatches and epochs; report per optimizer step
         for k in ("loss/policy", "loss/kl", "loss/nll"):
             metrics[k] /= n_opt

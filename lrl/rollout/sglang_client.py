@@ -1,0 +1,609 @@
+"""`SGLangRolloutGenerator`: rollouts from SGLang servers (or ``lrl serve``) over HTTP, plus weight sync.
+
+The servers run in their own environment (SGLang pins its own torch/transformers; see docs/sglang.md); the trainer
+only speaks JSON over HTTP with ``httpx``. Generation sends ``input_ids`` with SGLang ``sampling_params`` and reads
+``output_ids`` and ``meta_info`` (``finish_reason``, ``weight_version`` and, from the ``lrl_dllm`` plugin or
+``lrl serve``, ``dllm_step_map`` / ``dllm_nfe`` / ``dllm_store_passes``) into the same `RolloutBatch` the native
+engine builds. The decoding rule itself (block size, strategy, threshold) is fixed by the server
+(``--dllm-algorithm-config`` or ``lrl serve`` flags); against ``lrl serve`` the client checks it matches
+`SamplingParams`.
+
+Robustness: every call has a timeout; connection failures are retried ``max_retries`` times with exponential
+backoff; a dead server, an HTTP error or a malformed answer raises `RolloutServerError` naming the URL; an answer
+produced by other weights than the last synced version raises `StaleWeightsError`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+import torch
+
+from lrl.rollout import weight_sync as ws
+from lrl.rollout.base import RolloutGenerator
+from lrl.rollout.types import RolloutBatch, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+STEP_MAP_KEY, NFE_KEY, STORE_KEY = "dllm_step_map", "dllm_nfe", "dllm_store_passes"
+
+
+class RolloutServerError(RuntimeError):
+    """A rollout server is unreachable, failed a request, or answered something malformed."""
+
+
+class StaleWeightsError(RolloutServerError):
+    """A server answered with weights other than the version the trainer last synced."""
+
+
+def _last_int(value: Any) -> int:
+    """Request-level counter from ``meta_info``: an int (``lrl serve``) or a per-token cumulative list (plugin)."""
+    if value is None:
+        return 0
+    if isinstance(value, list):
+        vals = [v for v in value if v is not None]
+        return int(vals[-1]) if vals else 0
+    return int(value)
+
+
+class SGLangRolloutGenerator(RolloutGenerator):
+    """Rollout generator over one or more SGLang-compatible HTTP servers.
+
+    Args:
+        urls: server base URLs (``http://host:port``); rows are spread round-robin over them. With
+            ``router=True``, a single router/gateway URL that load-balances by itself.
+        tokenizer_path: checkpoint (or tokenizer) directory: encodes string prompts, decodes responses.
+        timeout_s: read timeout of one ``/generate`` call (a chunk of ``max_rows_per_request`` rows).
+        connect_timeout_s: TCP connect timeout of every call.
+        max_retries: extra attempts after a connection failure (or HTTP 502/503/504), with exponential backoff.
+        backoff_s: first backoff; doubles per attempt, capped at 30 s.
+        health_timeout_s: how long the first use waits for every server's ``/health``.
+        router: ``urls`` is one router URL; health checks and weight updates go to ``worker_urls`` if given.
+        worker_urls: the servers behind the router (for weight sync); default: ``urls``.
+        max_rows_per_request: rows (prompt × sample) per ``/generate`` batch request.
+        max_concurrency: concurrent HTTP requests (default 4 per server).
+        weight_sync: ``"disk"`` (HF checkpoint in ``sync_dir`` + ``/update_weights_from_disk``) or
+            ``"distributed"`` (rank-0 broadcast over a process group + ``/update_weights_from_distributed``).
+        sync_dir: directory the servers can read for disk sync (default: a temp dir, only valid when the servers
+            share this machine's filesystem; /dev/shm is a good choice on one node).
+        template_dir: checkpoint whose config/tokenizer files accompany synced weights (default ``tokenizer_path``).
+        keep_checkpoints: synced versions kept in ``sync_dir``.
+        sync_dtype: cast floating weights to this dtype before syncing (e.g. ``"bfloat16"``); None keeps them.
+        bracket_disk_updates: wrap disk updates in ``/begin_weight_update`` … ``/end_weight_update`` (not needed
+            on SGLang 0.5.23, where ``end`` would re-run post-load processing; off by default).
+        master_address / master_port: rendezvous of the distributed group (rank 0 = this process; port
+            default: a free one).
+        dist_backend: ``"nccl"`` (GPU trainer and servers) or ``"gloo"`` (CPU, tests, ``lrl serve``).
+        group_name: name of the weight-update group.
+        bucket_bytes: bytes per ``/update_weights_from_distributed`` call.
+        sync_timeout_s: timeout of weight-update calls and of the distributed group.
+        flush_cache: flush the servers' prefix cache after an update (stale dLLM blocks must not survive).
+        initial_weight_version: ``weight_version`` before the first sync.
+        expected_server_version: if set, the version string servers must report before the first sync.
+        require_step_maps: raise if a server returns no ``dllm_step_map`` (SGLang launched without the plugin).
+        server_tp_sizes: tensor-parallel size of each worker (distributed ranks); default: read ``tp_size`` from
+            ``/get_server_info`` (1 if absent).
+        api_key: sent as ``Authorization: Bearer`` when the servers were launched with ``--api-key``.
+    """
+
+    def __init__(
+        self,
+        urls: list[str] | str,
+        tokenizer_path: str,
+        *,
+        timeout_s: float = 600.0,
+        connect_timeout_s: float = 10.0,
+        max_retries: int = 2,
+        backoff_s: float = 1.0,
+        health_timeout_s: float = 600.0,
+        router: bool = False,
+        worker_urls: list[str] | None = None,
+        max_rows_per_request: int = 64,
+        max_concurrency: int | None = None,
+        weight_sync: Literal["disk", "distributed"] = "disk",
+        sync_dir: str | None = None,
+        template_dir: str | None = None,
+        keep_checkpoints: int = 2,
+        sync_dtype: str | None = None,
+        bracket_disk_updates: bool = False,
+        master_address: str = "127.0.0.1",
+        master_port: int | None = None,
+        dist_backend: Literal["nccl", "gloo"] = "nccl",
+        group_name: str = "lrl_weight_sync",
+        bucket_bytes: int = 512 << 20,
+        sync_timeout_s: float = 600.0,
+        flush_cache: bool = True,
+        initial_weight_version: int = 0,
+        expected_server_version: str | None = None,
+        require_step_maps: bool = True,
+        server_tp_sizes: list[int] | None = None,
+        api_key: str | None = None,
+    ):
+        urls = [urls] if isinstance(urls, str) else list(urls)
+        if not urls:
+            raise ValueError("SGLangRolloutGenerator needs at least one server URL")
+        if router and len(urls) != 1:
+            raise ValueError(f"router=True takes exactly one router URL, got {len(urls)}")
+        if weight_sync not in ("disk", "distributed"):
+            raise ValueError(f"weight_sync must be 'disk' or 'distributed', got {weight_sync!r}")
+        if dist_backend not in ("nccl", "gloo"):
+            raise ValueError(f"dist_backend must be 'nccl' or 'gloo', got {dist_backend!r}")
+        for name, val in (("timeout_s", timeout_s), ("connect_timeout_s", connect_timeout_s),
+                          ("health_timeout_s", health_timeout_s), ("sync_timeout_s", sync_timeout_s)):
+            if not val > 0:
+                raise ValueError(f"{name} must be > 0, got {val}")
+        if max_retries < 0 or backoff_s < 0:
+            raise ValueError(f"max_retries and backoff_s must be >= 0, got {max_retries}, {backoff_s}")
+        if max_rows_per_request < 1:
+            raise ValueError(f"max_rows_per_request must be >= 1, got {max_rows_per_request}")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.worker_urls = [u.rstrip("/") for u in (worker_urls or urls)]
+        self.router = router
+        self.timeout_s, self.connect_timeout_s = float(timeout_s), float(connect_timeout_s)
+        self.max_retries, self.backoff_s = int(max_retries), float(backoff_s)
+        self.health_timeout_s = float(health_timeout_s)
+        self.max_rows_per_request = int(max_rows_per_request)
+        self.weight_sync = weight_sync
+        self.template_dir = str(template_dir or tokenizer_path)
+        self.sync_dtype = getattr(torch, sync_dtype) if isinstance(sync_dtype, str) else sync_dtype
+        self.bracket_disk_updates = bracket_disk_updates
+        self.master_address, self.master_port = master_address, master_port
+        self.dist_backend, self.group_name = dist_backend, group_name
+        self.bucket_bytes, self.sync_timeout_s = int(bucket_bytes), float(sync_timeout_s)
+        self.flush_cache_after_update = flush_cache
+        self.require_step_maps = require_step_maps
+        self.server_tp_sizes = server_tp_sizes
+        self.weight_version = int(initial_weight_version)
+        self._expected_version: str | None = expected_server_version
+        self._sync_dir = sync_dir
+        self._keep = keep_checkpoints
+        self._store: ws.DiskCheckpointStore | None = None
+
+        from lrl.models.loading import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_path)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        n_conn = max_concurrency or 4 * len(set(self.urls) | set(self.worker_urls))
+        self._http = httpx.Client(
+            timeout=httpx.Timeout(self.timeout_s, connect=self.connect_timeout_s), headers=headers,
+            limits=httpx.Limits(max_connections=n_conn + 4, max_keepalive_connections=n_conn + 4),
+        )
+        self._pool = cf.ThreadPoolExecutor(max_workers=n_conn, thread_name_prefix="lrl-rollout-http")
+        self._rr = 0
+        self._ready = False
+        self._server_info: dict[str, dict] = {}
+        self._pg = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ HTTP
+    def _request(self, method: str, url: str, path: str, *, json: Any = None, timeout: float | None = None,
+                 idempotent: bool = True, expect_json: bool = True) -> Any:
+        """One call with bounded retries; raises `RolloutServerError` naming ``url`` on any failure."""
+        target = f"{url}{path}"
+        read_timeout = self.timeout_s if timeout is None else timeout
+        attempts = 1 + self.max_retries
+        err: Exception | str | None = None
+        for attempt in range(attempts):
+            retryable = False
+            try:
+                resp = self._http.request(method, target, json=json,
+                                          timeout=httpx.Timeout(read_timeout, connect=self.connect_timeout_s))
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # never reached the server: safe to retry
+                err, retryable = exc, True
+            except httpx.TimeoutException as exc:
+                raise RolloutServerError(f"{target}: no answer within {read_timeout:g} s") from exc
+            except httpx.TransportError as exc:  # connection dropped mid-request (server died or restarted)
+                err, retryable = exc, idempotent
+            else:
+                if resp.status_code in (502, 503, 504) and idempotent:
+                    err, retryable = f"HTTP {resp.status_code}", True
+                else:
+                    return self._decode(target, resp, expect_json)
+            if not retryable or attempt == attempts - 1:
+                break
+            time.sleep(min(self.backoff_s * (2**attempt), 30.0))
+        raise RolloutServerError(f"{target}: server unreachable or failing after {attempt + 1} attempt(s): "
+                                 f"{type(err).__name__ if isinstance(err, Exception) else ''} {err}".strip())
+
+    @staticmethod
+    def _decode(target: str, resp: httpx.Response, expect_json: bool) -> Any:
+        if resp.status_code >= 400:
+            try:
+                body = resp.json()
+                msg = body.get("message") or body.get("error") or body if isinstance(body, dict) else body
+            except ValueError:
+                msg = resp.text[:500]
+            raise RolloutServerError(f"{target} answered HTTP {resp.status_code}: {msg}")
+        if not expect_json:
+            return None
+        if not resp.content:
+            return None
+        try:
+            return resp.json()
+        except ValueError as exc:
+            raise RolloutServerError(f"{target} answered malformed JSON: {resp.text[:200]!r}") from exc
+
+    def _fan_out(self, urls: list[str], method: str, path: str, *, json: Any = None, timeout: float | None = None,
+                 idempotent: bool = True) -> dict[str, Any]:
+        futs = {u: self._pool.submit(self._request, method, u, path, json=json, timeout=timeout,
+                                     idempotent=idempotent) for u in urls}
+        return {u: f.result() for u, f in futs.items()}
+
+    # ------------------------------------------------------------------ readiness
+    def wait_until_ready(self, timeout_s: float | None = None) -> None:
+        """Wait until every server answers ``/health`` with 200, then read their ``/get_model_info``."""
+        deadline = time.monotonic() + (self.health_timeout_s if timeout_s is None else timeout_s)
+        pending = list(dict.fromkeys(self.urls + self.worker_urls))
+        last: dict[str, str] = {}
+        while pending:
+            for u in list(pending):
+                try:
+                    r = self._http.get(f"{u}/health", timeout=httpx.Timeout(
+                        max(0.5, min(5.0, deadline - time.monotonic())), connect=min(self.connect_timeout_s, 5.0)))
+                    if r.status_code == 200:
+                        pending.remove(u)
+                        continue
+                    last[u] = f"HTTP {r.status_code}"
+                except httpx.HTTPError as exc:
+                    last[u] = f"{type(exc).__name__}: {exc}"
+            if pending and time.monotonic() >= deadline:
+                detail = "; ".join(f"{u} ({last.get(u, 'no answer')})" for u in pending)
+                raise RolloutServerError(f"rollout server(s) not healthy after {self.health_timeout_s:g} s: {detail}")
+            if pending:
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        for u in dict.fromkeys(self.urls + self.worker_urls):
+            info = self._request("GET", u, "/get_model_info", timeout=30.0)
+            if not isinstance(info, dict):
+                raise RolloutServerError(f"{u}/get_model_info answered malformed JSON: {info!r}")
+            self._server_info[u] = info
+        self._ready = True
+
+    def _ensure_ready(self) -> None:
+        if not self._ready:
+            self.wait_until_ready()
+
+    def server_weight_versions(self) -> dict[str, str]:
+        """``weight_version`` each worker reports in ``/get_model_info``."""
+        out = {}
+        for u, info in self._fan_out(self.worker_urls, "GET", "/get_model_info", timeout=30.0).items():
+            if not isinstance(info, dict) or "weight_version" not in info:
+                raise RolloutServerError(f"{u}/get_model_info has no weight_version: {info!r}")
+            out[u] = str(info["weight_version"])
+        return out
+
+    def _check_decode_config(self, sp: SamplingParams) -> None:
+        """Against ``lrl serve`` (which reports its decoding flags) refuse SamplingParams it would not honour."""
+        for u in self.urls:
+            info = self._server_info.get(u, {})
+            dec = info.get("lrl_decode")
+            if sp.eos_policy != "truncate" and not dec:
+                raise ValueError(f"eos_policy={sp.eos_policy!r} needs lrl serve; {u} (SGLang) always truncates at "
+                                 "the stop token")
+            if not dec:
+                continue
+            checks = [("block_size", sp.block_size), ("remasking_strategy", sp.remasking_strategy)]
+            if sp.remasking_strategy == "low_confidence_dynamic":
+                checks.append(("threshold", sp.threshold))
+            else:
+                checks.append(("denoising_steps", sp.denoising_steps))
+            for key, want in checks:
+                have = dec.get(key)
+                if have != want and not (isinstance(want, float) and have is not None and abs(have - want) < 1e-9):
+                    raise ValueError(f"SamplingParams.{key}={want!r} but the server {u} decodes with {key}={have!r} "
+                                     "(server-side flag); restart the server or change the config")
+
+    # ------------------------------------------------------------------ generation
+    def _encode(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                ids = self.tokenizer(p, add_special_tokens=False).input_ids
+            else:
+                ids = [int(t) for t in p]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            out.append(ids)
+        return out
+
+    @staticmethod
+    def sglang_sampling_params(sp: SamplingParams, seed: int) -> dict:
+        """SamplingParams → SGLang ``sampling_params`` (temperature 0 = greedy; no stop ids ⇒ ``ignore_eos``)."""
+        out = {
+            "max_new_tokens": sp.max_new_tokens,
+            "temperature": 0.0 if sp.greedy else sp.temperature,
+            "top_p": 1.0 if sp.greedy else sp.top_p,
+            "top_k": -1 if sp.greedy or sp.top_k <= 0 else sp.top_k,
+            # SGLang also stops on the model's eos when stop ids are given; ignore_eos disables every stop id
+            "stop_token_ids": list(sp.stop_token_ids),
+            "ignore_eos": not sp.stop_token_ids,
+            "skip_special_tokens": True,
+            "sampling_seed": int(seed) % (2**63),
+        }
+        if sp.eos_policy != "truncate":
+            out["custom_params"] = {"lrl_eos_policy": sp.eos_policy}
+        return out
+
+    def _parse_item(self, url: str, item: Any) -> tuple[list[int], list[int], str, int, int]:
+        if not isinstance(item, dict):
+            raise RolloutServerError(f"{url}/generate answered malformed JSON: expected an object, got {item!r:.200}")
+        ids, meta = item.get("output_ids"), item.get("meta_info")
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids) or not isinstance(meta, dict):
+            raise RolloutServerError(f"{url}/generate answered malformed JSON: missing output_ids/meta_info in "
+                                     f"{str(item)[:200]}")
+        fr = meta.get("finish_reason")
+        kind = fr.get("type") if isinstance(fr, dict) else fr
+        if kind == "abort":
+            raise RolloutServerError(f"{url} aborted a rollout request: {fr}")
+        if kind not in ("stop", "length"):
+            raise RolloutServerError(f"{url}/generate answered an unknown finish_reason {fr!r}")
+        version = meta.get("weight_version")
+        if self._expected_version is not None and str(version) != self._expected_version:
+            raise StaleWeightsError(f"{url} generated with weight_version {version!r}, expected "
+                                    f"{self._expected_version!r} (the last synced version): stale server")
+        sm = meta.get(STEP_MAP_KEY)
+        if sm is None:
+            if self.require_step_maps:
+                raise RolloutServerError(
+                    f"{url} returned no meta_info.{STEP_MAP_KEY}: launch SGLang with SGLANG_PLUGINS=lrl_dllm "
+                    "--dllm-algorithm LRLLowConfidence (scripts/launch_sglang.sh), or set require_step_maps=False")
+            nfe = _last_int(meta.get(NFE_KEY))
+            return ids, [0] * len(ids), kind, nfe, _last_int(meta.get(STORE_KEY))
+        if not isinstance(sm, list) or len(sm) != len(ids) or not all(isinstance(s, int) for s in sm):
+            raise RolloutServerError(f"{url}: {STEP_MAP_KEY} has {len(sm) if isinstance(sm, list) else sm!r} "
+                                     f"entries for {len(ids)} output ids")
+        return ids, sm, kind, len(set(sm)), _last_int(meta.get(STORE_KEY))
+
+    def _generate_chunk(self, url: str, rows: list[list[int]], params: dict) -> list[tuple]:
+        body = {"input_ids": rows, "sampling_params": params}
+        out = self._request("POST", url, "/generate", json=body, idempotent=True)
+        if not isinstance(out, list) or len(out) != len(rows):
+            got = f"{len(out)} items" if isinstance(out, list) else type(out).__name__
+            raise RolloutServerError(f"{url}/generate answered malformed JSON: expected {len(rows)} items, got {got}")
+        return [self._parse_item(url, item) for item in out]
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], sampling: SamplingParams) -> RolloutBatch:
+        sampling.validate()
+        if len(prompts) == 0:
+            raise ValueError("generate() needs at least one prompt")
+        self._ensure_ready()
+        self._check_decode_config(sampling)
+        ids = self._encode(prompts)
+        g = sampling.samples_per_prompt
+        rows = [p for p in ids for _ in range(g)]
+        m = self.max_rows_per_request
+        starts = list(range(0, len(rows), m))
+        with self._lock:
+            first = self._rr
+            self._rr += len(starts)
+        futs = {}
+        for k, s in enumerate(starts):
+            url = self.urls[(first + k) % len(self.urls)]
+            # distinct seeds per chunk: identical prompts in two chunks must not draw identical samples
+            params = self.sglang_sampling_params(sampling, sampling.seed * 1_000_003 + k)
+            futs[self._pool.submit(self._generate_chunk, url, rows[s : s + m], params)] = s
+        results: list[tuple | None] = [None] * len(rows)
+        try:
+            for fut in cf.as_completed(futs):
+                s = futs[fut]
+                for j, res in enumerate(fut.result()):
+                    results[s + j] = res
+        except BaseException:
+            for f in futs:
+                f.cancel()
+            raise
+        resp = [r[0] for r in results]
+        return RolloutBatch(
+            prompt_ids=[list(p) for p in rows],
+            response_ids=resp,
+            texts=self.tokenizer.batch_decode(resp, skip_special_tokens=True),
+            step_maps=[r[1] for r in results],
+            num_forwards=torch.tensor([r[3] for r in results], dtype=torch.long),
+            num_store_passes=torch.tensor([r[4] for r in results], dtype=torch.long),
+            finish_reasons=[r[2] for r in results],
+            group_index=torch.arange(len(ids)).repeat_interleave(g),
+            weight_version=self.weight_version,
+        )
+
+    # ------------------------------------------------------------------ weight sync
+    def _checkpoint_store(self) -> ws.DiskCheckpointStore:
+        if self._store is None:
+            root = self._sync_dir or tempfile.mkdtemp(prefix="lrl-weight-sync-")
+            self._store = ws.DiskCheckpointStore(root, keep=self._keep)
+        return self._store
+
+    def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                       version: int | None = None) -> None:
+        """Push new policy weights (HF parameter names) to every server and verify they report ``version``.
+
+        ``disk``: the tensors are written next to ``template_dir``'s config/tokenizer files; ``distributed``: they
+        are broadcast in buckets. Default ``version``: current + 1.
+        """
+        version = self.weight_version + 1 if version is None else int(version)
+        self._ensure_ready()
+        if self.weight_sync == "disk":
+            store = self._checkpoint_store()
+            path = ws.write_hf_checkpoint(weights, store.path_for(version), self.template_dir, dtype=self.sync_dtype)
+            store.record(path)
+            self.update_weights_from_disk(path, version)
+        else:
+            self._update_distributed(weights, version)
+
+    def sync_from_model(self, lm, tokenizer=None, version: int | None = None) -> None:
+        """Push a `BlockDiffusionLM`'s current weights (disk: saved with its block-diffusion identity)."""
+        version = self.weight_version + 1 if version is None else int(version)
+        if self.weight_sync == "disk":
+            from lrl.models.loading import save_checkpoint
+
+            self._ensure_ready()
+            store = self._checkpoint_store()
+            path = store.path_for(version)
+            sd = None
+            if self.sync_dtype is not None:
+                sd = {k: v.to(self.sync_dtype) if v.is_floating_point() else v
+                      for k, v in lm.model.state_dict().items()}
+            save_checkpoint(lm, path, tokenizer=tokenizer or self.tokenizer, state_dict=sd)
+            store.record(path)
+            self.update_weights_from_disk(path, version)
+        else:
+            self.update_weights(lm.model.state_dict().items(), version)
+
+    def update_weights_from_disk(self, path: str | os.PathLike, version: int) -> None:
+        """Ask every worker to load the checkpoint at ``path`` (which it must be able to read) as ``version``."""
+        self._ensure_ready()
+        body = {"model_path": str(Path(path).resolve()), "weight_version": str(version),
+                "flush_cache": self.flush_cache_after_update, "abort_all_requests": False}
+
+        def one(url: str) -> None:
+            if self.bracket_disk_updates:
+                self._request("POST", url, "/begin_weight_update", json={}, timeout=self.sync_timeout_s,
+                              idempotent=False)
+            try:
+                self._request("POST", url, "/update_weights_from_disk", json=body, timeout=self.sync_timeout_s,
+                              idempotent=False)
+            finally:
+                if self.bracket_disk_updates:
+                    self._request("POST", url, "/end_weight_update", json={}, timeout=self.sync_timeout_s,
+                                  idempotent=False)
+
+        futs = [self._pool.submit(one, u) for u in self.worker_urls]
+        for f in futs:
+            f.result()
+        self._after_update(version)
+        if self._store is not None:
+            self._store.prune()
+
+    def _after_update(self, version: int) -> None:
+        want = str(version)
+        versions = self.server_weight_versions()
+        bad = {u: v for u, v in versions.items() if v != want}
+        if bad:
+            raise StaleWeightsError(f"after syncing version {want}, servers report other versions: {bad}")
+        self.weight_version = version
+        self._expected_version = want
+
+    def init_weight_sync_group(self) -> None:
+        """Create the distributed weight-update group (trainer = rank 0; worker i's TP ranks follow)."""
+        if self._pg is not None:
+            return
+        self._ensure_ready()
+        tp = self.server_tp_sizes
+        if tp is None:
+            tp = []
+            for u in self.worker_urls:
+                info = self._request("GET", u, "/get_server_info", timeout=30.0)
+                tp.append(int(info.get("tp_size", 1)) if isinstance(info, dict) else 1)
+        if len(tp) != len(self.worker_urls):
+            raise ValueError(f"server_tp_sizes has {len(tp)} entries for {len(self.worker_urls)} workers")
+        port = self.master_port or ws.free_port(self.master_address)
+        world = 1 + sum(tp)
+        offsets = [1 + sum(tp[:i]) for i in range(len(tp))]
+        holder: dict[str, Any] = {}
+
+        def join() -> None:  # rank 0 in its own thread, so a failed server call cannot leave us blocked here
+            try:
+                holder["pg"] = ws.init_custom_process_group(
+                    backend=self.dist_backend, init_method=f"tcp://{self.master_address}:{port}", world_size=world,
+                    rank=0, group_name=self.group_name, timeout_s=self.sync_timeout_s)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                holder["error"] = exc
+
+        t = threading.Thread(target=join, name="lrl-weight-group", daemon=True)
+        t.start()
+        futs = {u: self._pool.submit(
+            self._request, "POST", u, "/init_weights_update_group",
+            json={"master_address": self.master_address, "master_port": port, "rank_offset": off,
+                  "world_size": world, "group_name": self.group_name, "backend": self.dist_backend},
+            timeout=self.sync_timeout_s, idempotent=False) for u, off in zip(self.worker_urls, offsets)}
+        for u, f in futs.items():
+            f.result()  # raises RolloutServerError naming u
+        t.join(self.sync_timeout_s)
+        if "error" in holder or "pg" not in holder:
+            raise RolloutServerError(f"could not create the weight-update group at {self.master_address}:{port}: "
+                                     f"{holder.get('error', 'timed out')}")
+        self._pg = holder["pg"]
+
+    def _update_distributed(self, weights, version: int) -> None:
+        self.init_weight_sync_group()
+        device = torch.device("cuda", torch.cuda.current_device()) if self.dist_backend == "nccl" else torch.device(
+            "cpu")
+        self._fan_out(self.worker_urls, "POST", "/begin_weight_update", json={}, timeout=self.sync_timeout_s,
+                      idempotent=False)
+        try:
+            buckets = ws.bucket_tensors(weights, self.bucket_bytes)
+            bucket = next(buckets, None)
+            if bucket is None:
+                raise ValueError("update_weights: no tensors to sync")
+            while bucket is not None:
+                nxt = next(buckets, None)
+                last = nxt is None
+                tensors = []
+                for _, t in bucket:
+                    t = t.detach()
+                    if self.sync_dtype is not None and t.is_floating_point():
+                        t = t.to(self.sync_dtype)
+                    tensors.append(t.to(device).contiguous())
+                meta = ws.bucket_metadata([(n, t) for (n, _), t in zip(bucket, tensors)])
+                body = {**meta, "group_name": self.group_name, "flush_cache": self.flush_cache_after_update and last,
+                        "weight_version": str(version) if last else None, "abort_all_requests": False}
+                futs = [self._pool.submit(self._request, "POST", u, "/update_weights_from_distributed", json=body,
+                                          timeout=self.sync_timeout_s, idempotent=False) for u in self.worker_urls]
+                works = ws.broadcast_bucket(self._pg, tensors)
+                try:
+                    for f in futs:
+                        f.result()
+                except BaseException:
+                    # the servers did not receive this bucket: the group may hold half-done broadcasts
+                    self._drop_group()
+                    raise
+                for w in works:
+                    w.wait()
+                bucket = nxt
+        finally:
+            for u in self.worker_urls:
+                try:
+                    self._request("POST", u, "/end_weight_update", json={}, timeout=self.sync_timeout_s,
+                                  idempotent=False)
+                except RolloutServerError as exc:
+                    logger.warning("end_weight_update failed on %s: %s", u, exc)
+        self._after_update(version)
+
+    def _drop_group(self) -> None:
+        """Tear the weight-update group down on the servers and here (best effort; a later sync re-creates it)."""
+        if self._pg is None:
+            return
+        for u in self.worker_urls:
+            try:
+                self._request("POST", u, "/destroy_weights_update_group", json={"group_name": self.group_name},
+                              timeout=min(30.0, self.sync_timeout_s), idempotent=False)
+            except RolloutServerError as exc:
+                logger.warning("destroy_weights_update_group failed on %s: %s", u, exc)
+        ws.destroy_process_group(self._pg)
+        self._pg = None
+
+    # ------------------------------------------------------------------ memory / cache helpers
+    def flush_cache(self) -> None:
+        self._fan_out(self.worker_urls, "POST", "/flush_cache", timeout=self.sync_timeout_s, idempotent=True)
+
+    def release_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """Free GPU weights and/or KV cache on every server (needs ``--enable-memory-saver``; servers must be idle)."""
+        self._fan_out(self.worker_urls, "POST", "/release_memory_occupation", json={"tags": tags},
+                      timeout=self.sync_timeout_s, idempotent=False)
+
+    def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
+        self._fan_out(self.worker_urls, "POST", "/resume_memory_occupation", json={"tags": tags},
+                      timeout=self.sync_timeout_s, idempotent=False)
+
+    def close(self) -> None:
+        """Leave the weight-update group and close connections (servers keep running)."""
+        self._drop_group()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._http.close()

@@ -1,0 +1,494 @@
+"""``lrl serve``: an HTTP server over `NativeEngine` that speaks the subset of SGLang's API LightningRL uses.
+
+It lets the SGLang rollout client, the weight-sync protocols and multi-server setups run (and be tested) without
+SGLang or a GPU, and serves models SGLang 0.5.23 cannot (Fast-dLLM-v2, any checkpoint `lrl.models` loads).
+
+Endpoints (JSON; errors are ``{"success": false, "message", "error": {...}}`` with a 4xx status for bad requests):
+
+* ``GET|POST /health``, ``/health_generate`` (runs a one-token generation), ``/get_model_info`` (alias
+  ``/model_info``; includes ``weight_version`` and ``lrl_decode``, the server's decoding flags),
+  ``/get_server_info``, ``/get_weight_version``;
+* ``POST /generate``: ``text`` or ``input_ids`` (single or batch), ``sampling_params`` (dict or list); returns
+  ``{"text", "output_ids", "meta_info": {"id", "finish_reason": {"type"}, "prompt_tokens", "completion_tokens",
+  "weight_version", "dllm_step_map", "dllm_nfe", "dllm_store_passes", ...}}`` (a list for batches). Block size,
+  strategy and threshold are server flags (like SGLang's ``--dllm-algorithm-config``); temperature / top-k / top-p
+  / max_new_tokens / stop ids come per request, with SGLang's semantics (temperature 0 = greedy; the model's eos
+  stops unless ``ignore_eos``);
+* weight sync: ``/update_weights_from_disk``; ``/begin_weight_update`` … ``/end_weight_update`` (required around
+  distributed updates, as in SGLang 0.5.23); ``/init_weights_update_group`` + ``/update_weights_from_distributed``
+  (this server joins the group as rank ``rank_offset`` and receives rank 0's broadcasts in a worker thread);
+  ``/destroy_weights_update_group``; ``/update_weight_version``;
+* ``/flush_cache``, ``/release_memory_occupation``, ``/resume_memory_occupation``, ``/pause_generation``,
+  ``/continue_generation``: acknowledged no-ops (there is no prefix cache or memory saver here).
+
+All model work is serialized by one engine lock and runs in worker threads, so health checks stay responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import time
+import uuid
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lrl.rollout.engine import NativeEngine
+from lrl.rollout.types import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class BadRequest(ValueError):
+    """A request the server refuses (HTTP 400)."""
+
+
+# ---------------------------------------------------------------------------------------------- request models
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class SGLangSamplingParams(BaseModel):
+    """The SGLang ``sampling_params`` keys ``lrl serve`` understands; unknown keys are rejected (typos)."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = -1
+    min_p: float = Field(0.0, ge=0.0, le=0.0, description="min-p sampling is not supported")
+    stop_token_ids: list[int] | None = None
+    stop: str | list[str] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    sampling_seed: int | None = None
+    n: int = Field(1, ge=1, le=1, description="send one row per sample")
+    min_new_tokens: int = Field(0, ge=0, le=0, description="min_new_tokens is not supported")
+    frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    presence_penalty: float = Field(0.0, ge=0.0, le=0.0)
+    repetition_penalty: float = Field(1.0, ge=1.0, le=1.0)
+    custom_params: dict[str, Any] | None = None
+
+
+class GenerateRequest(_Model):
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
+    rid: str | list[str] | None = None
+    stream: bool = False
+    return_logprob: bool | list[bool] = False
+
+
+class UpdateFromDiskRequest(_Model):
+    model_path: str
+    load_format: str | None = None
+    weight_version: str | None = None
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+
+
+class InitGroupRequest(_Model):
+    master_address: str
+    master_port: int = Field(ge=1, le=65535)
+    rank_offset: int = Field(ge=1)
+    world_size: int = Field(ge=2)
+    group_name: str = "weight_update_group"
+    backend: str = "nccl"
+
+
+class DistributedUpdateRequest(_Model):
+    names: list[str]
+    dtypes: list[str]
+    shapes: list[list[int]]
+    group_name: str = "weight_update_group"
+    flush_cache: bool = True
+    abort_all_requests: bool = False
+    weight_version: str | None = None
+    load_format: str | None = None
+
+
+class GroupNameRequest(_Model):
+    group_name: str = "weight_update_group"
+
+
+class WeightVersionRequest(_Model):
+    new_version: str
+    abort_all_requests: bool = True
+
+
+# ---------------------------------------------------------------------------------------------- state
+@dataclasses.dataclass
+class DecodeConfig:
+    """Server-side decoding flags (SGLang's algorithm config)."""
+
+    block_size: int
+    remasking_strategy: str = "low_confidence_dynamic"
+    threshold: float = 0.9
+    denoising_steps: int = 32
+    eos_policy: str = "truncate"
+
+    def __post_init__(self) -> None:
+        SamplingParams(block_size=self.block_size, remasking_strategy=self.remasking_strategy,
+                       threshold=self.threshold, denoising_steps=self.denoising_steps, eos_policy=self.eos_policy)
+
+
+class ServeState:
+    """Everything the endpoints share: the engine, its lock, the weight version and the update groups."""
+
+    def __init__(self, engine: NativeEngine, decode: DecodeConfig, *, model_path: str, weight_version: str):
+        self.engine = engine
+        self.decode = decode
+        self.model_path = model_path
+        self.weight_version = weight_version
+        self.lock = threading.Lock()
+        self.bracket_open = False
+        self.groups: dict[str, Any] = {}
+        tok = engine.tokenizer
+        cfg = engine.lm.hf_config
+        eos = getattr(cfg, "eos_token_id", None)
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tok.eos_token_id is not None:
+            eos_ids.add(tok.eos_token_id)
+        self.eos_ids = tuple(sorted(int(e) for e in eos_ids))
+        self.vocab_size = int(engine.lm.model.get_output_embeddings().weight.shape[0])
+
+    def model_info(self) -> dict:
+        cfg = self.engine.lm.hf_config
+        return {
+            "model_path": self.model_path,
+            "tokenizer_path": self.model_path,
+            "is_generation": True,
+            "weight_version": self.weight_version,
+            "model_type": self.engine.lm.identity.get("model_type", getattr(cfg, "model_type", None)),
+            "architectures": self.engine.lm.identity.get("architectures", getattr(cfg, "architectures", None)),
+            "lrl_engine": "native",
+            "lrl_decode": dataclasses.asdict(self.decode) | {"max_rows": self.engine.max_rows},
+        }
+
+
+def _error(status: int, message: str, kind: str = "BadRequestError") -> JSONResponse:
+    return JSONResponse({"success": False, "message": message, "error": {"message": message, "type": kind,
+                                                                          "code": status}}, status_code=status)
+
+
+def _ok(message: str = "Success", **extra) -> dict:
+    return {"success": True, "message": message, **extra}
+
+
+# ---------------------------------------------------------------------------------------------- generation
+def _rows(req: GenerateRequest, state: ServeState) -> tuple[list[list[int]], bool]:
+    """Prompt token ids of each row, and whether the request was a batch."""
+    if (req.text is None) == (req.input_ids is None):
+        raise BadRequest("exactly one of 'text' and 'input_ids' must be given")
+    if req.stream:
+        raise BadRequest("stream=true is not supported by lrl serve")
+    if req.text is not None:
+        batch = isinstance(req.text, list)
+        texts = req.text if batch else [req.text]
+        rows = [state.engine.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+    else:
+        ids = req.input_ids
+        batch = bool(ids) and isinstance(ids[0], list)
+        rows = [list(r) for r in ids] if batch else [list(ids)]
+    if not rows:
+        raise BadRequest("empty batch")
+    for i, r in enumerate(rows):
+        if not r:
+            raise BadRequest(f"prompt {i} is empty")
+        bad = [t for t in r if not 0 <= t < state.vocab_size]
+        if bad:
+            raise BadRequest(f"prompt {i} has token ids outside [0, {state.vocab_size}): {bad[:5]}")
+    return rows, batch
+
+
+def _sampling(raw: dict | None, state: ServeState) -> tuple[SamplingParams, SGLangSamplingParams]:
+    try:
+        p = SGLangSamplingParams(**(raw or {}))
+    except Exception as exc:  # pydantic ValidationError → 400 with the field names
+        raise BadRequest(f"invalid sampling_params: {exc}") from exc
+    if p.stop:
+        raise BadRequest("stop strings are not supported by lrl serve; use stop_token_ids")
+    if p.top_k == 0 or p.top_k < -1:
+        raise BadRequest(f"top_k must be -1 (disable) or at least 1, got {p.top_k}")
+    greedy = p.temperature == 0.0 or p.top_k == 1
+    stop = () if p.ignore_eos else tuple(sorted(set(p.stop_token_ids or ()) | set(state.eos_ids)))
+    eos_policy = (p.custom_params or {}).get("lrl_eos_policy", state.decode.eos_policy)
+    d = state.decode
+    try:
+        sp = SamplingParams(
+            block_size=d.block_size, remasking_strategy=d.remasking_strategy, threshold=d.threshold,
+            denoising_steps=d.denoising_steps, temperature=1.0 if greedy else p.temperature,
+            top_k=0 if greedy or p.top_k == -1 else p.top_k, top_p=1.0 if greedy else p.top_p, greedy=greedy,
+            max_new_tokens=p.max_new_tokens, stop_token_ids=stop, samples_per_prompt=1,
+            seed=p.sampling_seed or 0, eos_policy=eos_policy,
+        )
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from exc
+    return sp, p
+
+
+def run_generate(state: ServeState, req: GenerateRequest) -> Any:
+    """Serve one /generate request (blocking; called in a worker thread)."""
+    rows, batch = _rows(req, state)
+    raw = req.sampling_params
+    if isinstance(raw, list):
+        if len(raw) != len(rows):
+            raise BadRequest(f"sampling_params has {len(raw)} entries for {len(rows)} prompts")
+        params = [_sampling(r, state) for r in raw]
+    else:
+        params = [_sampling(raw, state)] * len(rows)
+    rids = req.rid if isinstance(req.rid, list) else [req.rid] * len(rows)
+    if len(rids) != len(rows):
+        raise BadRequest(f"rid has {len(rids)} entries for {len(rows)} prompts")
+    # Rows with equal sampling settings decode together, in request order (same batching as the native engine).
+    groups: dict[tuple, list[int]] = {}
+    for i, (sp, _) in enumerate(params):
+        groups.setdefault(dataclasses.astuple(sp), []).append(i)
+    outputs: list[dict | None] = [None] * len(rows)
+    t0 = time.perf_counter()
+    with state.lock:
+        version = state.weight_version
+        for idx in groups.values():
+            sp, sgl = params[idx[0]]
+            try:
+                res = state.engine.generate([rows[i] for i in idx], sp)
+            except ValueError as exc:  # e.g. prompt + max_new_tokens beyond the context
+                raise BadRequest(str(exc)) from exc
+            for j, i in enumerate(idx):
+                ids = res.response_ids[j]
+                if res.finish_reasons[j] == "stop":
+                    fr = {"type": "stop", "matched": ids[-1] if ids and sp.eos_policy == "truncate" else None}
+                else:
+                    fr = {"type": "length", "length": len(ids)}
+                outputs[i] = {
+                    "text": state.engine.tokenizer.decode(ids, skip_special_tokens=sgl.skip_special_tokens),
+                    "output_ids": ids,
+                    "meta_info": {
+                        "id": rids[i] or uuid.uuid4().hex,
+                        "finish_reason": fr,
+                        "prompt_tokens": len(rows[i]),
+                        "completion_tokens": len(ids),
+                        "cached_tokens": 0,
+                        "weight_version": version,
+                        "dllm_step_map": res.step_maps[j],
+                        "dllm_nfe": int(res.num_forwards[j]),
+                        "dllm_store_passes": int(res.num_store_passes[j]),
+                        "e2e_latency": time.perf_counter() - t0,
+                    },
+                }
+    return outputs if batch else outputs[0]
+
+
+# ---------------------------------------------------------------------------------------------- weights
+def _check_fit(state: ServeState, named: list[tuple[str, torch.Tensor]]) -> None:
+    """Refuse the whole update before touching the model, so a bad request never leaves half-loaded weights."""
+    model = state.engine.lm.model
+    own = {n: t.shape for n, t in model.named_parameters()} | {n: t.shape for n, t in model.named_buffers()}
+    unknown, wrong = [], []
+    for name, tensor in named:
+        key = name.removeprefix("model.") if name not in own and name.startswith("model.model.") else name
+        if key not in own:
+            unknown.append(name)
+        elif tuple(own[key]) != tuple(tensor.shape):
+            wrong.append(f"{name}: got {tuple(tensor.shape)}, model has {tuple(own[key])}")
+    if unknown:
+        raise BadRequest(f"unknown parameter names {unknown[:5]}{' …' if len(unknown) > 5 else ''}")
+    if wrong:
+        raise BadRequest(f"shape mismatch: {'; '.join(wrong[:5])}")
+
+
+def _load_named(state: ServeState, named: list[tuple[str, torch.Tensor]], version: str | None) -> None:
+    _check_fit(state, named)
+    with state.lock:
+        try:
+            state.engine.update_weights(named)
+        except KeyError as exc:
+            raise BadRequest(str(exc.args[0]) if exc.args else str(exc)) from exc
+        except RuntimeError as exc:  # shape mismatch in copy_
+            raise BadRequest(f"weights do not fit the served model: {exc}") from exc
+        if version is not None:
+            state.weight_version = version
+
+
+def run_update_from_disk(state: ServeState, req: UpdateFromDiskRequest) -> None:
+    from lrl.rollout.weight_sync import read_hf_weights
+
+    if req.load_format not in (None, "auto", "safetensors"):
+        raise BadRequest(f"load_format {req.load_format!r} is not supported (safetensors only)")
+    try:
+        weights = read_hf_weights(req.model_path)
+    except FileNotFoundError as exc:
+        raise BadRequest(f"cannot load weights from {req.model_path!r}: {exc}") from exc
+    _load_named(state, list(weights.items()), req.weight_version)
+
+
+def run_init_group(state: ServeState, req: InitGroupRequest, timeout_s: float) -> None:
+    from lrl.rollout.weight_sync import init_custom_process_group
+
+    if req.group_name in state.groups:
+        raise BadRequest(f"weight-update group {req.group_name!r} already exists; destroy it first")
+    if req.backend not in ("gloo", "nccl"):
+        raise BadRequest(f"backend must be 'gloo' or 'nccl', got {req.backend!r}")
+    if req.backend == "nccl" and state.engine.lm.device.type != "cuda":
+        raise BadRequest("backend 'nccl' needs the served model on a CUDA device; use backend='gloo'")
+    if req.rank_offset >= req.world_size:
+        raise BadRequest(f"rank_offset {req.rank_offset} must be < world_size {req.world_size}")
+    try:
+        pg = init_custom_process_group(backend=req.backend, init_method=f"tcp://{req.master_address}:{req.master_port}",
+                                       world_size=req.world_size, rank=req.rank_offset, group_name=req.group_name,
+                                       timeout_s=timeout_s)
+    except Exception as exc:
+        raise BadRequest(f"failed to join weight-update group {req.group_name!r}: {exc}") from exc
+    state.groups[req.group_name] = (pg, req.backend)
+
+
+def run_update_distributed(state: ServeState, req: DistributedUpdateRequest) -> None:
+    if not state.bracket_open:
+        raise BadRequest("update_weights_from_distributed must run between begin_weight_update() and "
+                         "end_weight_update()")
+    if req.group_name not in state.groups:
+        raise BadRequest(f"group {req.group_name!r} not in {sorted(state.groups)}; call init_weights_update_group "
+                         "first")
+    if not len(req.names) == len(req.dtypes) == len(req.shapes):
+        raise BadRequest(f"names/dtypes/shapes lengths differ: {len(req.names)}, {len(req.dtypes)}, "
+                         f"{len(req.shapes)}")
+    if req.load_format is not None:
+        raise BadRequest(f"load_format {req.load_format!r} is not supported (per-tensor broadcasts only)")
+    pg, backend = state.groups[req.group_name]
+    device = state.engine.lm.device if backend == "nccl" else torch.device("cpu")
+    tensors = []
+    for name, dt, shape in zip(req.names, req.dtypes, req.shapes):
+        dtype = getattr(torch, dt, None)
+        if not isinstance(dtype, torch.dtype):
+            raise BadRequest(f"unknown dtype {dt!r} for {name!r}")
+        tensors.append(torch.empty(shape, dtype=dtype, device=device))
+    works = [torch.distributed.broadcast(t, src=0, group=pg, async_op=True) for t in tensors]
+    for w in works:
+        w.wait()
+    _load_named(state, list(zip(req.names, tensors)), req.weight_version)
+
+
+# ---------------------------------------------------------------------------------------------- app
+def create_app(engine: NativeEngine, decode: DecodeConfig, *, model_path: str = "", weight_version: str = "default",
+               group_timeout_s: float = 600.0) -> FastAPI:
+    """The FastAPI application serving ``engine`` (see the module docstring for the endpoints)."""
+    state = ServeState(engine, decode, model_path=model_path, weight_version=weight_version)
+    app = FastAPI(title="lrl serve", version="0.1")
+    app.state.lrl = state
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError):
+        errs = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return _error(400, f"invalid request: {errs}")
+
+    @app.exception_handler(BadRequest)
+    async def _bad(request: Request, exc: BadRequest):
+        return _error(400, str(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), "HTTPException")
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        logger.exception("internal error on %s", request.url.path)
+        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "InternalServerError")
+
+    @app.api_route("/health", methods=["GET", "POST"])
+    async def health():
+        return {"status": "ok"}
+
+    @app.api_route("/health_generate", methods=["GET", "POST"])
+    async def health_generate():
+        req = GenerateRequest(input_ids=[state.eos_ids[0] if state.eos_ids else 0],
+                              sampling_params={"max_new_tokens": 1, "temperature": 0.0})
+        await asyncio.to_thread(run_generate, state, req)
+        return {"status": "ok"}
+
+    @app.get("/get_model_info")
+    @app.get("/model_info")
+    async def model_info():
+        return state.model_info()
+
+    @app.get("/get_server_info")
+    @app.get("/server_info")
+    async def server_info():
+        return {"tp_size": 1, "dp_size": 1, "model_path": state.model_path, "weight_version": state.weight_version,
+                "device": str(state.engine.lm.device), **dataclasses.asdict(state.decode),
+                "max_running_requests": state.engine.max_rows}
+
+    @app.get("/get_weight_version")
+    async def get_weight_version():
+        return {"weight_version": state.weight_version}
+
+    @app.post("/generate")
+    async def generate(req: GenerateRequest):
+        return await asyncio.to_thread(run_generate, state, req)
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(req: UpdateFromDiskRequest):
+        await asyncio.to_thread(run_update_from_disk, state, req)
+        return _ok("Succeeded to update model weights.", num_paused_requests=0)
+
+    @app.post("/begin_weight_update")
+    async def begin_weight_update(body: dict | None = None):
+        if state.bracket_open:
+            raise BadRequest("a weight-update session is already open; call end_weight_update() first")
+        state.bracket_open = True
+        return _ok()
+
+    @app.post("/end_weight_update")
+    async def end_weight_update(body: dict | None = None):
+        if not state.bracket_open:
+            raise BadRequest("no weight-update session is open; call begin_weight_update() first")
+        state.bracket_open = False
+        return _ok()
+
+    @app.post("/init_weights_update_group")
+    async def init_weights_update_group(req: InitGroupRequest):
+        await asyncio.to_thread(run_init_group, state, req, group_timeout_s)
+        return _ok("Succeeded to initialize custom process group.")
+
+    @app.post("/update_weights_from_distributed")
+    async def update_weights_from_distributed(req: DistributedUpdateRequest):
+        await asyncio.to_thread(run_update_distributed, state, req)
+        return _ok("Succeeded to update parameter online.")
+
+    @app.post("/destroy_weights_update_group")
+    async def destroy_weights_update_group(req: GroupNameRequest):
+        from lrl.rollout.weight_sync import destroy_process_group
+
+        entry = state.groups.pop(req.group_name, None)
+        if entry is None:
+            raise BadRequest("The group to be destroyed does not exist.")
+        await asyncio.to_thread(destroy_process_group, entry[0])
+        return _ok("Succeeded to destroy custom process group.")
+
+    @app.post("/update_weight_version")
+    async def update_weight_version(req: WeightVersionRequest):
+        with state.lock:
+            state.weight_version = req.new_version
+        return _ok(f"Weight version updated to {req.new_version}", new_version=req.new_version)
+
+    for path in ("/flush_cache", "/release_memory_occupation", "/resume_memory_occupation", "/pause_generation",
+                 "/continue_generation"):
+        app.add_api_route(path, _make_noop(path), methods=["GET", "POST"])
+    return app
+
+
+def _make_noop(path: str):
+    async def noop():
+        return _ok(f"{path.lstrip('/')}: nothing to do in lrl serve")
+
+    noop.__name__ = path.strip("/").replace("/", "_")
+    return noop
