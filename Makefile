@@ -7,6 +7,12 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test install lint clean
 
 $(STAMP): pyproject.toml
+	# bubblewrap isolates sandboxed code tests (read-only root, no network, PID namespace); without it the
+	# sandbox falls back to rlimits and warns. Best effort: needs root and Debian's apt.
+	command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get install -y -q bubblewrap >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q bubblewrap >/dev/null 2>&1)); } || \
+		echo "note: bubblewrap not installed; the code sandbox will use rlimits only"
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 	# CPU torch first: otherwise pip resolves a multi-GB CUDA build through lightning/transformers.
