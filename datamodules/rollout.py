@@ -204,7 +204,7 @@ class RolloutDataModule(LightningDataModule):
         if self._steps_per_epoch is not None:
             return self._steps_per_epoch
         n = max(1, len(self.train_records))
-        return max(1, n // self.hparams.prompts_per_step)
+        return max(1, n // (self.hparams.prompts_per_step * self._rank_world()[1]))
 
     def sampling_params(self, block_size: int, seed: int) -> SamplingParams:
         hp = self.hparams
@@ -247,12 +247,18 @@ class RolloutDataModule(LightningDataModule):
             self._order = torch.randperm(len(self.train_records), generator=g).tolist()
         return self._order
 
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def _draw(self, n: int) -> list[dict]:
-        """Next n prompts of this epoch's permutation (wrapping within the epoch's order)."""
+        """Next n prompts of this epoch's permutation; with several ranks, rank r takes every world-th prompt
+        (the cursor counts draws per rank, so all ranks advance in step and never share a prompt)."""
         order = self._epoch_order()
+        rank, world = self._rank_world()
         out = []
         for _ in range(n):
-            out.append(self.train_records[order[self.cursor % len(order)]])
+            out.append(self.train_records[order[(self.cursor * world + rank) % len(order)]])
             self.cursor += 1
         return out
 
@@ -305,7 +311,7 @@ class RolloutDataModule(LightningDataModule):
             need = target - have
             records = self._draw(need)
             prompts = [self.task.prompt(r) for r in records]
-            seed = (hp.seed * 7_919 + self.rl_step) * 101 + attempt
+            seed = ((hp.seed * 7_919 + self.rl_step) * 101 + attempt) * 1_009 + self._rank_world()[0]
             t = time.perf_counter()
             batch = gen.generate(prompts, self.sampling_params(bsz, seed))
             t_roll += time.perf_counter() - t

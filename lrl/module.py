@@ -15,7 +15,6 @@ datamodule's cursor in a checkpoint is exact).
 from __future__ import annotations
 
 import copy
-import math
 import time
 from typing import Literal
 
@@ -201,11 +200,7 @@ class LightningRLModule(LightningModule):
         batch, _, _ = next(dataloader_iter)  # Lightning yields (batch, batch_idx, dataloader_idx)
         self.last_batch = batch  # for callbacks (the hook's `batch` argument is the iterator in this mode)
         hp = self.hparams
-        if len(batch) == 0:  # every group was filtered out, even after refills: nothing to learn from
-            self.rl_step += 1
-            self.log_dict({**batch.stats, "filter/empty_step": 1.0}, on_step=True, batch_size=1)
-            return None
-        if batch.advantages is None:
+        if len(batch) and batch.advantages is None:
             raise ValueError("training batch has no advantages: the datamodule must compute rewards first")
         t0 = time.perf_counter()
         opt = self.optimizers()
@@ -216,44 +211,52 @@ class LightningRLModule(LightningModule):
             for group, lr in zip(opt.optimizer.param_groups, sched.base_lrs):
                 group["lr"] = lr * sched.lr_lambdas[0](0)
         self.policy.train()
-        old = self._frozen_logprobs(self.policy, batch)
+        n = len(batch)
+        old = self._frozen_logprobs(self.policy, batch) if n else []
         ref_model = self.reference
-        ref = self._frozen_logprobs(ref_model, batch) if ref_model is not None and hp.kl_beta > 0 else None
-        if hp.nll_correct == "verifier":
-            correct = batch.correct if batch.correct is not None else torch.zeros(len(batch), dtype=torch.bool)
+        ref = self._frozen_logprobs(ref_model, batch) if n and ref_model is not None and hp.kl_beta > 0 else None
+        if hp.nll_correct == "verifier" or not n:
+            correct = batch.correct if batch.correct is not None else torch.zeros(n, dtype=torch.bool)
         else:
             correct = batch.rewards["total"] >= 0
-        adv = batch.advantages.float()
-        n = len(batch)
+        adv = batch.advantages.float() if n else torch.zeros(0)
         world = self.trainer.world_size if self.trainer is not None else 1
         total_stats: LossStats | None = None
         grad_norms: list[float] = []
         entropy_sum, entropy_count = 0.0, 0
-        mb_bounds = _split_even(n, hp.minibatches)
         gen = torch.Generator().manual_seed(int(self.rl_step))
+        n_opt = 0
         for epoch in range(hp.ppo_epochs):
             order = torch.arange(n) if epoch == 0 else torch.randperm(n, generator=gen)
-            for lo, hi in mb_bounds:
-                mb = order[lo:hi].tolist()
-                seq_tokens = torch.tensor([len(batch.response_ids[i]) for i in mb])
-                norm = build_normalizer(seq_tokens, correct[mb]).all_reduced() if world > 1 else \
-                    build_normalizer(seq_tokens, correct[mb])
+            # exactly `minibatches` chunks on every rank (some may be empty) so collectives stay in lockstep
+            for mb_tensor in torch.tensor_split(order, hp.minibatches):
+                mb = mb_tensor.tolist()
+                seq_tokens = torch.tensor([len(batch.response_ids[i]) for i in mb], dtype=torch.long)
+                norm = build_normalizer(seq_tokens, correct[mb] if mb else torch.zeros(0, dtype=torch.bool))
+                micro = [list(range(i, min(len(mb), i + hp.micro_batch_size)))
+                         for i in range(0, len(mb), hp.micro_batch_size)]
+                n_micro = len(micro)
+                if world > 1:
+                    norm = norm.all_reduced()
+                    n_micro = int(self.all_gather(torch.tensor(n_micro, device=self.device)).max())
                 opt.zero_grad(set_to_none=True)
                 mb_stats = None
-                for ms in range(0, len(mb), hp.micro_batch_size):
-                    local = list(range(ms, min(len(mb), ms + hp.micro_batch_size)))
+                for m in range(n_micro):
+                    if m >= len(micro):  # this rank has fewer micro-batches: a zero-loss pass keeps DDP/FSDP in step
+                        self.manual_backward(self._zero_loss())
+                        continue
+                    local = micro[m]
                     rows = [mb[i] for i in local]
-                    lengths = [len(batch.response_ids[i]) for i in rows]
+                    lengths = torch.tensor([len(batch.response_ids[i]) for i in rows])
                     logp, ent = self._logprobs(self.policy, batch, rows, with_entropy=epoch == 0)
                     dev = logp.device
-                    seq_index = torch.repeat_interleave(torch.tensor(local), torch.tensor(lengths)).to(dev)
-                    old_t = torch.cat([old[i] for i in rows]).to(dev)
-                    ref_t = torch.cat([ref[i] for i in rows]).to(dev) if ref is not None else None
-                    adv_t = torch.repeat_interleave(adv[rows], torch.tensor(lengths)).to(dev)
-                    cor_t = torch.repeat_interleave(correct[rows], torch.tensor(lengths)).to(dev)
                     out = lightningrl_loss(
-                        logp, old_t, adv_t, seq_index, norm, ref_logp=ref_t, correct_tokens=cor_t,
-                        eps_low=hp.eps_low, eps_high=hp.eps_high, kl_beta=hp.kl_beta if ref_t is not None else 0.0,
+                        logp, torch.cat([old[i] for i in rows]).to(dev),
+                        torch.repeat_interleave(adv[rows], lengths).to(dev),
+                        torch.repeat_interleave(torch.tensor(local), lengths).to(dev), norm,
+                        ref_logp=torch.cat([ref[i] for i in rows]).to(dev) if ref is not None else None,
+                        correct_tokens=torch.repeat_interleave(correct[rows], lengths).to(dev),
+                        eps_low=hp.eps_low, eps_high=hp.eps_high, kl_beta=hp.kl_beta if ref is not None else 0.0,
                         kl_estimator=hp.kl_estimator, nll_weight=hp.nll_weight,
                         policy_reduction=hp.policy_reduction, kl_reduction=hp.kl_reduction,
                         nll_reduction=hp.nll_reduction,
@@ -262,10 +265,14 @@ class LightningRLModule(LightningModule):
                         entropy_sum += float(ent.sum())
                         entropy_count += ent.numel()
                     mb_stats = out.stats if mb_stats is None else mb_stats + out.stats
-                    if not out.nonfinite:
-                        # DDP averages gradients over ranks; contributions are already globally normalised.
-                        self.manual_backward(out.loss * world)
-                if bool(mb_stats.nonfinite > 0):
+                    # DDP averages gradients over ranks; contributions are already globally normalised.
+                    self.manual_backward(out.loss * world if not out.nonfinite else self._zero_loss())
+                bad = torch.tensor(float(mb_stats is not None and bool(mb_stats.nonfinite > 0)), device=self.device)
+                if world > 1:
+                    bad = self.all_gather(bad).max()
+                if norm.num_tokens == 0:  # nothing to learn anywhere: no step (AdamW would still move weights)
+                    opt.zero_grad(set_to_none=True)
+                elif bool(bad > 0):
                     opt.zero_grad(set_to_none=True)
                     self.skipped_steps += 1
                     if self.skipped_steps > hp.max_skipped_steps:
@@ -280,20 +287,33 @@ class LightningRLModule(LightningModule):
                         grad_norms.append(float(grad_norm))
                     opt.step()
                     sched.step()
-                total_stats = mb_stats if total_stats is None else total_stats + mb_stats
+                    n_opt += 1
+                if mb_stats is not None:
+                    total_stats = mb_stats if total_stats is None else total_stats + mb_stats
         self.rl_step += 1
-        extra = {"train/skipped_steps": float(self.skipped_steps)}
+        extra = {"train/skipped_steps": float(self.skipped_steps), "train/optimizer_steps": float(n_opt)}
         if grad_norms:
             extra["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         self._log_step(batch, total_stats, entropy_sum / max(entropy_count, 1), time.perf_counter() - t0,
-                       len(mb_bounds) * hp.ppo_epochs, extra)
+                       max(n_opt, 1), extra)
 
-    def _log_step(self, batch: RolloutBatch, stats: LossStats, entropy: float, train_s: float, n_opt: int,
+    def _zero_loss(self) -> torch.Tensor:
+        """A loss of exactly 0 that still runs a forward/backward through the policy (gradient-sync hooks fire)."""
+        pad = self.tokenizer.pad_token_id
+        logp, _ = response_logprobs(self.policy, [[pad]], [[pad]], [[1]], estimator="single_pass", pad_id=pad)
+        return logp.sum() * 0.0
+
+    def _log_step(self, batch: RolloutBatch, stats: LossStats | None, entropy: float, train_s: float, n_opt: int,
                   extra: dict[str, float]) -> None:
-        metrics = {**stats.metrics(), **extra}
+        metrics = {**(stats.metrics() if stats is not None else {}), **extra}
+        if not len(batch):  # every group was filtered out, even after refills
+            metrics["filter/empty_step"] = 1.0
+            metrics.update({k: float(v) for k, v in batch.stats.items()})
+            self.log_dict(metrics, on_step=True, batch_size=1)
+            return
         # stats are sums over minibatches and epochs; report per optimizer step
         for k in ("loss/policy", "loss/kl", "loss/nll"):
-            metrics[k] /= n_opt
+            metrics[k] = metrics.get(k, 0.0) / n_opt
         metrics["loss/total"] = metrics["loss/policy"] + metrics["loss/kl"] + metrics["loss/nll"]
         metrics["entropy"] = entropy
         metrics["timing/train_s"] = train_s
@@ -342,10 +362,3 @@ class LightningRLModule(LightningModule):
             )
         finally:
             self.policy.train(was_training)
-
-
-def _split_even(n: int, parts: int) -> list[tuple[int, int]]:
-    """[lo, hi) bounds of ``parts`` nearly equal contiguous chunks of n items (empty chunks dropped)."""
-    parts = max(1, min(parts, n))
-    size = math.ceil(n / parts)
-    return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
