@@ -27,9 +27,15 @@ class ParetoFrontierCheckpoint(Callback):
         evaluate_at_start: also evaluate the initial policy (the "before" point).
     """
 
-    def __init__(self, dirpath: str | None = None, every_n_steps: int = 10, eval_size: int | None = None,
-                 thresholds: list[float] | None = None, select_threshold: float = 0.9,
-                 evaluate_at_start: bool = True):
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        every_n_steps: int = 10,
+        eval_size: int | None = None,
+        thresholds: list[float] | None = None,
+        select_threshold: float = 0.9,
+        evaluate_at_start: bool = True,
+    ):
         if every_n_steps < 1:
             raise MisconfigurationException(f"ParetoFrontierCheckpoint.every_n_steps must be >= 1, got {every_n_steps}")
         self.dirpath = dirpath
@@ -79,8 +85,16 @@ class ParetoFrontierCheckpoint(Callback):
         step_dir = out / f"step-{step:06d}"
         write_pareto(result, step_dir, title=f"step {step}")
         pl_module.policy.save_pretrained(step_dir / "model", tokenizer=pl_module.tokenizer)
-        self.history.append({"step": step, "aup": result.aup, "acc": sel.accuracy, "tpf": sel.tpf,
-                             "path": str(step_dir / "model"), "kept": True})
+        self.history.append(
+            {
+                "step": step,
+                "aup": result.aup,
+                "acc": sel.accuracy,
+                "tpf": sel.tpf,
+                "path": str(step_dir / "model"),
+                "kept": True,
+            }
+        )
         pts = [(h["tpf"], h["acc"]) for h in self.history]
         front = set(pareto_frontier(pts))
         best = max(range(len(self.history)), key=lambda i: self.history[i]["aup"])
@@ -89,8 +103,9 @@ class ParetoFrontierCheckpoint(Callback):
             if h["kept"] and not keep:
                 shutil.rmtree(h["path"], ignore_errors=True)
                 h["kept"] = False
-        (out / "frontier.json").write_text(json.dumps({"history": self.history, "best_aup_step":
-                                                       self.history[best]["step"]}, indent=2))
+        (out / "frontier.json").write_text(
+            json.dumps({"history": self.history, "best_aup_step": self.history[best]["step"]}, indent=2)
+        )
         exp = getattr(trainer.logger, "experiment", None)
         if exp is not None and hasattr(exp, "add_figure"):
             exp.add_figure("pareto/frontier", plot_pareto(result, title=f"step {step}"), trainer.global_step)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
@@ -21,8 +20,9 @@ class RewardNormalizationLogger(Callback):
         collapse_taus: thresholds τ of the collapse ratio (fraction of within-group pairs with |ΔA| < τ).
     """
 
-    def __init__(self, every_n_steps: int = 1, num_samples: int = 4,
-                 collapse_taus: tuple[float, ...] = (0.01, 0.05, 0.1, 0.5)):
+    def __init__(
+        self, every_n_steps: int = 1, num_samples: int = 4, collapse_taus: tuple[float, ...] = (0.01, 0.05, 0.1, 0.5)
+    ):
         if every_n_steps < 1 or num_samples < 0:
             raise MisconfigurationException(
                 f"RewardNormalizationLogger: every_n_steps must be >= 1 and num_samples >= 0, got {every_n_steps}, "
@@ -64,6 +64,8 @@ class RewardNormalizationLogger(Callback):
             for i in range(min(self.num_samples, len(b))):
                 prompt = b.prompts[int(b.group_index[i])] if b.prompts else ""
                 acc = float(b.accuracy[i]) if b.accuracy is not None else float("nan")
-                lines.append(f"**prompt** `{prompt!r}`  \n**response** `{b.texts[i]!r}`  \n"
-                             f"acc {acc:.2f} · TPF {float(b.tpf[i]):.2f} · forwards {int(b.num_forwards[i])}")
+                lines.append(
+                    f"**prompt** `{prompt!r}`  \n**response** `{b.texts[i]!r}`  \n"
+                    f"acc {acc:.2f} · TPF {float(b.tpf[i]):.2f} · forwards {int(b.num_forwards[i])}"
+                )
             exp.add_text("samples", "\n\n---\n\n".join(lines), step)

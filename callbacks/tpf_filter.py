@@ -28,19 +28,32 @@ class TPFAwareFilter(Callback):
 
     def __init__(self, all_wrong: bool = True, tpf_range_threshold: float | None = 0.01, zero_std: bool = False):
         if tpf_range_threshold is not None and tpf_range_threshold < 0:
-            raise MisconfigurationException(f"TPFAwareFilter.tpf_range_threshold must be >= 0, got {tpf_range_threshold}")
+            raise MisconfigurationException(
+                f"TPFAwareFilter.tpf_range_threshold must be >= 0, got {tpf_range_threshold}"
+            )
         self.all_wrong = all_wrong
         self.tpf_range_threshold = tpf_range_threshold
         self.zero_std = zero_std
-        self.totals = {"groups_seen": 0, "groups_kept": 0, "dropped_all_wrong": 0, "dropped_tpf_range": 0,
-                       "dropped_zero_std": 0}
+        self.totals = {
+            "groups_seen": 0,
+            "groups_kept": 0,
+            "dropped_all_wrong": 0,
+            "dropped_tpf_range": 0,
+            "dropped_zero_std": 0,
+        }
 
     def __call__(self, batch: RolloutBatch):
         from lrl.algorithms.filters import filter_groups
 
-        res = filter_groups(batch.correct, batch.tpf, batch.rewards["total"], batch.group_index,
-                            all_wrong=self.all_wrong, tpf_range_threshold=self.tpf_range_threshold,
-                            zero_std=self.zero_std)
+        res = filter_groups(
+            batch.correct,
+            batch.tpf,
+            batch.rewards["total"],
+            batch.group_index,
+            all_wrong=self.all_wrong,
+            tpf_range_threshold=self.tpf_range_threshold,
+            zero_std=self.zero_std,
+        )
         self.totals["groups_seen"] += int(res.num_groups)
         self.totals["groups_kept"] += len(res.kept)
         for k in ("dropped_all_wrong", "dropped_tpf_range", "dropped_zero_std"):

@@ -48,7 +48,9 @@ class WeightSync(Callback):
             return
         self.version += 1
         self._sync(trainer, pl_module)
-        pl_module.log_dict({"timing/sync_s": self.last_sync_s, "weight_version": float(self.version)}, on_step=True, batch_size=1)
+        pl_module.log_dict(
+            {"timing/sync_s": self.last_sync_s, "weight_version": float(self.version)}, on_step=True, batch_size=1
+        )
 
     @override
     def state_dict(self) -> dict:

@@ -118,7 +118,8 @@ class RolloutDataModule(LightningDataModule):
         max_prompt_tokens: int | None = 1024,
         threshold: float = 0.9,
         remasking_strategy: Literal["low_confidence_dynamic", "low_confidence_static", "sequential"] = (
-            "low_confidence_dynamic"),
+            "low_confidence_dynamic"
+        ),
         denoising_steps: int | None = None,
         temperature: float = 1.0,
         top_k: int = 0,
@@ -194,8 +195,9 @@ class RolloutDataModule(LightningDataModule):
         limit = self.hparams.max_prompt_tokens
         if limit is None:
             return records
-        keep = [r for r in records if len(self.tokenizer(self.task.prompt(r), add_special_tokens=False).input_ids)
-                <= limit]
+        keep = [
+            r for r in records if len(self.tokenizer(self.task.prompt(r), add_special_tokens=False).input_ids) <= limit
+        ]
         self.skipped_long = len(records) - len(keep)
         return keep
 
@@ -209,10 +211,18 @@ class RolloutDataModule(LightningDataModule):
     def sampling_params(self, block_size: int, seed: int) -> SamplingParams:
         hp = self.hparams
         return SamplingParams(
-            block_size=block_size, remasking_strategy=hp.remasking_strategy, threshold=hp.threshold,
-            denoising_steps=hp.denoising_steps or block_size, temperature=hp.temperature, top_k=hp.top_k,
-            top_p=hp.top_p, greedy=False, max_new_tokens=hp.max_new_tokens,
-            stop_token_ids=(self.tokenizer.eos_token_id,), samples_per_prompt=hp.group_size, seed=seed,
+            block_size=block_size,
+            remasking_strategy=hp.remasking_strategy,
+            threshold=hp.threshold,
+            denoising_steps=hp.denoising_steps or block_size,
+            temperature=hp.temperature,
+            top_k=hp.top_k,
+            top_p=hp.top_p,
+            greedy=False,
+            max_new_tokens=hp.max_new_tokens,
+            stop_token_ids=(self.tokenizer.eos_token_id,),
+            samples_per_prompt=hp.group_size,
+            seed=seed,
             eos_policy=hp.eos_policy,
         )
 
@@ -269,8 +279,12 @@ class RolloutDataModule(LightningDataModule):
         self._order = None
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor, "step_in_epoch": self.step_in_epoch,
-                "rl_step": self.rl_step}
+        return {
+            "epoch": self.epoch,
+            "cursor": self.cursor,
+            "step_in_epoch": self.step_in_epoch,
+            "rl_step": self.rl_step,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
@@ -292,9 +306,15 @@ class RolloutDataModule(LightningDataModule):
             correct = apply_length_penalty(correct, batch.truncated, enabled=True)
             acc = torch.where(batch.truncated, torch.zeros_like(acc), acc)
         batch.accuracy, batch.correct = acc, correct
-        batch.rewards = shape_rewards(acc, batch.tpf, batch.group_index, acc_mode=hp.acc_reward,
-                                      tpf_mode=hp.tpf_reward, tpf_coefficient=hp.tpf_coefficient,
-                                      joint=hp.joint_normalization)
+        batch.rewards = shape_rewards(
+            acc,
+            batch.tpf,
+            batch.group_index,
+            acc_mode=hp.acc_reward,
+            tpf_mode=hp.tpf_reward,
+            tpf_coefficient=hp.tpf_coefficient,
+            joint=hp.joint_normalization,
+        )
 
     def next_batch(self) -> RolloutBatch:
         from lrl.algorithms.advantages import compute_advantages
@@ -303,8 +323,14 @@ class RolloutDataModule(LightningDataModule):
         gen = self.get_generator()
         bsz = self.block_size or gen_block_size(gen)
         target, kept_parts = hp.prompts_per_step, []
-        counts = {"filter/drawn": 0, "filter/kept": 0, "filter/dropped_all_wrong": 0, "filter/dropped_tpf_range": 0,
-                  "filter/dropped_zero_std": 0, "filter/rounds": 0}
+        counts = {
+            "filter/drawn": 0,
+            "filter/kept": 0,
+            "filter/dropped_all_wrong": 0,
+            "filter/dropped_tpf_range": 0,
+            "filter/dropped_zero_std": 0,
+            "filter/rounds": 0,
+        }
         t_roll = t_rew = 0.0
         have = 0
         for attempt in range(hp.max_refill_rounds):
@@ -345,9 +371,14 @@ class RolloutDataModule(LightningDataModule):
             return empty
         out = RolloutBatch.concat(kept_parts)
         out.advantages = compute_advantages(out.rewards["total"], out.group_index, mode=hp.advantage)
-        out.stats = {**counts, "timing/rollout_s": t_roll, "timing/reward_s": t_rew,
-                     "data/epoch": float(self.epoch), "data/skipped_long_prompts": float(self.skipped_long),
-                     "rollout/weight_version": float(out.weight_version)}
+        out.stats = {
+            **counts,
+            "timing/rollout_s": t_roll,
+            "timing/reward_s": t_rew,
+            "data/epoch": float(self.epoch),
+            "data/skipped_long_prompts": float(self.skipped_long),
+            "rollout/weight_version": float(out.weight_version),
+        }
         for name, values in out.rewards.items():
             out.stats[f"reward/{name}/mean"] = float(values.float().mean())
             out.stats[f"reward/{name}/std"] = float(values.float().std(unbiased=False)) if len(values) > 1 else 0.0
@@ -360,8 +391,7 @@ class RolloutDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if not self.eval_records:
             raise ValueError(f"task {self.hparams.task!r} has no records in split {self.hparams.eval_split!r}")
-        return DataLoader([{"task": self.task, "records": self.eval_records}], batch_size=None,
-                          collate_fn=_identity)
+        return DataLoader([{"task": self.task, "records": self.eval_records}], batch_size=None, collate_fn=_identity)
 
     test_dataloader = val_dataloader
 
@@ -379,5 +409,14 @@ def _identity(x):
 
 def _empty_batch(version: int) -> RolloutBatch:
     z = torch.zeros(0, dtype=torch.long)
-    return RolloutBatch(prompt_ids=[], response_ids=[], texts=[], step_maps=[], num_forwards=z, num_store_passes=z,
-                        finish_reasons=[], group_index=z, weight_version=version)
+    return RolloutBatch(
+        prompt_ids=[],
+        response_ids=[],
+        texts=[],
+        step_maps=[],
+        num_forwards=z,
+        num_store_passes=z,
+        finish_reasons=[],
+        group_index=z,
+        weight_version=version,
+    )

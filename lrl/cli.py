@@ -18,12 +18,24 @@ class LRLCLI(LightningCLI):
     """LightningCLI with the project's shared arguments and links."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_argument("--checkpoint", type=str, required=True,
-                            help="HF checkpoint directory of the policy (weights + tokenizer); shared by model and data")
-        parser.add_argument("--block_size", type=int | None, default=None,
-                            help="Diffusion block size for rollout and training (default: the checkpoint's)")
-        parser.add_argument("--mask_token_id", type=int | None, default=None,
-                            help="Override of the checkpoint's mask token id (must agree with the tokenizer)")
+        parser.add_argument(
+            "--checkpoint",
+            type=str,
+            required=True,
+            help="HF checkpoint directory of the policy (weights + tokenizer); shared by model and data",
+        )
+        parser.add_argument(
+            "--block_size",
+            type=int | None,
+            default=None,
+            help="Diffusion block size for rollout and training (default: the checkpoint's)",
+        )
+        parser.add_argument(
+            "--mask_token_id",
+            type=int | None,
+            default=None,
+            help="Override of the checkpoint's mask token id (must agree with the tokenizer)",
+        )
         for key in ("checkpoint", "block_size", "mask_token_id"):
             parser.link_arguments(key, f"model.init_args.{key}")
             parser.link_arguments(key, f"data.init_args.{key}")

@@ -104,8 +104,13 @@ class LightningRLModule(LightningModule):
         eval_static_anchor: bool = True,
     ):
         super().__init__()
-        for name, value in (("lr", lr), ("ppo_epochs", ppo_epochs), ("minibatches", minibatches),
-                            ("micro_batch_size", micro_batch_size), ("max_copies", max_copies)):
+        for name, value in (
+            ("lr", lr),
+            ("ppo_epochs", ppo_epochs),
+            ("minibatches", minibatches),
+            ("micro_batch_size", micro_batch_size),
+            ("max_copies", max_copies),
+        ):
             if value <= 0:
                 raise ValueError(f"model.{name} must be > 0, got {value}")
         if eps_low < 0 or eps_high < 0 or eps_low >= 1:
@@ -153,8 +158,7 @@ class LightningRLModule(LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         params = [p for p in self.policy.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps,
-                                weight_decay=hp.weight_decay)
+        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps, weight_decay=hp.weight_decay)
         warm = hp.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / warm) if warm > 0 else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -175,9 +179,15 @@ class LightningRLModule(LightningModule):
     def _logprobs(self, lm: BlockDiffusionLM, batch: RolloutBatch, rows: list[int], with_entropy: bool = False):
         hp = self.hparams
         return response_logprobs(
-            lm, [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows],
-            [batch.step_maps[i] for i in rows], estimator=hp.estimator, block_size=self.rollout_block_size,
-            pad_id=self.tokenizer.pad_token_id, max_copies=hp.max_copies, rows_per_forward=hp.micro_batch_size,
+            lm,
+            [batch.prompt_ids[i] for i in rows],
+            [batch.response_ids[i] for i in rows],
+            [batch.step_maps[i] for i in rows],
+            estimator=hp.estimator,
+            block_size=self.rollout_block_size,
+            pad_id=self.tokenizer.pad_token_id,
+            max_copies=hp.max_copies,
+            rows_per_forward=hp.micro_batch_size,
             with_entropy=with_entropy,
         )
 
@@ -233,8 +243,10 @@ class LightningRLModule(LightningModule):
                 mb = mb_tensor.tolist()
                 seq_tokens = torch.tensor([len(batch.response_ids[i]) for i in mb], dtype=torch.long)
                 norm = build_normalizer(seq_tokens, correct[mb] if mb else torch.zeros(0, dtype=torch.bool))
-                micro = [list(range(i, min(len(mb), i + hp.micro_batch_size)))
-                         for i in range(0, len(mb), hp.micro_batch_size)]
+                micro = [
+                    list(range(i, min(len(mb), i + hp.micro_batch_size)))
+                    for i in range(0, len(mb), hp.micro_batch_size)
+                ]
                 n_micro = len(micro)
                 if world > 1:
                     norm = norm.all_reduced()
@@ -251,14 +263,20 @@ class LightningRLModule(LightningModule):
                     logp, ent = self._logprobs(self.policy, batch, rows, with_entropy=epoch == 0)
                     dev = logp.device
                     out = lightningrl_loss(
-                        logp, torch.cat([old[i] for i in rows]).to(dev),
+                        logp,
+                        torch.cat([old[i] for i in rows]).to(dev),
                         torch.repeat_interleave(adv[rows], lengths).to(dev),
-                        torch.repeat_interleave(torch.tensor(local), lengths).to(dev), norm,
+                        torch.repeat_interleave(torch.tensor(local), lengths).to(dev),
+                        norm,
                         ref_logp=torch.cat([ref[i] for i in rows]).to(dev) if ref is not None else None,
                         correct_tokens=torch.repeat_interleave(correct[rows], lengths).to(dev),
-                        eps_low=hp.eps_low, eps_high=hp.eps_high, kl_beta=hp.kl_beta if ref is not None else 0.0,
-                        kl_estimator=hp.kl_estimator, nll_weight=hp.nll_weight,
-                        policy_reduction=hp.policy_reduction, kl_reduction=hp.kl_reduction,
+                        eps_low=hp.eps_low,
+                        eps_high=hp.eps_high,
+                        kl_beta=hp.kl_beta if ref is not None else 0.0,
+                        kl_estimator=hp.kl_estimator,
+                        nll_weight=hp.nll_weight,
+                        policy_reduction=hp.policy_reduction,
+                        kl_reduction=hp.kl_reduction,
                         nll_reduction=hp.nll_reduction,
                     )
                     if ent is not None:
@@ -294,8 +312,9 @@ class LightningRLModule(LightningModule):
         extra = {"train/skipped_steps": float(self.skipped_steps), "train/optimizer_steps": float(n_opt)}
         if grad_norms:
             extra["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
-        self._log_step(batch, total_stats, entropy_sum / max(entropy_count, 1), time.perf_counter() - t0,
-                       max(n_opt, 1), extra)
+        self._log_step(
+            batch, total_stats, entropy_sum / max(entropy_count, 1), time.perf_counter() - t0, max(n_opt, 1), extra
+        )
 
     def _zero_loss(self) -> torch.Tensor:
         """A loss of exactly 0 that still runs a forward/backward through the policy (gradient-sync hooks fire)."""
@@ -303,8 +322,15 @@ class LightningRLModule(LightningModule):
         logp, _ = response_logprobs(self.policy, [[pad]], [[pad]], [[1]], estimator="single_pass", pad_id=pad)
         return logp.sum() * 0.0
 
-    def _log_step(self, batch: RolloutBatch, stats: LossStats | None, entropy: float, train_s: float, n_opt: int,
-                  extra: dict[str, float]) -> None:
+    def _log_step(
+        self,
+        batch: RolloutBatch,
+        stats: LossStats | None,
+        entropy: float,
+        train_s: float,
+        n_opt: int,
+        extra: dict[str, float],
+    ) -> None:
         metrics = {**(stats.metrics() if stats is not None else {}), **extra}
         if not len(batch):  # every group was filtered out, even after refills
             metrics["filter/empty_step"] = 1.0
@@ -341,7 +367,23 @@ class LightningRLModule(LightningModule):
             metrics[f"val/tpf@{key}"] = p.tpf
         self.log_dict(metrics, batch_size=len(batch["records"]))
         self.last_pareto = result
+        if self.trainer is not None and self.trainer.is_global_zero and self.trainer.state.fn in ("validate", "test"):
+            self._write_pareto(result)
         return result
+
+    def _write_pareto(self, result) -> None:
+        """`lrl validate`: write pareto.json / pareto.png next to the logs and print the table."""
+        from pathlib import Path
+
+        from lrl.evaluation import write_pareto
+        from lrl.evaluation.pareto import format_table
+
+        out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "pareto"
+        json_path, png_path = write_pareto(
+            result, out, title=f"{self.hparams.checkpoint}", extra={"checkpoint": self.hparams.checkpoint}
+        )
+        print(format_table(result))
+        print(f"wrote {json_path} and {png_path}")
 
     test_step = validation_step
 
@@ -356,9 +398,15 @@ class LightningRLModule(LightningModule):
         engine = NativeEngine(self.policy, self.tokenizer)
         try:
             return run_pareto_sweep(
-                engine, task, records, thresholds=list(thresholds or hp.eval_thresholds),
-                block_size=self.rollout_block_size, max_new_tokens=hp.eval_max_new_tokens,
-                stop_token_ids=(self.tokenizer.eos_token_id,), static_anchor=hp.eval_static_anchor, y_max=y_max,
+                engine,
+                task,
+                records,
+                thresholds=list(thresholds or hp.eval_thresholds),
+                block_size=self.rollout_block_size,
+                max_new_tokens=hp.eval_max_new_tokens,
+                stop_token_ids=(self.tokenizer.eos_token_id,),
+                static_anchor=hp.eval_static_anchor,
+                y_max=y_max,
             )
         finally:
             self.policy.train(was_training)

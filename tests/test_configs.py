@@ -10,7 +10,9 @@ from lrl.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
-PIECES = {d: sorted((ROOT / "configs" / d).glob("*.yaml")) for d in ("model", "data", "trainer", "algorithm")}
+PIECES = {
+    d: sorted((ROOT / "configs" / d).glob("*.yaml")) for d in ("model", "data", "trainer", "algorithm", "rollout")
+}
 
 
 def _instantiate(tiny_checkpoint, configs, *extra):
@@ -24,8 +26,14 @@ def _instantiate(tiny_checkpoint, configs, *extra):
 @pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.name)
 def test_experiment_config_instantiates(config, tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # relative outputs/ paths land in tmp
-    cli = _instantiate(tiny_checkpoint, [config], "--trainer.accelerator=cpu", "--trainer.devices=1",
-                       "--trainer.strategy=auto", "--trainer.precision=32-true")
+    cli = _instantiate(
+        tiny_checkpoint,
+        [config],
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.strategy=auto",
+        "--trainer.precision=32-true",
+    )
     assert cli.model.hparams.checkpoint == str(tiny_checkpoint)
     assert cli.datamodule.checkpoint == str(tiny_checkpoint)  # linked: one source
 
@@ -35,8 +43,12 @@ def test_config_piece_composes(piece, tiny_checkpoint, tmp_path, monkeypatch):
     """A piece layered on the tiny quickstart base still instantiates."""
     monkeypatch.chdir(tmp_path)
     base = ROOT / "configs" / "lightningrl.yaml"
-    extra = ["--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
-             "--trainer.precision=32-true"]
+    extra = [
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.strategy=auto",
+        "--trainer.precision=32-true",
+    ]
     stack = [base, ROOT / "configs" / "model" / "tiny.yaml", piece] if piece.name == "synthetic.yaml" else [base, piece]
     cli = _instantiate(tiny_checkpoint, stack, *extra)
     assert cli.model is not None and cli.datamodule is not None
@@ -44,8 +56,17 @@ def test_config_piece_composes(piece, tiny_checkpoint, tmp_path, monkeypatch):
 
 def _expect_error(tiny_checkpoint, capsys, *args, match: str):
     with pytest.raises((SystemExit, ValueError)) as info:
-        cli_main(["--config", str(ROOT / "configs" / "lightningrl.yaml"), "--checkpoint", str(tiny_checkpoint),
-                  "--trainer.accelerator=cpu", *args], run=False)
+        cli_main(
+            [
+                "--config",
+                str(ROOT / "configs" / "lightningrl.yaml"),
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--trainer.accelerator=cpu",
+                *args,
+            ],
+            run=False,
+        )
     err = capsys.readouterr().err + str(info.value)
     assert match in err, err
 
@@ -62,14 +83,22 @@ def test_group_size_one_fails_naming_it(tiny_checkpoint, capsys, tmp_path, monke
 
 def test_block_size_not_dividing_max_tokens_fails(tiny_checkpoint, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _expect_error(tiny_checkpoint, capsys, "--block_size=7", match="data.max_new_tokens=1024 must be a multiple of block_size=7")
+    _expect_error(
+        tiny_checkpoint, capsys, "--block_size=7", match="data.max_new_tokens=1024 must be a multiple of block_size=7"
+    )
 
 
 def test_mask_id_mismatch_fails(tiny_checkpoint, tmp_path, monkeypatch):
     """A mask id that disagrees with the checkpoint/tokenizer fails before any compute."""
     monkeypatch.chdir(tmp_path)
-    cli = _instantiate(tiny_checkpoint, [ROOT / "configs" / "lightningrl.yaml"], "--mask_token_id=5",
-                       "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto",
-                       "--trainer.precision=32-true")
+    cli = _instantiate(
+        tiny_checkpoint,
+        [ROOT / "configs" / "lightningrl.yaml"],
+        "--mask_token_id=5",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.strategy=auto",
+        "--trainer.precision=32-true",
+    )
     with pytest.raises(ValueError, match="mask"):
         cli.model.configure_model()

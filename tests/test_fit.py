@@ -15,14 +15,26 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _args(ckpt, out: Path, steps: int, *extra):
     return [
-        "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
-        "--checkpoint", str(ckpt), "--block_size", "4",
-        "--data.init_args.prompts_per_step=2", "--data.init_args.group_size=4",
-        "--data.init_args.max_new_tokens=16", "--data.init_args.task_kwargs={num_train: 40, num_eval: 8}",
-        "--data.init_args.eval_size=4", "--data.init_args.max_refill_rounds=1",
-        "--model.init_args.minibatches=1", "--model.init_args.micro_batch_size=3", "--model.init_args.lr=1e-3",
-        "--model.init_args.eval_max_new_tokens=8", "--model.init_args.eval_thresholds=[0.5]",
-        f"--trainer.max_steps={steps}", f"--trainer.default_root_dir={out}",
+        "fit",
+        "--config",
+        str(ROOT / "configs" / "quickstart.yaml"),
+        "--checkpoint",
+        str(ckpt),
+        "--block_size",
+        "4",
+        "--data.init_args.prompts_per_step=2",
+        "--data.init_args.group_size=4",
+        "--data.init_args.max_new_tokens=16",
+        "--data.init_args.task_kwargs={num_train: 40, num_eval: 8}",
+        "--data.init_args.eval_size=4",
+        "--data.init_args.max_refill_rounds=1",
+        "--model.init_args.minibatches=1",
+        "--model.init_args.micro_batch_size=3",
+        "--model.init_args.lr=1e-3",
+        "--model.init_args.eval_max_new_tokens=8",
+        "--model.init_args.eval_thresholds=[0.5]",
+        f"--trainer.max_steps={steps}",
+        f"--trainer.default_root_dir={out}",
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={out}",
         *extra,
@@ -78,10 +90,30 @@ def test_fit_changes_parameters_and_logs_documented_keys(straight_run, peaky_che
     changed = [k for k, v in init.model.state_dict().items() if not torch.allclose(v, after[k])]
     assert changed, "no parameter changed after 4 RL steps"
     keys = set(cli.trainer.logged_metrics)
-    for key in ("loss/policy", "loss/kl", "loss/nll", "loss/total", "clip/low", "clip/high", "clip/ratio_mean", "kl",
-                "entropy", "tpf/mean", "reward/total/mean", "reward/acc/mean", "reward/tpf/mean",
-                "filter/kept", "filter/drawn", "timing/rollout_s", "timing/reward_s", "timing/train_s",
-                "timing/sync_s", "weight_version", "adv/collapse@0.1", "reward/frac_zero_std"):
+    for key in (
+        "loss/policy",
+        "loss/kl",
+        "loss/nll",
+        "loss/total",
+        "clip/low",
+        "clip/high",
+        "clip/ratio_mean",
+        "kl",
+        "entropy",
+        "tpf/mean",
+        "reward/total/mean",
+        "reward/acc/mean",
+        "reward/tpf/mean",
+        "filter/kept",
+        "filter/drawn",
+        "timing/rollout_s",
+        "timing/reward_s",
+        "timing/train_s",
+        "timing/sync_s",
+        "weight_version",
+        "adv/collapse@0.1",
+        "reward/frac_zero_std",
+    ):
         assert key in keys, f"{key} not logged; got {sorted(keys)}"
     assert cli.trainer.logged_metrics["weight_version"] == 4.0
     assert glob.glob(str(out / "**" / "events.out.tfevents.*"), recursive=True)

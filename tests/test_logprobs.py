@@ -23,8 +23,14 @@ def test_trajectory_rounds_by_hand():
 
 def _rollout(lm, tok, block_size):
     eng = NativeEngine(lm, tok)
-    sp = SamplingParams(block_size=block_size, max_new_tokens=3 * block_size, samples_per_prompt=2, seed=3,
-                        threshold=0.3, temperature=1.0)
+    sp = SamplingParams(
+        block_size=block_size,
+        max_new_tokens=3 * block_size,
+        samples_per_prompt=2,
+        seed=3,
+        threshold=0.3,
+        temperature=1.0,
+    )
     return eng.generate(["Q: 12+7=?\nA: ", "abc"], sp)
 
 
@@ -51,11 +57,23 @@ def _slow_trajectory(lm, prompt, resp, steps, bs):
 def test_trajectory_estimator_matches_per_step_slow_computation(tiny_lm, tiny_tokenizer, bs):
     batch = _rollout(tiny_lm, tiny_tokenizer, bs)
     with torch.no_grad():
-        fast, _ = response_logprobs(tiny_lm, batch.prompt_ids, batch.response_ids, batch.step_maps,
-                                    estimator="trajectory", block_size=bs, pad_id=tiny_tokenizer.pad_token_id,
-                                    max_copies=3, rows_per_forward=2)
-    slow = torch.cat([_slow_trajectory(tiny_lm, p, r, s, bs) for p, r, s in
-                      zip(batch.prompt_ids, batch.response_ids, batch.step_maps)])
+        fast, _ = response_logprobs(
+            tiny_lm,
+            batch.prompt_ids,
+            batch.response_ids,
+            batch.step_maps,
+            estimator="trajectory",
+            block_size=bs,
+            pad_id=tiny_tokenizer.pad_token_id,
+            max_copies=3,
+            rows_per_forward=2,
+        )
+    slow = torch.cat(
+        [
+            _slow_trajectory(tiny_lm, p, r, s, bs)
+            for p, r, s in zip(batch.prompt_ids, batch.response_ids, batch.step_maps)
+        ]
+    )
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
     assert len(set(sum(batch.step_maps, []))) > 3  # a real multi-step trajectory was exercised
 
@@ -64,8 +82,14 @@ def test_single_pass_estimator_matches_per_block_slow_computation(tiny_lm, tiny_
     batch = _rollout(tiny_lm, tiny_tokenizer, 8)
     bs = tiny_lm.bd.block_size  # single pass uses the model's configured block size (4), not the rollout's
     with torch.no_grad():
-        fast, _ = response_logprobs(tiny_lm, batch.prompt_ids, batch.response_ids, batch.step_maps,
-                                    estimator="single_pass", pad_id=tiny_tokenizer.pad_token_id)
+        fast, _ = response_logprobs(
+            tiny_lm,
+            batch.prompt_ids,
+            batch.response_ids,
+            batch.step_maps,
+            estimator="single_pass",
+            pad_id=tiny_tokenizer.pad_token_id,
+        )
     slow = []
     for p, r in zip(batch.prompt_ids, batch.response_ids):
         ids, n = torch.tensor(p + r), len(p)
@@ -84,9 +108,16 @@ def test_single_pass_estimator_matches_per_block_slow_computation(tiny_lm, tiny_
 
 def test_logprobs_have_gradients_and_entropy(tiny_lm, tiny_tokenizer):
     batch = _rollout(tiny_lm, tiny_tokenizer, 4)
-    logp, ent = response_logprobs(tiny_lm, batch.prompt_ids[:1], batch.response_ids[:1], batch.step_maps[:1],
-                                  estimator="trajectory", block_size=4, pad_id=tiny_tokenizer.pad_token_id,
-                                  with_entropy=True)
+    logp, ent = response_logprobs(
+        tiny_lm,
+        batch.prompt_ids[:1],
+        batch.response_ids[:1],
+        batch.step_maps[:1],
+        estimator="trajectory",
+        block_size=4,
+        pad_id=tiny_tokenizer.pad_token_id,
+        with_entropy=True,
+    )
     assert logp.requires_grad and (logp <= 0).all()
     assert ent.shape == logp.shape and (ent >= 0).all() and (ent <= torch.log(torch.tensor(101.0)) + 1e-4).all()
     logp.sum().backward()

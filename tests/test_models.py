@@ -78,8 +78,13 @@ def test_cached_block_decoding_matches_uncached(tiny_tokenizer, shift):
     cache = lm.new_cache(3, 40)
     full_blocks = torch.tensor([p // bs * bs for p in prompt_lens])
     width = int(full_blocks.max())
-    lm.forward_chunk(cache, seqs[:, :width], block_size=bs,
-                     key_valid=torch.arange(width)[None] < full_blocks[:, None], store=full_blocks)
+    lm.forward_chunk(
+        cache,
+        seqs[:, :width],
+        block_size=bs,
+        key_valid=torch.arange(width)[None] < full_blocks[:, None],
+        store=full_blocks,
+    )
     assert cache.lengths.tolist() == full_blocks.tolist()
     for _ in range(3):  # three blocks per row, each: a noisy forward (not stored), then a store pass
         starts = cache.lengths.clone()
@@ -90,18 +95,18 @@ def test_cached_block_decoding_matches_uncached(tiny_tokenizer, shift):
         for r in range(3):
             end = int(starts[r]) + bs
             ref_seq = seqs[r, :end].clone()
-            ref_seq[int(starts[r]):end] = noisy[r]
-            ref = lm.full_logits(ref_seq[None], torch.tensor([end]), bs)[0, int(starts[r]):end]
+            ref_seq[int(starts[r]) : end] = noisy[r]
+            ref = lm.full_logits(ref_seq[None], torch.tensor([end]), bs)[0, int(starts[r]) : end]
             torch.testing.assert_close(got[r], ref, atol=1e-4, rtol=1e-4)
         lm.forward_chunk(cache, block, block_size=bs, store=torch.full((3,), bs))
     # a subset of rows against the same cache
     rows = torch.tensor([2, 0])
     starts = cache.lengths[rows]
-    block = torch.stack([seqs[r, int(s):int(s) + bs] for r, s in zip(rows.tolist(), starts.tolist())])
+    block = torch.stack([seqs[r, int(s) : int(s) + bs] for r, s in zip(rows.tolist(), starts.tolist())])
     got = lm.forward_chunk(cache, block, rows=rows, block_size=bs)
     for i, r in enumerate(rows.tolist()):
         end = int(starts[i]) + bs
-        ref = lm.full_logits(seqs[r, :end][None], torch.tensor([end]), bs)[0, int(starts[i]):end]
+        ref = lm.full_logits(seqs[r, :end][None], torch.tensor([end]), bs)[0, int(starts[i]) : end]
         torch.testing.assert_close(got[i], ref, atol=1e-4, rtol=1e-4)
 
 
@@ -117,8 +122,9 @@ def test_save_load_round_trip(tiny_lm, tiny_tokenizer, tiny_checkpoint, tmp_path
     x = torch.randint(4, 100, (1, 8))
     m = torch.ones(1, 1, 8, dtype=torch.bool)
     with torch.no_grad():
-        torch.testing.assert_close(lm.diffusion_logits(x, m, torch.tensor([8])),
-                                   tiny_lm.diffusion_logits(x, m, torch.tensor([8])))
+        torch.testing.assert_close(
+            lm.diffusion_logits(x, m, torch.tensor([8])), tiny_lm.diffusion_logits(x, m, torch.tensor([8]))
+        )
     # saving again keeps the identity (including auto_map) and leaves no temp dirs behind
     lm.identity["auto_map"] = {"AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"}
     save_checkpoint(lm, tmp_path / "again", tokenizer=tok)

@@ -67,9 +67,17 @@ def trajectory_rounds(prompt_len: int, step_map: list[int], block_size: int) -> 
     return out
 
 
-def pack_samples(prompt_ids: list[list[int]], response_ids: list[list[int]], step_maps: list[list[int]], *,
-                 estimator: Estimator, block_size: int, pad_id: int, max_copies: int = 8,
-                 device: torch.device | str = "cpu") -> PackedRows:
+def pack_samples(
+    prompt_ids: list[list[int]],
+    response_ids: list[list[int]],
+    step_maps: list[list[int]],
+    *,
+    estimator: Estimator,
+    block_size: int,
+    pad_id: int,
+    max_copies: int = 8,
+    device: torch.device | str = "cpu",
+) -> PackedRows:
     """Build the training rows of a set of responses for one estimator (see module docstring)."""
     rows = []  # (sample, ids, [(masked, targets), ...])
     for j, (p, r, sm) in enumerate(zip(prompt_ids, response_ids, step_maps)):
@@ -107,9 +115,19 @@ def pack_samples(prompt_ids: list[list[int]], response_ids: list[list[int]], ste
     )
 
 
-def response_logprobs(lm: BlockDiffusionLM, prompt_ids, response_ids, step_maps, *, estimator: Estimator,
-                      block_size: int | None = None, pad_id: int = 0, max_copies: int = 8,
-                      rows_per_forward: int = 8, with_entropy: bool = False):
+def response_logprobs(
+    lm: BlockDiffusionLM,
+    prompt_ids,
+    response_ids,
+    step_maps,
+    *,
+    estimator: Estimator,
+    block_size: int | None = None,
+    pad_id: int = 0,
+    max_copies: int = 8,
+    rows_per_forward: int = 8,
+    with_entropy: bool = False,
+):
     """Log-prob of every response token under ``lm`` (grad flows if enabled by the caller).
 
     Args:
@@ -130,8 +148,16 @@ def response_logprobs(lm: BlockDiffusionLM, prompt_ids, response_ids, step_maps,
         if block_size is None:
             raise ValueError("the trajectory estimator needs block_size = the rollout block size")
         bs = block_size
-    packed = pack_samples(prompt_ids, response_ids, step_maps, estimator=estimator, block_size=bs, pad_id=pad_id,
-                          max_copies=max_copies, device=lm.device)
+    packed = pack_samples(
+        prompt_ids,
+        response_ids,
+        step_maps,
+        estimator=estimator,
+        block_size=bs,
+        pad_id=pad_id,
+        max_copies=max_copies,
+        device=lm.device,
+    )
     vals, ents, keys = [], [], []
     n = packed.input_ids.shape[0]
     for s in range(0, n, rows_per_forward):

@@ -48,14 +48,27 @@ class ParetoResult:
         return None
 
     def to_dict(self) -> dict:
-        return {"points": [asdict(p) for p in self.points], "aup": self.aup, "y_max": self.y_max,
-                "frontier": self.frontier}
+        return {
+            "points": [asdict(p) for p in self.points],
+            "aup": self.aup,
+            "y_max": self.y_max,
+            "frontier": self.frontier,
+        }
 
 
-def run_pareto_sweep(generator: RolloutGenerator, task, records: list[dict], *, thresholds: list[float],
-                     block_size: int, max_new_tokens: int, stop_token_ids: tuple[int, ...],
-                     static_anchor: bool = True, y_max: float | None = None,
-                     eos_policy: str = "truncate") -> ParetoResult:
+def run_pareto_sweep(
+    generator: RolloutGenerator,
+    task,
+    records: list[dict],
+    *,
+    thresholds: list[float],
+    block_size: int,
+    max_new_tokens: int,
+    stop_token_ids: tuple[int, ...],
+    static_anchor: bool = True,
+    y_max: float | None = None,
+    eos_policy: str = "truncate",
+) -> ParetoResult:
     """Decode ``records`` greedily at every setting and score them with ``task.score``.
 
     Args:
@@ -73,14 +86,30 @@ def run_pareto_sweep(generator: RolloutGenerator, task, records: list[dict], *, 
         raise ValueError("run_pareto_sweep: no evaluation records")
     prompts = [task.prompt(r) for r in records]
     settings: list[tuple[str, float | None, SamplingParams]] = []
-    common = dict(block_size=block_size, greedy=True, max_new_tokens=max_new_tokens, stop_token_ids=stop_token_ids,
-                  samples_per_prompt=1, eos_policy=eos_policy)
+    common = dict(
+        block_size=block_size,
+        greedy=True,
+        max_new_tokens=max_new_tokens,
+        stop_token_ids=stop_token_ids,
+        samples_per_prompt=1,
+        eos_policy=eos_policy,
+    )
     if static_anchor:
-        settings.append(("static_1tok", None, SamplingParams(remasking_strategy="low_confidence_static",
-                                                             denoising_steps=block_size, **common)))
+        settings.append(
+            (
+                "static_1tok",
+                None,
+                SamplingParams(remasking_strategy="low_confidence_static", denoising_steps=block_size, **common),
+            )
+        )
     for t in thresholds:
-        settings.append((f"dynamic@{t:g}", float(t), SamplingParams(remasking_strategy="low_confidence_dynamic",
-                                                                    threshold=float(t), **common)))
+        settings.append(
+            (
+                f"dynamic@{t:g}",
+                float(t),
+                SamplingParams(remasking_strategy="low_confidence_dynamic", threshold=float(t), **common),
+            )
+        )
     points = []
     for name, thr, sp in settings:
         start = time.perf_counter()
@@ -88,16 +117,33 @@ def run_pareto_sweep(generator: RolloutGenerator, task, records: list[dict], *, 
         wall = time.perf_counter() - start
         scores = task.score(batch.texts, records)
         acc = 100.0 * sum(float(s) >= 1.0 for s in scores) / len(scores)
-        points.append(ParetoPoint(
-            setting=name, threshold=thr, accuracy=acc, tpf=batch.batch_tpf,
-            tokens=int(batch.response_lengths.sum()), forwards=int(batch.num_forwards.sum()),
-            store_passes=int(batch.num_store_passes.sum()), wall_s=wall, num_responses=len(batch),
-        ))
+        points.append(
+            ParetoPoint(
+                setting=name,
+                threshold=thr,
+                accuracy=acc,
+                tpf=batch.batch_tpf,
+                tokens=int(batch.response_lengths.sum()),
+                forwards=int(batch.num_forwards.sum()),
+                store_passes=int(batch.num_store_passes.sum()),
+                wall_s=wall,
+                num_responses=len(batch),
+            )
+        )
     curve = [(p.tpf, p.accuracy) for p in points]
     best = max(p.accuracy for p in points)
     ymax = y_max if y_max is not None else best
     value = aup(curve, y_max=ymax) if ymax > 0 else 0.0
     return ParetoResult(points=points, aup=value, y_max=ymax, frontier=pareto_frontier(curve))
+
+
+def format_table(result: ParetoResult) -> str:
+    """A Markdown table of the sweep (one row per decoding setting) plus the AUP line."""
+    rows = ["| setting | accuracy % | TPF | tokens | forwards | wall s |", "|---|---|---|---|---|---|"]
+    for p in result.points:
+        rows.append(f"| {p.setting} | {p.accuracy:.1f} | {p.tpf:.2f} | {p.tokens} | {p.forwards} | {p.wall_s:.1f} |")
+    rows.append(f"\nAUP = {result.aup:.1f} (y_max = {result.y_max:.1f}; d3LLM definition, α = 3)")
+    return "\n".join(rows)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -124,13 +170,24 @@ def plot_pareto(result: ParetoResult, title: str = "accuracy vs TPF", baseline: 
         if res is None:
             continue
         pts = sorted(res.points, key=lambda p: p.tpf)
-        ax.plot([p.tpf for p in pts], [p.accuracy for p in pts], "o-", color=color, alpha=0.5,
-                label=f"{label} (AUP {res.aup:.1f})")
+        ax.plot(
+            [p.tpf for p in pts],
+            [p.accuracy for p in pts],
+            "o-",
+            color=color,
+            alpha=0.5,
+            label=f"{label} (AUP {res.aup:.1f})",
+        )
         front = [res.points[i] for i in res.frontier]
         ax.plot([p.tpf for p in front], [p.accuracy for p in front], "o", color=color, markersize=8)
         for p in pts:
-            ax.annotate(p.setting.replace("dynamic@", "φ="), (p.tpf, p.accuracy), fontsize=6,
-                        xytext=(3, 3), textcoords="offset points")
+            ax.annotate(
+                p.setting.replace("dynamic@", "φ="),
+                (p.tpf, p.accuracy),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
     ax.set_xlabel("tokens per forward (TPF)")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
@@ -140,8 +197,14 @@ def plot_pareto(result: ParetoResult, title: str = "accuracy vs TPF", baseline: 
     return fig
 
 
-def write_pareto(result: ParetoResult, out_dir: str | os.PathLike, *, title: str = "accuracy vs TPF",
-                 baseline: ParetoResult | None = None, extra: dict | None = None) -> tuple[Path, Path]:
+def write_pareto(
+    result: ParetoResult,
+    out_dir: str | os.PathLike,
+    *,
+    title: str = "accuracy vs TPF",
+    baseline: ParetoResult | None = None,
+    extra: dict | None = None,
+) -> tuple[Path, Path]:
     """Write ``pareto.json`` and ``pareto.png`` atomically into ``out_dir``; returns both paths."""
     import io
 

@@ -37,8 +37,9 @@ class BlockDiffusionLM(nn.Module):
         attention: ``"sdpa"`` (dense bool mask, works everywhere) or ``"flex"`` (BlockMask, CUDA training).
     """
 
-    def __init__(self, model: nn.Module, bd_config: BlockDiffusionConfig, identity: dict | None = None,
-                 attention: str = "sdpa"):
+    def __init__(
+        self, model: nn.Module, bd_config: BlockDiffusionConfig, identity: dict | None = None, attention: str = "sdpa"
+    ):
         super().__init__()
         if attention not in ("sdpa", "flex"):
             raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
@@ -91,8 +92,9 @@ class BlockDiffusionLM(nn.Module):
         return self.model.lm_head(hidden)
 
     # ------------------------------------------------------------------ training forward
-    def diffusion_hidden(self, input_ids: torch.Tensor, noisy_masks: torch.Tensor, lengths: torch.Tensor,
-                         block_size: int | None = None) -> torch.Tensor:
+    def diffusion_hidden(
+        self, input_ids: torch.Tensor, noisy_masks: torch.Tensor, lengths: torch.Tensor, block_size: int | None = None
+    ) -> torch.Tensor:
         """Decoder states of the packed [noisy_1 | … | noisy_K | clean] row.
 
         Args:
@@ -106,8 +108,11 @@ class BlockDiffusionLM(nn.Module):
         b, length = input_ids.shape
         k = noisy_masks.shape[1]
         bs = block_size or self.bd.block_size
-        noisy = torch.where(noisy_masks, torch.full_like(noisy_masks, self.bd.mask_token_id, dtype=input_ids.dtype),
-                            input_ids.unsqueeze(1))
+        noisy = torch.where(
+            noisy_masks,
+            torch.full_like(noisy_masks, self.bd.mask_token_id, dtype=input_ids.dtype),
+            input_ids.unsqueeze(1),
+        )
         packed = torch.cat([noisy.reshape(b, k * length), input_ids], dim=1)
         pos = torch.arange(length, device=input_ids.device).repeat(k + 1).unsqueeze(0).expand(b, -1)
         copy, block, valid = segment_ids(lengths.to(input_ids.device), length, k, bs)
@@ -117,8 +122,9 @@ class BlockDiffusionLM(nn.Module):
                 return self._decoder(packed, pos, mask)
         return self._decoder(packed, pos, dense_block_diffusion_mask(copy, block, valid))
 
-    def diffusion_logits(self, input_ids: torch.Tensor, noisy_masks: torch.Tensor, lengths: torch.Tensor,
-                         block_size: int | None = None) -> torch.Tensor:
+    def diffusion_logits(
+        self, input_ids: torch.Tensor, noisy_masks: torch.Tensor, lengths: torch.Tensor, block_size: int | None = None
+    ) -> torch.Tensor:
         """Logits predicting the masked tokens, (M, V), in the order of ``noisy_masks.nonzero()`` (b, k, l).
 
         Without logit shift, position l of a noisy copy predicts token l. With a shift (AR-adapted models), token l
@@ -142,13 +148,21 @@ class BlockDiffusionLM(nn.Module):
         cfg = self.hf_config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        return BlockKVCache(cfg.num_hidden_layers, rows, max_len, kv_heads, head_dim, dtype=self.dtype,
-                            device=self.device)
+        return BlockKVCache(
+            cfg.num_hidden_layers, rows, max_len, kv_heads, head_dim, dtype=self.dtype, device=self.device
+        )
 
     @torch.no_grad()
-    def forward_chunk(self, cache: BlockKVCache, input_ids: torch.Tensor, *, rows: torch.Tensor | None = None,
-                      block_size: int, key_valid: torch.Tensor | None = None,
-                      store: torch.Tensor | None = None) -> torch.Tensor:
+    def forward_chunk(
+        self,
+        cache: BlockKVCache,
+        input_ids: torch.Tensor,
+        *,
+        rows: torch.Tensor | None = None,
+        block_size: int,
+        key_valid: torch.Tensor | None = None,
+        store: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Run T tokens per row at slots [lengths[r], lengths[r] + T) against the row's cache.
 
         Args:
@@ -192,8 +206,7 @@ class BlockDiffusionLM(nn.Module):
             store = store.to(device)
             if self.bd.logit_shift:
                 if cache.last_hidden is None:
-                    cache.last_hidden = torch.zeros(cache.num_rows, hidden.shape[-1], dtype=hidden.dtype,
-                                                    device=device)
+                    cache.last_hidden = torch.zeros(cache.num_rows, hidden.shape[-1], dtype=hidden.dtype, device=device)
                 last = hidden[torch.arange(a, device=device), (store - 1).clamp(min=0)]
                 target = torch.arange(cache.num_rows, device=device) if rows is None else rows
                 keep = store > 0

@@ -53,13 +53,17 @@ def resolve_block_diffusion_config(
     Errors: no mask token anywhere; tokenizer and config disagree on the mask id; the mask id is outside the
     embedding table or unknown to the tokenizer.
     """
-    get = (lambda k: model_config.get(k)) if isinstance(model_config, dict) else (lambda k: getattr(model_config, k, None))
+    get = (
+        (lambda k: model_config.get(k))
+        if isinstance(model_config, dict)
+        else (lambda k: getattr(model_config, k, None))
+    )
     cfg_mask = get("mask_token_id")
     tok_mask = getattr(tokenizer, "mask_token_id", None) if tokenizer is not None else None
     if cfg_mask is not None and tok_mask is not None and int(cfg_mask) != int(tok_mask) and mask_token_id is None:
         raise ValueError(
             f"mask token mismatch: checkpoint config.json has mask_token_id={cfg_mask} but the tokenizer's mask token "
-            f"{getattr(tokenizer, 'mask_token', None)!r} has id {tok_mask}; fix one of them or pass mask_token_id explicitly"
+            f"{getattr(tokenizer, 'mask_token', None)!r} has id {tok_mask}; fix one of them"
         )
     mask = mask_token_id if mask_token_id is not None else (cfg_mask if cfg_mask is not None else tok_mask)
     if mask is None:

@@ -105,23 +105,25 @@ def load_checkpoint(
     model_type = str(raw.get("model_type", "")).lower()
     family = FAMILIES.get(model_type)
     if family is None:
-        raise ValueError(
-            f"{path}: model_type {raw.get('model_type')!r} is not supported; known: {sorted(FAMILIES)}"
-        )
+        raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not supported; known: {sorted(FAMILIES)}")
     config_cls, model_cls = _family_classes(family)
     identity = {k: raw[k] for k in IDENTITY_KEYS if k in raw}
-    body = {k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")}
+    body = {
+        k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")
+    }
     hf_config = config_cls(**body)
     tokenizer = load_tokenizer(path) if load_tokenizer_files else None
-    bd = resolve_block_diffusion_config(raw, tokenizer, mask_token_id=mask_token_id, block_size=block_size,
-                                        logit_shift=logit_shift)
+    bd = resolve_block_diffusion_config(
+        raw, tokenizer, mask_token_id=mask_token_id, block_size=block_size, logit_shift=logit_shift
+    )
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     if dtype is None:
         dtype = torch.float32 if device is None or str(device) == "cpu" else getattr(hf_config, "torch_dtype", None)
     with _quiet_transformers():
-        model = model_cls.from_pretrained(str(path), config=hf_config, dtype=dtype or torch.float32,
-                                          local_files_only=True, attn_implementation="sdpa")
+        model = model_cls.from_pretrained(
+            str(path), config=hf_config, dtype=dtype or torch.float32, local_files_only=True, attn_implementation="sdpa"
+        )
     if device is not None:
         model = model.to(device)
     return BlockDiffusionLM(model, bd, identity=identity, attention=attention), tokenizer

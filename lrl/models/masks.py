@@ -31,7 +31,10 @@ def segment_ids(lengths: torch.Tensor, seq_len: int, num_copies: int, block_size
     """
     device = lengths.device
     pos = torch.arange(seq_len, device=device)
-    copies = torch.cat([torch.full((seq_len,), c + 1, device=device) for c in range(num_copies)] + [torch.zeros(seq_len, device=device, dtype=torch.long)])
+    copies = torch.cat(
+        [torch.full((seq_len,), c + 1, device=device) for c in range(num_copies)]
+        + [torch.zeros(seq_len, device=device, dtype=torch.long)]
+    )
     block = (pos // block_size).repeat(num_copies + 1)
     valid = pos.unsqueeze(0) < lengths.unsqueeze(1)  # (B, L)
     valid = valid.repeat(1, num_copies + 1)
@@ -41,11 +44,7 @@ def segment_ids(lengths: torch.Tensor, seq_len: int, num_copies: int, block_size
 
 def _allowed(cq, bq, ck, bk):
     clean_q, clean_k = cq == 0, ck == 0
-    return (
-        (clean_q & clean_k & (bk <= bq))
-        | (~clean_q & (ck == cq) & (bk == bq))
-        | (~clean_q & clean_k & (bk < bq))
-    )
+    return (clean_q & clean_k & (bk <= bq)) | (~clean_q & (ck == cq) & (bk == bq)) | (~clean_q & clean_k & (bk < bq))
 
 
 def dense_block_diffusion_mask(copy: torch.Tensor, block: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

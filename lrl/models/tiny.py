@@ -34,8 +34,14 @@ def build_char_tokenizer(chars: str = DEFAULT_CHARS):
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, mask_token=MASK, unk_token=UNK, bos_token=None,
-        clean_up_tokenization_spaces=False, model_input_names=["input_ids", "attention_mask"],
+        tokenizer_object=tok,
+        eos_token=EOS,
+        pad_token=PAD,
+        mask_token=MASK,
+        unk_token=UNK,
+        bos_token=None,
+        clean_up_tokenization_spaces=False,
+        model_input_names=["input_ids", "attention_mask"],
     )
 
 

@@ -4,9 +4,14 @@ Many prompts of different lengths decode at once. Each row advances on its own: 
 positions of the row (the first generation block may hold the prompt tail), a row's KV cache holds its committed
 blocks, and each engine iteration runs ONE batched forward over the rows still generating. In that forward a row
 either denoises its current block (sample, score confidence, unmask, step += 1) or, once the block has no masks
-left and generation goes on, re-encodes it with its final tokens and commits it (the store pass). Finished rows
-leave the batch, so they stop costing compute. The G samples of a prompt share its prefill (the cache rows are
-copied after it). A finished response needs no store pass, so none is run for its last block.
+left and generation goes on, re-encodes it with its final tokens and commits it (the store pass). The G samples of
+a prompt share its prefill (the cache rows are copied after it). A finished response needs no store pass, so none
+is run for its last block.
+
+Cost: the per-row decisions of an iteration are a fixed number of tensor ops over all live rows (no per-row Python
+loop); rows that finish are dropped from the state and from the cache at once, so the cache is read as a plain
+slice, never gathered per forward; and the forwards use `_gqa_sdpa`, which avoids copying the K/V of the whole
+context for every query head (transformers' masked ``sdpa`` does).
 
 Counting (spec §2.5): ``step_map[i]`` is the 1-based denoising forward that unmasked generated token i; store
 passes are not counted. ``num_forwards`` = number of distinct step ids among the returned tokens (the reference's
@@ -15,16 +20,19 @@ passes are not counted. ``num_forwards`` = number of distinct step ids among the
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields
 
 import torch
+import torch.nn.functional as F
 
 from lrl.models.block_lm import BlockDiffusionLM
 from lrl.rollout.base import RolloutGenerator
 from lrl.rollout.types import RolloutBatch, SamplingParams
 from lrl.rollout.unmasking import sample_tokens, select_unmask
 
-_PHASE_DENOISE, _PHASE_STORE = 0, 1
+_ATTN_IMPL = "lrl_gqa_sdpa"
 
 
 class NativeEngine(RolloutGenerator):
@@ -50,20 +58,31 @@ class NativeEngine(RolloutGenerator):
     # ------------------------------------------------------------------ interface
     def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                        version: int | None = None) -> None:
-        """Copy tensors into the engine's model in place (no reload from disk); names are HF parameter names."""
-        items = weights.items() if isinstance(weights, Mapping) else weights
+        """Copy tensors into the engine's model in place (no reload from disk).
+
+        Names are HF parameter names (``model.layers.0…``, ``lm_head.weight``); names of the `BlockDiffusionLM`
+        wrapper (one more ``model.`` in front) are accepted too. Every name and shape is checked before anything
+        is copied, so a bad update leaves the weights and ``weight_version`` as they were.
+        """
         own = dict(self.lm.model.named_parameters())
         own.update(dict(self.lm.model.named_buffers()))
-        missing = []
+        todo, unknown, bad_shape = [], [], []
+        for name, tensor in weights.items() if isinstance(weights, Mapping) else weights:
+            if name not in own and name.removeprefix("model.") in own:
+                name = name.removeprefix("model.")
+            if name not in own:
+                unknown.append(name)
+            elif tuple(tensor.shape) != tuple(own[name].shape):
+                bad_shape.append(f"{name}: {tuple(tensor.shape)} vs {tuple(own[name].shape)}")
+            else:
+                todo.append((own[name], tensor))
+        if unknown:
+            raise KeyError(f"update_weights: unknown parameter names {unknown[:5]}{'…' if len(unknown) > 5 else ''}")
+        if bad_shape:
+            raise ValueError(f"update_weights: shape mismatch {bad_shape[:5]}{'…' if len(bad_shape) > 5 else ''}")
         with torch.no_grad():
-            for name, tensor in items:
-                name = name.removeprefix("model.") if name not in own and name.startswith("model.model.") else name
-                if name not in own:
-                    missing.append(name)
-                    continue
-                own[name].copy_(tensor.to(own[name].device, own[name].dtype))
-        if missing:
-            raise KeyError(f"update_weights: unknown parameter names {missing[:5]}{'…' if len(missing) > 5 else ''}")
+            for dst, src in todo:
+                dst.copy_(src.to(dst.device, dst.dtype))
         self.weight_version = self.weight_version + 1 if version is None else int(version)
 
     def encode(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -104,127 +123,107 @@ class NativeEngine(RolloutGenerator):
     # ------------------------------------------------------------------ decoding
     def _generate_chunk(self, prompts: list[list[int]], sp: SamplingParams, gen, bar) -> RolloutBatch:
         lm, dev, bsz = self.lm, self.lm.device, sp.block_size
-        mask_id, g = lm.bd.mask_token_id, sp.samples_per_prompt
-        n = len(prompts)
+        g, n = sp.samples_per_prompt, len(prompts)
         plen = torch.tensor([len(p) for p in prompts], device=dev)
-        full = plen // bsz * bsz
         slots = int(((plen + sp.max_new_tokens + bsz - 1) // bsz * bsz).max())
         cache = lm.new_cache(n, slots)
+        full = plen // bsz * bsz
         width = int(full.max())
-        if width > 0:  # prefill: every full prompt block, block-causal, committed at once
-            chunk = torch.full((n, width), self.pad_id, dtype=torch.long, device=dev)
-            for i, p in enumerate(prompts):
-                chunk[i, : int(full[i])] = torch.tensor(p[: int(full[i])], device=dev)
-            valid = torch.arange(width, device=dev)[None] < full[:, None]
-            lm.forward_chunk(cache, chunk, block_size=bsz, key_valid=valid, store=full)
-        cache.repeat_interleave(g)
+        with _fast_attention(lm):
+            if width > 0:  # prefill: every full prompt block, block-causal, committed at once
+                chunk = torch.full((n, width), self.pad_id, dtype=torch.long, device=dev)
+                for i, p in enumerate(prompts):
+                    chunk[i, : int(full[i])] = torch.tensor(p[: int(full[i])], device=dev)
+                valid = torch.arange(width, device=dev)[None] < full[:, None]
+                lm.forward_chunk(cache, chunk, block_size=bsz, key_valid=valid, store=full)
+            cache.repeat_interleave(g)
+            out = _Outputs.start(prompts, g, slots, sp.max_new_tokens, self.pad_id, dev)
+            self._decode(_LiveRows.start(cache, out, bsz, lm.bd.mask_token_id), cache, out, sp, gen, bar)
+        return self._collect(prompts, g, out)
 
-        rows = n * g
-        tokens = torch.full((rows, slots), self.pad_id, dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):
-            tokens[i * g : (i + 1) * g, : len(p)] = torch.tensor(p, device=dev)
-        plen_r = plen.repeat_interleave(g)
-        budget = plen_r + sp.max_new_tokens  # first absolute position that may not be generated
-        step_map = torch.zeros(rows, slots, dtype=torch.long, device=dev)
-        steps = torch.zeros(rows, dtype=torch.long, device=dev)
-        stores = torch.zeros(rows, dtype=torch.long, device=dev)
-        phase = torch.full((rows,), _PHASE_DENOISE, dtype=torch.long, device=dev)
-        active = torch.ones(rows, dtype=torch.bool, device=dev)
-        end = torch.zeros(rows, dtype=torch.long, device=dev)  # exclusive end of the returned response
-        finish = [""] * rows
-        stop_ids = torch.tensor(sorted(set(sp.stop_token_ids)), dtype=torch.long, device=dev)
-        offs = torch.arange(bsz, device=dev)
-        is_masked = torch.zeros(rows, slots, dtype=torch.bool, device=dev)
-        self._open_block(tokens, is_masked, cache.lengths, plen_r, budget, offs, mask_id, torch.arange(rows, device=dev))
+    def _decode(self, st: _LiveRows, cache, out: _Outputs, sp: SamplingParams, gen, bar) -> None:
+        """The engine loop: one batched forward per iteration over the live rows, until every row has finished."""
+        bsz, mask_id, pad_id = sp.block_size, self.lm.bd.mask_token_id, self.pad_id
+        offs = torch.arange(bsz, device=out.tokens.device)
+        stop_ids = torch.tensor(sorted(set(sp.stop_token_ids)), dtype=torch.long, device=out.tokens.device)
         k = sp.tokens_per_step()
+        storing_any = False
+        while st.live.numel():
+            pos = cache.lengths[:, None] + offs  # (A, B) absolute positions of each row's current block
+            in_budget = pos < st.budget[:, None]
+            store = st.storing.long() * bsz if storing_any else None
+            logits = self.lm.forward_chunk(cache, st.cur, block_size=bsz, key_valid=in_budget, store=store)
 
-        while bool(active.any()):
-            act = active.nonzero().squeeze(1)
-            starts = cache.lengths[act]
-            pos = starts[:, None] + offs  # (A, B) absolute positions of the current blocks
-            block = tokens[act[:, None], pos.clamp(max=slots - 1)]
-            key_valid = pos < budget[act, None]
-            storing = phase[act] == _PHASE_STORE
-            store = torch.where(storing, torch.full_like(starts, bsz), torch.zeros_like(starts))
-            logits = lm.forward_chunk(cache, block, rows=act, block_size=bsz, key_valid=key_valid, store=store)
-            stores[act[storing]] += 1
-
-            # rows that just committed their block open the next one
-            if bool(storing.any()):
-                phase[act[storing]] = _PHASE_DENOISE
-                self._open_block(tokens, is_masked, cache.lengths, plen_r, budget, offs, mask_id, act[storing])
-
-            den = ~storing
-            if not bool(den.any()):
-                continue
-            d_rows, d_pos, d_logits = act[den], pos[den], logits[den]
-            d_idx = (d_rows[:, None], d_pos.clamp(max=slots - 1))
-            masked = is_masked[d_idx]
+            # denoise: sample every masked position, unmask the chosen ones (store rows have no masked position)
+            masked = st.masked
             sel = masked.nonzero(as_tuple=True)
-            conf = torch.zeros(masked.shape, dtype=torch.float32, device=dev)
-            drawn = torch.zeros(masked.shape, dtype=torch.long, device=dev)
             if sel[0].numel():
-                tok, c = sample_tokens(d_logits[sel], greedy=sp.greedy, temperature=sp.temperature, top_k=sp.top_k,
+                tok, c = sample_tokens(logits[sel], greedy=sp.greedy, temperature=sp.temperature, top_k=sp.top_k,
                                        top_p=sp.top_p, generator=gen)
-                drawn[sel], conf[sel] = tok, c
-            chosen = select_unmask(conf, masked, strategy=sp.remasking_strategy, threshold=sp.threshold, k=k)
-            progressed = chosen.any(1)
-            steps[d_rows] += progressed.long()
-            new_tok = torch.where(chosen, drawn, block[den])
-            tokens[d_idx] = new_tok
-            step_map[d_idx] = torch.where(chosen, steps[d_rows, None], step_map[d_idx])
-            is_masked[d_idx] = masked & ~chosen
+                conf = torch.zeros(masked.shape, dtype=c.dtype, device=c.device).index_put_(sel, c)
+                drawn = st.cur.index_put(sel, tok)
+                chosen = select_unmask(conf, masked, strategy=sp.remasking_strategy, threshold=sp.threshold, k=k)
+                progressed = chosen.any(1)
+                st.steps += progressed
+                st.cur = torch.where(chosen, drawn, st.cur)
+                st.step = torch.where(chosen, st.steps[:, None], st.step)
+                st.masked = masked = masked & ~chosen
+                done = progressed & ~masked.any(1)  # blocks completed by this forward
+            else:
+                done = torch.zeros_like(st.storing)
 
-            done_block = ~(masked & ~chosen).any(1)
-            for j in done_block.nonzero().flatten().tolist():
-                r = int(d_rows[j])
-                first, last = int(d_pos[j, 0]), int(d_pos[j, -1]) + 1
-                gen_from = max(first, int(plen_r[r]))
-                seg = tokens[r, gen_from:last]
-                hits = torch.isin(seg, stop_ids).nonzero() if stop_ids.numel() else seg.new_zeros((0, 1))
-                cap = int(budget[r])
-                if hits.numel():
-                    stop_at = gen_from + int(hits[0])
-                    end[r] = stop_at + 1 if sp.eos_policy == "truncate" else min(last, cap)
-                    finish[r] = "stop"
-                elif last >= cap:
-                    end[r] = cap
-                    finish[r] = "length"
-                else:
-                    phase[r] = _PHASE_STORE
-                    continue
-                active[r] = False
-                if bar is not None:
-                    bar.update(1)
-        return self._collect(prompts, g, tokens, step_map, plen_r, end, stores, finish)
+            if storing_any:  # rows that just committed their block open the next one
+                st.stores += st.storing
+                new = st.storing[:, None] & ((cache.lengths[:, None] + offs) < st.budget[:, None])
+                fresh = torch.full_like(st.cur, pad_id).masked_fill_(new, mask_id)
+                st.cur = torch.where(st.storing[:, None], fresh, st.cur)
+                st.masked = st.masked | new
+                st.step = st.step.masked_fill(st.storing[:, None], 0)
+            st.storing = done
+            storing_any = bool(done.any())
+            if not storing_any:
+                continue
 
-    @staticmethod
-    def _open_block(tokens, is_masked, lengths, plen, budget, offs, mask_id, rows) -> None:
-        """Fill the block at ``lengths[rows]`` with MASK where a token is still to be generated."""
-        pos = lengths[rows, None] + offs
-        gen = (pos >= plen[rows, None]) & (pos < budget[rows, None])
-        pos = pos.clamp(max=tokens.shape[1] - 1)
-        cur = tokens[rows[:, None], pos]
-        tokens[rows[:, None], pos] = torch.where(gen, torch.full_like(cur, mask_id), cur)
-        is_masked[rows[:, None], pos] = gen
+            # completed blocks: record them, then check the stop conditions (spec §2.4: only on complete blocks)
+            rows = st.live[:, None]
+            out.tokens[rows, pos] = torch.where(done[:, None], st.cur, out.tokens[rows, pos])
+            out.step_map[rows, pos] = torch.where(done[:, None], st.step, out.step_map[rows, pos])
+            gen_pos = (pos >= st.plen[:, None]) & in_budget  # positions past the budget are never generated
+            hit = (st.cur[..., None] == stop_ids).any(-1) & gen_pos
+            has_stop = done & hit.any(1)
+            fin = has_stop | (done & (pos[:, -1] + 1 >= st.budget))
+            if not bool(fin.any()):
+                continue
+            if sp.eos_policy == "truncate":
+                stop_end = pos[:, 0] + hit.int().argmax(1) + 1  # argmax: the first stop id of the block
+            else:
+                stop_end = torch.minimum(pos[:, -1] + 1, st.budget)
+            ended = st.live[fin]
+            out.end[ended] = torch.where(has_stop, stop_end, st.budget)[fin]
+            out.stores[ended] = st.stores[fin]
+            for r, s in zip(ended.tolist(), has_stop[fin].tolist()):
+                out.finish[r] = "stop" if s else "length"
+            if bar is not None:
+                bar.update(ended.numel())
+            st.storing = done & ~fin
+            st.keep(~fin, cache)
+            storing_any = bool(st.storing.any())
 
-    def _collect(self, prompts, g, tokens, step_map, plen, end, stores, finish) -> RolloutBatch:
+    def _collect(self, prompts: list[list[int]], g: int, out: _Outputs) -> RolloutBatch:
+        tokens, step_map = out.tokens.cpu(), out.step_map.cpu()  # one transfer, then cheap slices
         resp_ids, smaps, nfwd = [], [], []
-        for r in range(tokens.shape[0]):
-            a, b = int(plen[r]), int(end[r])
+        for r, (a, b) in enumerate(zip(out.plen.tolist(), out.end.tolist())):
             resp_ids.append(tokens[r, a:b].tolist())
-            sm = step_map[r, a:b].tolist()
-            smaps.append(sm)
-            nfwd.append(len(set(sm)))
-        texts = self.tokenizer.batch_decode(resp_ids, skip_special_tokens=True)
+            smaps.append(step_map[r, a:b].tolist())
+            nfwd.append(len(set(smaps[-1])))
         return RolloutBatch(
             prompt_ids=[list(prompts[r // g]) for r in range(len(resp_ids))],
             response_ids=resp_ids,
-            texts=texts,
+            texts=self.tokenizer.batch_decode(resp_ids, skip_special_tokens=True),
             step_maps=smaps,
             num_forwards=torch.tensor(nfwd, dtype=torch.long),
-            num_store_passes=stores.cpu(),
-            finish_reasons=finish,
+            num_store_passes=out.stores.cpu(),
+            finish_reasons=out.finish,
             group_index=torch.arange(len(prompts)).repeat_interleave(g),
             weight_version=self.weight_version,
         )
@@ -236,3 +235,122 @@ def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="rollout", unit="resp", leave=False)
+
+
+@dataclass
+class _Outputs:
+    """What the loop writes for every row (prompt i, sample j -> row i·G + j), finished or not."""
+
+    tokens: torch.Tensor  # (N, slots) prompt, then generated ids as their blocks complete (pad elsewhere)
+    step_map: torch.Tensor  # (N, slots) step id of each generated position
+    plen: torch.Tensor  # (N,) prompt length
+    end: torch.Tensor  # (N,) exclusive end of the returned response
+    stores: torch.Tensor  # (N,) store passes
+    finish: list[str]  # "stop" or "length"
+
+    @classmethod
+    def start(cls, prompts: list[list[int]], g: int, slots: int, max_new: int, pad_id: int, dev) -> _Outputs:
+        rows = len(prompts) * g
+        tokens = torch.full((rows, slots), pad_id, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            tokens[i * g : (i + 1) * g, : len(p)] = torch.tensor(p, device=dev)
+        plen = torch.tensor([len(p) for p in prompts], device=dev).repeat_interleave(g)
+        return cls(tokens, torch.zeros_like(tokens), plen, plen + max_new,
+                   torch.zeros(rows, dtype=torch.long, device=dev), [""] * rows)
+
+
+@dataclass
+class _LiveRows:
+    """Decoding state of the rows still generating; row i of every tensor is row i of the KV cache."""
+
+    live: torch.Tensor  # (A,) original row index
+    plen: torch.Tensor  # (A,) prompt length
+    budget: torch.Tensor  # (A,) first absolute position that may not be generated
+    cur: torch.Tensor  # (A, B) tokens of the current block, MASK where still masked
+    masked: torch.Tensor  # (A, B) bool, positions of the current block still to be generated
+    step: torch.Tensor  # (A, B) step id that unmasked each position (0: prompt or still masked)
+    steps: torch.Tensor  # (A,) denoising forwards so far
+    stores: torch.Tensor  # (A,) store passes so far
+    storing: torch.Tensor  # (A,) bool, the next forward is this row's store pass
+
+    @classmethod
+    def start(cls, cache, out: _Outputs, bsz: int, mask_id: int) -> _LiveRows:
+        """Open the first block of every row at ``cache.lengths`` (it may hold the prompt tail)."""
+        rows, dev = out.tokens.shape[0], out.tokens.device
+        pos = cache.lengths[:, None] + torch.arange(bsz, device=dev)
+        masked = (pos >= out.plen[:, None]) & (pos < out.end[:, None])
+        cur = torch.where(masked, mask_id, out.tokens.gather(1, pos))
+        zeros = torch.zeros(rows, dtype=torch.long, device=dev)
+        return cls(torch.arange(rows, device=dev), out.plen.clone(), out.end.clone(), cur, masked,
+                   torch.zeros_like(cur), zeros, zeros.clone(), zeros.bool())
+
+    def keep(self, keep: torch.Tensor, cache) -> None:
+        """Drop finished rows from the state and from the cache (one copy now instead of a gather per forward)."""
+        idx = keep.nonzero().squeeze(1)
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name)[idx])
+        for i in range(len(cache.keys)):  # layer by layer, so at most one layer is held twice
+            cache.keys[i] = cache.keys[i][idx]
+            cache.values[i] = cache.values[i][idx]
+        cache.lengths = cache.lengths[idx]
+        if cache.last_hidden is not None:
+            cache.last_hidden = cache.last_hidden[idx]
+
+
+_MASK_CACHE: dict = {}  # the current forward's additive mask, built once and shared by every layer
+
+
+def _additive_mask(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
+    """(A, 1, groups·T, S) additive mask from the (A, 1, T, S) mask of this forward, cached across its layers."""
+    hit = _MASK_CACHE.get("last")
+    if hit is not None and hit[0] is mask and hit[1] == (groups, dtype):
+        return hit[2]
+    if mask.dtype == torch.bool:
+        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    else:
+        bias = mask.to(dtype)
+    if groups > 1:
+        bias = bias.repeat(1, 1, groups, 1)
+    _MASK_CACHE["last"] = (mask, (groups, dtype), bias)
+    return bias
+
+
+def _gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """SDPA for grouped-query attention that stacks a group's query heads instead of repeating K/V.
+
+    transformers' ``sdpa`` repeats K/V for every query head whenever a mask is given, a full copy of the (strided)
+    cache view per layer and forward that dominates a small block's cost. The block mask is shared by all heads
+    ((A, 1, T, S)), so the ``groups`` query heads of a KV head can be laid along the query axis instead:
+    (A, Hkv, groups·T, D) queries against the (A, Hkv, S, D) K/V, the mask tiled ``groups`` times. Same result.
+    The mask is turned into an additive float mask once per forward (SDPA would convert it in every layer).
+    """
+    mask = attention_mask
+    if mask is None or mask.dim() != 4 or mask.shape[1] != 1 or query.shape[1] % key.shape[1]:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
+    a, hq, t, d = query.shape
+    groups = hq // key.shape[1]
+    q = query.reshape(a, key.shape[1], groups * t, d)
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=_additive_mask(mask, groups, query.dtype),
+                                         dropout_p=dropout if module.training else 0.0, scale=scaling)
+    return out.reshape(a, hq, t, d).transpose(1, 2).contiguous(), None
+
+
+@contextlib.contextmanager
+def _fast_attention(lm: BlockDiffusionLM):
+    """Run the engine's forwards with `_gqa_sdpa` when the model uses plain ``sdpa`` (restored afterwards)."""
+    cfg = lm.hf_config
+    old = cfg._attn_implementation
+    if old != "sdpa":
+        yield
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_ATTN_IMPL, _gqa_sdpa)
+    cfg._attn_implementation = _ATTN_IMPL
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = old
+        _MASK_CACHE.clear()

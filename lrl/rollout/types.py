@@ -66,7 +66,9 @@ class SamplingParams:
         if self.denoising_steps <= 0:
             raise ValueError(f"SamplingParams.denoising_steps must be > 0, got {self.denoising_steps}")
         if self.samples_per_prompt < 1:
-            raise ValueError(f"SamplingParams.samples_per_prompt (group size) must be >= 1, got {self.samples_per_prompt}")
+            raise ValueError(
+                f"SamplingParams.samples_per_prompt (group size) must be >= 1, got {self.samples_per_prompt}"
+            )
         if self.max_new_tokens <= 0:
             raise ValueError(f"SamplingParams.max_new_tokens must be > 0, got {self.max_new_tokens}")
         if not self.greedy and self.temperature <= 0:
@@ -153,7 +155,9 @@ class RolloutBatch:
     def tpf(self) -> torch.Tensor:
         """(N,) float: per-response tokens per forward, 0 where a response has no forward (spec §2.5)."""
         forwards = self.num_forwards.to(torch.float32)
-        return torch.where(forwards > 0, self.response_lengths.float() / forwards.clamp(min=1), torch.zeros_like(forwards))
+        return torch.where(
+            forwards > 0, self.response_lengths.float() / forwards.clamp(min=1), torch.zeros_like(forwards)
+        )
 
     @property
     def batch_tpf(self) -> float:

@@ -81,7 +81,7 @@ def select_unmask(
         chosen = (masked & (conf >= threshold)) | (best & any_masked)
     elif strategy == "low_confidence_static":
         n = masked.sum(-1, keepdim=True).clamp(max=k)
-        ranks = conf.argsort(-1, descending=True, stable=True).argsort(-1, stable=True)
+        ranks = conf.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1, stable=True)
         chosen = masked & (ranks < n)
     elif strategy == "sequential":
         order = masked.long().cumsum(-1)

@@ -1,0 +1,67 @@
+"""The Pareto evaluation: sweep semantics, artefacts, and `lrl validate` from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lrl.cli import cli_main
+from lrl.evaluation import run_pareto_sweep, write_pareto
+from lrl.models import load_checkpoint
+from lrl.rollout import NativeEngine
+from lrl.tasks import get_task
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sweep_points_and_artefacts(tiny_checkpoint, tmp_path):
+    lm, tok = load_checkpoint(tiny_checkpoint)
+    task = get_task("synthetic", num_train=10, num_eval=6)
+    records = task.load("test")
+    res = run_pareto_sweep(
+        NativeEngine(lm.eval(), tok),
+        task,
+        records,
+        thresholds=[0.9, 0.0],
+        block_size=4,
+        max_new_tokens=8,
+        stop_token_ids=(tok.eos_token_id,),
+    )
+    assert [p.setting for p in res.points] == ["static_1tok", "dynamic@0.9", "dynamic@0"]
+    static, _, zero = res.points
+    assert static.tpf == pytest.approx(1.0)  # one token per forward by construction
+    assert zero.forwards < static.forwards  # threshold 0 decodes whole blocks at once
+    assert all(p.num_responses == 6 for p in res.points)
+    json_path, png_path = write_pareto(res, tmp_path / "out")
+    data = json.loads(json_path.read_text())
+    assert data["aup"] == pytest.approx(res.aup) and len(data["points"]) == 3
+    assert png_path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_lrl_validate_writes_pareto(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli_main(
+        [
+            "validate",
+            "--config",
+            str(ROOT / "configs" / "quickstart.yaml"),
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--block_size",
+            "4",
+            "--data.init_args.task_kwargs={num_train: 10, num_eval: 5}",
+            "--data.init_args.eval_size=5",
+            "--data.init_args.max_new_tokens=8",
+            "--model.init_args.eval_max_new_tokens=8",
+            "--model.init_args.eval_thresholds=[0.9, 0.5]",
+            f"--trainer.logger.init_args.save_dir={tmp_path}/logs",
+            "--trainer.enable_progress_bar=false",
+        ]
+    )
+    found = list((tmp_path / "logs").rglob("pareto.json"))
+    assert found, "lrl validate wrote no pareto.json"
+    data = json.loads(found[0].read_text())
+    assert [p["setting"] for p in data["points"]] == ["static_1tok", "dynamic@0.9", "dynamic@0.5"]
+    assert found[0].with_name("pareto.png").exists()
