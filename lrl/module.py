@@ -63,8 +63,13 @@ class LightningRLModule(LightningModule):
             responses in rollout order).
         micro_batch_size: responses per forward/backward (memory knob; does not change the loss).
         max_copies: trajectory rounds packed per training row.
+        rows_per_forward: packed rows per forward inside a micro-batch (rows are sorted by shape first, so small
+            values waste less padding).
         gradient_checkpointing: trade compute for memory in the decoder.
         max_skipped_steps: stop with an error after this many optimizer steps skipped for a non-finite loss.
+        max_rl_steps: stop after this many RL steps (rollout batches). Lightning's ``trainer.max_steps`` counts
+            optimizer steps, which is ``minibatches × ppo_epochs`` per RL step and 0 for a step whose groups were
+            all filtered out, so the run length is set here.
         eval_thresholds: dynamic thresholds of the validation Pareto sweep.
         eval_max_new_tokens: generation budget of the validation sweep.
         eval_static_anchor: include the 1-token-per-step anchor in the sweep.
@@ -97,8 +102,10 @@ class LightningRLModule(LightningModule):
         minibatches: int = 1,
         micro_batch_size: int = 16,
         max_copies: int = 8,
+        rows_per_forward: int = 8,
         gradient_checkpointing: bool = False,
         max_skipped_steps: int = 3,
+        max_rl_steps: int | None = None,
         eval_thresholds: list[float] = (0.95, 0.9, 0.8, 0.7, 0.5),
         eval_max_new_tokens: int = 256,
         eval_static_anchor: bool = True,
@@ -110,6 +117,7 @@ class LightningRLModule(LightningModule):
             ("minibatches", minibatches),
             ("micro_batch_size", micro_batch_size),
             ("max_copies", max_copies),
+            ("rows_per_forward", rows_per_forward),
         ):
             if value <= 0:
                 raise ValueError(f"model.{name} must be > 0, got {value}")
@@ -187,7 +195,7 @@ class LightningRLModule(LightningModule):
             block_size=self.rollout_block_size,
             pad_id=self.tokenizer.pad_token_id,
             max_copies=hp.max_copies,
-            rows_per_forward=hp.micro_batch_size,
+            rows_per_forward=hp.rows_per_forward,
             with_entropy=with_entropy,
         )
 
@@ -309,6 +317,8 @@ class LightningRLModule(LightningModule):
                 if mb_stats is not None:
                     total_stats = mb_stats if total_stats is None else total_stats + mb_stats
         self.rl_step += 1
+        if hp.max_rl_steps is not None and self.rl_step >= hp.max_rl_steps:
+            self.trainer.should_stop = True
         extra = {"train/skipped_steps": float(self.skipped_steps), "train/optimizer_steps": float(n_opt)}
         if grad_norms:
             extra["train/grad_norm"] = sum(grad_norms) / len(grad_norms)

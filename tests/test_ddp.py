@@ -40,7 +40,7 @@ def test_ddp_two_processes_gloo(tiny_checkpoint, tmp_path):
         "--model.init_args.micro_batch_size=1",
         "--model.init_args.lr=1e-2",
         "--model.init_args.warmup_steps=0",
-        "--trainer.max_steps=2",
+        "--model.init_args.max_rl_steps=1",
         f"--trainer.default_root_dir={out}",
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={out}",
@@ -66,5 +66,5 @@ def test_ddp_two_processes_gloo(tiny_checkpoint, tmp_path):
     for k in a["weights"]:
         torch.testing.assert_close(a["weights"][k], b["weights"][k], rtol=0, atol=0, msg=f"ranks diverged at {k}")
     # each rank generated its own share of prompt groups: 2 per step, never the same prompt
-    assert len(a["prompts"]) == len(b["prompts"]) == 2  # max_steps=2 optimizer steps = 1 RL step × 2 minibatches
+    assert len(a["prompts"]) == len(b["prompts"]) == 2  # 1 RL step of 2 prompt groups per rank
     assert not set(a["prompts"]) & set(b["prompts"])

@@ -33,7 +33,7 @@ def _args(ckpt, out: Path, steps: int, *extra):
         "--model.init_args.lr=1e-3",
         "--model.init_args.eval_max_new_tokens=8",
         "--model.init_args.eval_thresholds=[0.5]",
-        f"--trainer.max_steps={steps}",
+        f"--model.init_args.max_rl_steps={steps}",
         f"--trainer.default_root_dir={out}",
         "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={out}",

@@ -38,7 +38,7 @@ def test_fit_with_rollouts_from_lrl_serve(tiny_checkpoint, tmp_path):
                 "--model.init_args.minibatches=1",
                 "--model.init_args.lr=1e-2",
                 "--model.init_args.warmup_steps=0",
-                "--trainer.max_steps=2",
+                "--model.init_args.max_rl_steps=2",
                 f"--trainer.default_root_dir={out}",
                 "--trainer.enable_progress_bar=false",
                 f"--trainer.logger.init_args.save_dir={out}",

@@ -185,7 +185,7 @@ def test_flex_block_mask_matches_dense_mask():
     """The flex_attention BlockMask encodes the same rules as the dense SDPA mask (checked densely on CPU)."""
     from lrl.models.masks import dense_block_diffusion_mask, flex_block_diffusion_mask, segment_ids
 
-    copy, block, valid = segment_ids(torch.tensor([10, 7]), 10, 2, 4)
+    copy, block, valid, _ = segment_ids(torch.tensor([10, 7]), 10, 2, 4)
     dense = dense_block_diffusion_mask(copy, block, valid)[:, 0]
     bm = flex_block_diffusion_mask(copy, block, valid)
     b, s = copy.shape
@@ -200,3 +200,28 @@ def test_flex_block_mask_matches_dense_mask():
     assert not dense[0, clean0, 5]  # clean never sees noisy
     assert not dense[0, 5, 10 + 5]  # noisy copy 1 never sees noisy copy 2
     assert not dense[1, 0, 8] and not dense[1, 3, 20 + 8]  # padding (row 1 has 7 tokens)
+
+
+def test_noisy_window_skips_unmasked_prefix(tiny_lm):
+    """Rows whose first masked block starts late get noisy copies only from that block on (same logits)."""
+    from lrl.models.masks import dense_block_diffusion_mask, segment_ids
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randint(4, 100, (2, 24), generator=g)
+    lengths = torch.tensor([24, 21])
+    masks = torch.zeros(2, 2, 24, dtype=torch.bool)
+    masks[0, 0, 13:20] = True
+    masks[1, 1, 17:21] = True
+    with torch.no_grad():
+        hidden, window = tiny_lm.diffusion_hidden(x, masks, lengths)
+        assert window == 12 and hidden.shape[1] == 2 * 12 + 24
+        fast = tiny_lm.diffusion_logits(x, masks, lengths)
+        # reference: the same packing without the window (full-length noisy copies), computed by hand
+        k, length = 2, 24
+        noisy = torch.where(masks, torch.tensor(tiny_lm.bd.mask_token_id), x.unsqueeze(1))
+        packed = torch.cat([noisy.reshape(2, k * length), x], dim=1)
+        copy, block, valid, pos = segment_ids(lengths, length, k, tiny_lm.bd.block_size)
+        full = tiny_lm._decoder(packed, pos, dense_block_diffusion_mask(copy, block, valid))
+        b_idx, k_idx, l_idx = masks.nonzero(as_tuple=True)
+        ref = tiny_lm.logits(full[b_idx, k_idx * length + l_idx])
+    torch.testing.assert_close(fast, ref, atol=1e-4, rtol=1e-4)

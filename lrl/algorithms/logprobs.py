@@ -95,6 +95,8 @@ def pack_samples(
             rows.append((j, ids, copies[c : c + max_copies]))
     if not rows:
         raise ValueError("pack_samples: no response tokens to score")
+    # rows of similar shape side by side: a forward pads every row to its longest row and largest copy count
+    rows.sort(key=lambda r: (len(r[2]), len(r[1])))
     length = max(len(ids) for _, ids, _ in rows)
     k = max(len(c) for _, _, c in rows)
     b = len(rows)

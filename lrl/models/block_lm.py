@@ -94,8 +94,11 @@ class BlockDiffusionLM(nn.Module):
     # ------------------------------------------------------------------ training forward
     def diffusion_hidden(
         self, input_ids: torch.Tensor, noisy_masks: torch.Tensor, lengths: torch.Tensor, block_size: int | None = None
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, int]:
         """Decoder states of the packed [noisy_1 | … | noisy_K | clean] row.
+
+        Noisy copies start at W, the block-aligned first masked position of the batch (earlier positions are
+        never masked, so a noisy copy of them would be pure waste: prompts are often longer than responses).
 
         Args:
             input_ids: (B, L) clean tokens x_0, right-padded.
@@ -103,24 +106,27 @@ class BlockDiffusionLM(nn.Module):
             lengths: (B,) valid tokens per row.
             block_size: attention block size (default: the model's).
         Returns:
-            (B, (K+1)·L, hidden) states; noisy copy k occupies [k·L, (k+1)·L), the clean copy the last L.
+            hidden (B, K·(L−W) + L, H) and W; noisy copy k occupies [k·(L−W), (k+1)·(L−W)) and holds positions
+            W..L−1; the clean copy is the last L.
         """
         b, length = input_ids.shape
         k = noisy_masks.shape[1]
         bs = block_size or self.bd.block_size
+        any_masked = noisy_masks.any(dim=(0, 1)).nonzero()
+        first = int(any_masked[0]) if any_masked.numel() else length
+        window = min(first // bs * bs, (length // bs) * bs)
         noisy = torch.where(
-            noisy_masks,
-            torch.full_like(noisy_masks, self.bd.mask_token_id, dtype=input_ids.dtype),
-            input_ids.unsqueeze(1),
+            noisy_masks[:, :, window:],
+            torch.full_like(noisy_masks[:, :, window:], self.bd.mask_token_id, dtype=input_ids.dtype),
+            input_ids[:, window:].unsqueeze(1),
         )
-        packed = torch.cat([noisy.reshape(b, k * length), input_ids], dim=1)
-        pos = torch.arange(length, device=input_ids.device).repeat(k + 1).unsqueeze(0).expand(b, -1)
-        copy, block, valid = segment_ids(lengths.to(input_ids.device), length, k, bs)
+        packed = torch.cat([noisy.reshape(b, k * (length - window)), input_ids], dim=1)
+        copy, block, valid, pos = segment_ids(lengths.to(input_ids.device), length, k, bs, window)
         if self.attention == "flex" and input_ids.is_cuda:
             mask = flex_block_diffusion_mask(copy, block, valid)
             with self._attn_impl("flex_attention"):
-                return self._decoder(packed, pos, mask)
-        return self._decoder(packed, pos, dense_block_diffusion_mask(copy, block, valid))
+                return self._decoder(packed, pos, mask), window
+        return self._decoder(packed, pos, dense_block_diffusion_mask(copy, block, valid)), window
 
     def diffusion_logits(
         self, input_ids: torch.Tensor, noisy_masks: torch.Tensor, lengths: torch.Tensor, block_size: int | None = None
@@ -131,16 +137,17 @@ class BlockDiffusionLM(nn.Module):
         is predicted at l − 1 of the same copy when l − 1 is in the same block, else at l − 1 of the clean copy
         (the last token of the previous, already-known block).
         """
-        hidden = self.diffusion_hidden(input_ids, noisy_masks, lengths, block_size)
+        hidden, window = self.diffusion_hidden(input_ids, noisy_masks, lengths, block_size)
         b_idx, k_idx, l_idx = noisy_masks.nonzero(as_tuple=True)
         length, k = input_ids.shape[1], noisy_masks.shape[1]
-        src = k_idx * length + l_idx
+        width = length - window
+        src = k_idx * width + (l_idx - window)
         if self.bd.logit_shift:
             bs = block_size or self.bd.block_size
             if bool((l_idx == 0).any()):
                 raise ValueError("with logit_shift, position 0 cannot be masked (nothing precedes it)")
             same_block = (l_idx % bs) != 0
-            src = torch.where(same_block, src - 1, k * length + l_idx - 1)
+            src = torch.where(same_block, src - 1, k * width + l_idx - 1)
         return self.logits(hidden[b_idx, src])
 
     # ------------------------------------------------------------------ inference primitives
@@ -220,9 +227,7 @@ class BlockDiffusionLM(nn.Module):
     @torch.no_grad()
     def full_logits(self, input_ids: torch.Tensor, lengths: torch.Tensor, block_size: int) -> torch.Tensor:
         """Uncached reference: (B, L, V) logits of whole sequences under the block-causal mask."""
-        b, length = input_ids.shape
-        copy, block, valid = segment_ids(lengths.to(input_ids.device), length, 0, block_size)
-        pos = torch.arange(length, device=input_ids.device).unsqueeze(0).expand(b, -1)
+        copy, block, valid, pos = segment_ids(lengths.to(input_ids.device), input_ids.shape[1], 0, block_size)
         hidden = self._decoder(input_ids, pos, dense_block_diffusion_mask(copy, block, valid))
         if self.bd.logit_shift:
             hidden = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)

@@ -18,28 +18,38 @@ from __future__ import annotations
 import torch
 
 
-def segment_ids(lengths: torch.Tensor, seq_len: int, num_copies: int, block_size: int):
-    """Per-token (copy, block, valid) for rows laid out as [noisy_1 | … | noisy_K | clean], each of length L.
+def segment_ids(lengths: torch.Tensor, seq_len: int, num_copies: int, block_size: int, window_start: int = 0):
+    """Per-token (copy, block, valid) for rows laid out as [noisy_1 | … | noisy_K | clean].
+
+    The clean copy covers positions [0, L); each noisy copy covers only [window_start, L), because positions
+    before the first masked block are never noisy and would be computed for nothing.
 
     Args:
         lengths: (B,) valid tokens per row (the rest is right padding).
-        seq_len: L, the padded length of one copy.
+        seq_len: L, the padded length of the clean copy.
         num_copies: K, noisy copies before the clean one.
         block_size: block size of the attention pattern.
+        window_start: W, block-aligned first position of the noisy copies.
     Returns:
-        copy, block, valid: each (B, (K+1)·L); copy is 1..K for noisy copies and 0 for the clean one.
+        copy, block, valid, pos: each (B, K·(L−W) + L); copy is 1..K for noisy copies and 0 for the clean one;
+        pos is the position id of every token.
     """
     device = lengths.device
-    pos = torch.arange(seq_len, device=device)
+    if window_start % block_size:
+        raise ValueError(f"window_start={window_start} must be a multiple of block_size={block_size}")
+    clean_pos = torch.arange(seq_len, device=device)
+    noisy_pos = torch.arange(window_start, seq_len, device=device)
+    width = seq_len - window_start
     copies = torch.cat(
-        [torch.full((seq_len,), c + 1, device=device) for c in range(num_copies)]
+        [torch.full((width,), c + 1, device=device, dtype=torch.long) for c in range(num_copies)]
         + [torch.zeros(seq_len, device=device, dtype=torch.long)]
     )
-    block = (pos // block_size).repeat(num_copies + 1)
-    valid = pos.unsqueeze(0) < lengths.unsqueeze(1)  # (B, L)
-    valid = valid.repeat(1, num_copies + 1)
+    pos = torch.cat([noisy_pos.repeat(num_copies), clean_pos])
+    block = pos // block_size
+    valid = pos.unsqueeze(0) < lengths.unsqueeze(1)
     batch = lengths.shape[0]
-    return copies.long().unsqueeze(0).expand(batch, -1), block.unsqueeze(0).expand(batch, -1), valid
+    return (copies.unsqueeze(0).expand(batch, -1), block.unsqueeze(0).expand(batch, -1), valid,
+            pos.unsqueeze(0).expand(batch, -1))
 
 
 def _allowed(cq, bq, ck, bk):
@@ -69,5 +79,5 @@ def flex_block_diffusion_mask(copy: torch.Tensor, block: torch.Tensor, valid: to
 
 def block_causal_mask(lengths: torch.Tensor, seq_len: int, block_size: int) -> torch.Tensor:
     """(B, 1, L, L) bool block-causal mask (the clean copy alone): plain inference over whole sequences."""
-    copy, block, valid = segment_ids(lengths, seq_len, 0, block_size)
+    copy, block, valid, _ = segment_ids(lengths, seq_len, 0, block_size)
     return dense_block_diffusion_mask(copy, block, valid)

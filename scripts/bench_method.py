@@ -1,0 +1,192 @@
+"""Method benchmark on the synthetic task: SFT base vs GRPO(traj) vs LightningRL (and ablations), several seeds.
+
+Every method starts from the same SFT base, trains with the same budget (configs/quickstart.yaml: prompts per
+step, group size, steps, decoding settings) and is evaluated on the same held-out problems with the same
+greedy threshold sweep. AUP uses one y_max for all methods (d3LLM: the best accuracy of any method and point).
+
+Writes outputs/bench/method.json, outputs/bench/method.md and outputs/bench/method.png.
+
+    python scripts/bench_method.py --seeds 0 1 2 [--ablations] [--rl-steps 30] [--eval-size 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# method name → extra `lrl fit` arguments on top of configs/quickstart.yaml
+METHODS: dict[str, list[str]] = {
+    "GRPO(traj)": [
+        "--model.init_args.nll_weight=0.0", "--data.init_args.tpf_coefficient=0.0",
+        "--data.init_args.tpf_reward=none", "--data.init_args.advantage=prompt_group",
+        "--trainer.callbacks.init_args.tpf_range_threshold=null",
+    ],
+    "LightningRL": [],
+}
+ABLATIONS: dict[str, list[str]] = {
+    "LightningRL, joint norm.": ["--data.init_args.joint_normalization=true"],
+    "LightningRL, no NLL": ["--model.init_args.nll_weight=0.0"],
+    "LightningRL, no TPF filter": ["--trainer.callbacks.init_args.tpf_range_threshold=null"],
+    "LightningRL, single-pass": ["--model.init_args.estimator=single_pass"],
+}
+
+
+def _callbacks(filter_threshold: str) -> str:
+    tpf_filter = "{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: true, tpf_range_threshold: %s}}"
+    return "--trainer.callbacks=[" + tpf_filter % filter_threshold + ", {class_path: callbacks.WeightSync}]"
+
+
+def train(method_args: list[str], seed: int, steps: int | None, out: Path):
+    from lrl.cli import cli_main
+
+    filt = "0.01"
+    rest = []
+    for a in method_args:  # the filter threshold is a callback argument: rebuild the callback list
+        if a.startswith("--trainer.callbacks.init_args.tpf_range_threshold="):
+            filt = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    args = ["fit", "--config", "configs/quickstart.yaml", f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
+            f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+            "--trainer.logger.init_args.name=run", "--trainer.enable_progress_bar=false", _callbacks(filt), *rest]
+    if steps is not None:
+        args.append(f"--model.init_args.max_rl_steps={steps}")
+    return cli_main(args).model.policy
+
+
+def evaluate(lm, tok, task, records, thresholds, block_size, max_new):
+    from lrl.evaluation import run_pareto_sweep
+    from lrl.rollout import NativeEngine
+
+    lm.eval()
+    res = run_pareto_sweep(NativeEngine(lm, tok), task, records, thresholds=thresholds, block_size=block_size,
+                           max_new_tokens=max_new, stop_token_ids=(tok.eos_token_id,))
+    return [{"setting": p.setting, "threshold": p.threshold, "accuracy": p.accuracy, "tpf": p.tpf}
+            for p in res.points]
+
+
+def summarize(results: dict[str, list[list[dict]]], select: float) -> dict[str, dict]:
+    """Per method: mean/std over seeds of accuracy and TPF at `select`, and of AUP with one global y_max."""
+    from lrl.metrics import aup
+
+    y_max = max(p["accuracy"] for runs in results.values() for pts in runs for p in pts)
+    out = {}
+    for name, runs in results.items():
+        accs, tpfs, aups = [], [], []
+        for pts in runs:
+            sel = next(p for p in pts if p["threshold"] == select)
+            accs.append(sel["accuracy"])
+            tpfs.append(sel["tpf"])
+            aups.append(aup([(p["tpf"], p["accuracy"]) for p in pts], y_max=y_max) if y_max > 0 else 0.0)
+        out[name] = {"acc": accs, "tpf": tpfs, "aup": aups, "y_max": y_max}
+    return out
+
+
+def _ms(values: list[float], fmt: str) -> str:
+    mean = statistics.fmean(values)
+    sd = statistics.pstdev(values) if len(values) > 1 else 0.0
+    return f"{fmt.format(mean)} ± {fmt.format(sd)}"
+
+
+def method_table(summary: dict[str, dict], select: float, base: str = "SFT base") -> str:
+    """Markdown: one row per method with mean ± std over seeds and the ratios to the base's means."""
+    b = summary[base]
+    b_tpf, b_aup, b_acc = statistics.fmean(b["tpf"]), statistics.fmean(b["aup"]), statistics.fmean(b["acc"])
+    lines = [f"| method | acc % @ φ={select:g} | TPF @ φ={select:g} | AUP | Δacc vs base | TPF × base | AUP × base |",
+             "|---|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        acc, tpf, aupv = (statistics.fmean(s[k]) for k in ("acc", "tpf", "aup"))
+        lines.append(
+            f"| {name} | {_ms(s['acc'], '{:.1f}')} | {_ms(s['tpf'], '{:.2f}')} | {_ms(s['aup'], '{:.1f}')} | "
+            f"{acc - b_acc:+.1f} | {tpf / b_tpf if b_tpf else float('nan'):.2f} | "
+            f"{aupv / b_aup if b_aup else float('nan'):.2f} |"
+        )
+    n = len(next(iter(summary.values()))["acc"])
+    lines.append(f"\nmean ± std over {n} seed(s); AUP with y_max = {b['y_max']:.1f} for every method.")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, list[list[dict]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
+    for name, runs in results.items():
+        settings = [p["setting"] for p in runs[0]]
+        tpf = [statistics.fmean(r[i]["tpf"] for r in runs) for i in range(len(settings))]
+        acc = [statistics.fmean(r[i]["accuracy"] for r in runs) for i in range(len(settings))]
+        order = sorted(range(len(tpf)), key=tpf.__getitem__)
+        ax.plot([tpf[i] for i in order], [acc[i] for i in order], "o-", label=name, alpha=0.8)
+    ax.set_xlabel("tokens per forward (TPF)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("held-out synthetic arithmetic, greedy threshold sweep")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--rl-steps", type=int, default=None, help="RL steps per run (default: the quickstart's)")
+    ap.add_argument("--eval-size", type=int, default=200)
+    ap.add_argument("--out", default="outputs/bench")
+    args = ap.parse_args(argv)
+    os.chdir(ROOT)
+
+    import torch
+    import yaml
+
+    torch.set_num_threads(1)
+    from lrl.models import load_checkpoint
+    from lrl.tasks import get_task
+
+    cfg = yaml.safe_load(Path("configs/quickstart.yaml").read_text())
+    data, model = cfg["data"]["init_args"], cfg["model"]["init_args"]
+    base_dir = Path(cfg["checkpoint"])
+    if not (base_dir / "config.json").exists():
+        raise SystemExit(f"no base checkpoint at {base_dir}: run `make demo` first")
+    task = get_task(data["task"], **{**data.get("task_kwargs", {}), "eval_seed": data.get("eval_seed", 1)})
+    records = task.load("test")[: args.eval_size]
+    thresholds, block, max_new = list(model["eval_thresholds"]), cfg["block_size"], model["eval_max_new_tokens"]
+    select = float(data.get("threshold", 0.9))
+    methods = dict(METHODS, **(ABLATIONS if args.ablations else {}))
+    out = Path(args.out)
+    results: dict[str, list[list[dict]]] = {"SFT base": []}
+    base_lm, tok = load_checkpoint(base_dir)
+    base_pts = evaluate(base_lm, tok, task, records, thresholds, block, max_new)
+    timings = {}
+    for seed in args.seeds:
+        results["SFT base"].append(base_pts)  # deterministic: the same points for every seed
+        for name, extra in methods.items():
+            start = time.perf_counter()
+            policy = train(extra, seed, args.rl_steps, out / "runs" / f"{name.replace(' ', '_')}_s{seed}")
+            results.setdefault(name, []).append(evaluate(policy, tok, task, records, thresholds, block, max_new))
+            timings.setdefault(name, []).append(time.perf_counter() - start)
+            print(f"[{name} seed {seed}] {results[name][-1]} ({timings[name][-1]:.0f} s)", flush=True)
+    summary = summarize(results, select)
+    table = method_table(summary, select)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "method.json").write_text(json.dumps({"results": results, "summary": summary, "timings_s": timings,
+                                                 "seeds": args.seeds, "select_threshold": select}, indent=2))
+    (out / "method.md").write_text(table + "\n")
+    plot(results, out / "method.png")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The demo pieces: the quickstart config as shipped (1 RL step), and the benchmark/demo table writers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def test_quickstart_smoke_one_step(tiny_checkpoint, tmp_path, monkeypatch):
+    """configs/quickstart.yaml with its own callbacks (filter, sync, logger, Pareto checkpoint) for one RL step."""
+    from lrl.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main([
+        "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--checkpoint", str(tiny_checkpoint),
+        "--block_size", "4", "--data.init_args.prompts_per_step=2", "--data.init_args.group_size=2",
+        "--data.init_args.max_new_tokens=8", "--data.init_args.task_kwargs={num_train: 20, num_eval: 4}",
+        "--data.init_args.eval_size=4", "--data.init_args.max_refill_rounds=1",
+        "--model.init_args.eval_max_new_tokens=8", "--model.init_args.eval_thresholds=[0.5]",
+        "--model.init_args.max_rl_steps=1", "--trainer.enable_progress_bar=false",
+    ])
+    assert cli.model.rl_step == 1
+    # the Pareto callback evaluates every 10 RL steps; the ModelCheckpoint dir is the shipped fixed one
+    assert (tmp_path / "outputs" / "quickstart" / "main").exists() or (tmp_path / "outputs" / "quickstart").exists()
+
+
+def _pts(acc_static, tpf9, acc9, acc5, tpf5):
+    return [{"setting": "static_1tok", "threshold": None, "accuracy": acc_static, "tpf": 1.0},
+            {"setting": "dynamic@0.9", "threshold": 0.9, "accuracy": acc9, "tpf": tpf9},
+            {"setting": "dynamic@0.5", "threshold": 0.5, "accuracy": acc5, "tpf": tpf5}]
+
+
+def test_method_table_numbers():
+    from bench_method import method_table, summarize
+
+    results = {
+        "SFT base": [_pts(50, 2.0, 50, 46, 3.0)] * 2,
+        "LightningRL": [_pts(50, 4.0, 50, 50, 6.0), _pts(50, 6.0, 48, 46, 7.0)],
+    }
+    s = summarize(results, 0.9)
+    assert s["LightningRL"]["acc"] == [50, 48] and s["LightningRL"]["tpf"] == [4.0, 6.0]
+    # base AUP with y_max = 50: 1·50 + ½(2−1)(50+50) + ½(3−2)(50 + 46·e^{-3·(1−46/50)})
+    #   = 50 + 50 + ½(50 + 46·0.786628) = 100 + 43.0924 = 143.092
+    assert s["SFT base"]["aup"][0] == pytest.approx(143.092, abs=1e-2)
+    table = method_table(s, 0.9)
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | acc % @ φ=0.9 | TPF @ φ=0.9 | AUP |")
+    row = next(line for line in lines if line.startswith("| LightningRL"))
+    assert "| 49.0 ± 1.0 | 5.00 ± 1.00 |" in row
+    assert "| -1.0 | 2.50 |" in row  # Δacc vs base = 49 − 50; TPF × base = 5 / 2
+    assert "over 2 seed(s)" in table
+
+
+def test_demo_before_after_table():
+    from demo import before_after_table
+
+    from lrl.evaluation import ParetoPoint, ParetoResult
+
+    def res(acc9, tpf9, a):
+        pts = [ParetoPoint("static_1tok", None, 60.0, 1.0, 10, 10, 2, 0.1, 5),
+               ParetoPoint("dynamic@0.9", 0.9, acc9, tpf9, 10, 5, 2, 0.1, 5)]
+        return ParetoResult(points=pts, aup=a, y_max=60.0)
+
+    table = before_after_table(res(60.0, 2.0, 100.0), res(60.0, 5.0, 250.0), select=0.9)
+    assert "| TPF @ φ=0.9 | 2.00 | 5.00 | 2.50× |" in table
+    assert "| AUP over the sweep | 100.0 | 250.0 | 2.50× |" in table
+    assert "static_1tok: acc % / TPF | 60.0 / 1.00 | 60.0 / 1.00" in table
