@@ -362,6 +362,7 @@ class RolloutDataModule(LightningDataModule):
             if have >= target or not hp.refill:
                 break
         counts["filter/kept"] = have
+        counts["reward/timeouts"] = float(_reset_verifier_timeouts())
         counts["filter/refilled"] = max(0, counts["filter/drawn"] - target)
         self.step_in_epoch += 1
         self.rl_step += 1
@@ -401,6 +402,13 @@ def gen_block_size(gen: RolloutGenerator) -> int:
     if lm is None:
         raise ValueError("block_size must be set when the rollout generator has no local model (e.g. SGLang)")
     return lm.bd.block_size
+
+
+def _reset_verifier_timeouts() -> int:
+    """Math checks that timed out (or whose worker died) since the last call: logged, never silently zero."""
+    from lrl.rewards.math import reset_timeout_count
+
+    return reset_timeout_count()
 
 
 def _identity(x):
