@@ -66,6 +66,8 @@ class LightningRLModule(LightningModule):
         rows_per_forward: packed rows per forward inside a micro-batch (rows are sorted by shape first, so small
             values waste less padding).
         gradient_checkpointing: trade compute for memory in the decoder.
+        attention: training attention: ``sdpa`` (dense boolean mask, any device) or ``flex`` (block-sparse
+            flex_attention BlockMask on CUDA; CPU falls back to sdpa because flex has no CPU backward).
         max_skipped_steps: stop with an error after this many optimizer steps skipped for a non-finite loss.
         max_rl_steps: stop after this many RL steps (rollout batches). Lightning's ``trainer.max_steps`` counts
             optimizer steps, which is ``minibatches × ppo_epochs`` per RL step and 0 for a step whose groups were
@@ -104,6 +106,7 @@ class LightningRLModule(LightningModule):
         max_copies: int = 8,
         rows_per_forward: int = 8,
         gradient_checkpointing: bool = False,
+        attention: Literal["sdpa", "flex"] = "sdpa",
         max_skipped_steps: int = 3,
         max_rl_steps: int | None = None,
         eval_thresholds: list[float] = (0.95, 0.9, 0.8, 0.7, 0.5),
@@ -142,7 +145,8 @@ class LightningRLModule(LightningModule):
         if self.policy is not None:
             return
         hp = self.hparams
-        self.policy, self.tokenizer = load_checkpoint(hp.checkpoint, mask_token_id=hp.mask_token_id)
+        self.policy, self.tokenizer = load_checkpoint(hp.checkpoint, mask_token_id=hp.mask_token_id,
+                                                      attention=hp.attention)
         if hp.gradient_checkpointing:
             self.policy.model.gradient_checkpointing_enable()
         if hp.kl_beta > 0:

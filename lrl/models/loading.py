@@ -129,7 +129,7 @@ def load_checkpoint(
     return BlockDiffusionLM(model, bd, identity=identity, attention=attention), tokenizer
 
 
-def _atomic_dir_write(path: Path, writer) -> None:
+def atomic_dir_write(path: Path, writer) -> None:
     """Write a directory into a sibling temp dir, then swap it in, so a crash never leaves a half checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -168,4 +168,4 @@ def save_checkpoint(lm: BlockDiffusionLM, path: str | os.PathLike, tokenizer=Non
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
 
-    _atomic_dir_write(Path(path), write)
+    atomic_dir_write(Path(path), write)

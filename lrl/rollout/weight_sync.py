@@ -22,11 +22,12 @@ import json
 import os
 import shutil
 import socket
-import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
+
+from lrl.models.loading import atomic_dir_write
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -82,9 +83,8 @@ def write_hf_checkpoint(
     if not (template / "config.json").is_file():
         raise FileNotFoundError(f"weight sync template {template} is not a checkpoint directory (no config.json)")
     dst = Path(path)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         for f in template.iterdir():
             if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in WEIGHT_INDEX_FILES:
                 shutil.copy2(f, tmp / f.name)
@@ -116,16 +116,8 @@ def write_hf_checkpoint(
                 weight_map.update({k: fname for k in shard})
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    atomic_dir_write(dst, write)
     return dst
 
 
@@ -206,7 +198,13 @@ def init_custom_process_group(
     params = inspect.signature(c10d._new_process_group_helper).parameters
     options_kw = "backend_options" if "backend_options" in params else "pg_options"
     pg, _ = c10d._new_process_group_helper(
-        world_size, rank, [], c10d.Backend(backend), store, group_name=group_name, timeout=timeout,
+        world_size,
+        rank,
+        [],
+        c10d.Backend(backend),
+        store,
+        group_name=group_name,
+        timeout=timeout,
         **{options_kw: None},
     )
     c10d._world.pg_group_ranks[pg] = {i: i for i in range(world_size)}

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from lrl.tasks.base import QWEN_CODE_TEMPLATE, QWEN_STDIO_TEMPLATE, Task, TaskKind, render_prompt, require_field
-from lrl.tasks.sources import DEFAULT_SPLITS, load_rows, resolve_split
+from lrl.tasks.sources import DEFAULT_SPLITS, load_task_records
 
 TestMethod = Literal["function", "stdio"]
 
@@ -82,16 +82,7 @@ class CodeTask(Task):
 
     def load(self, split: str) -> list[dict[str, Any]]:
         """Records of ``split``; raises ``ValueError`` naming the record index and field when one is missing."""
-        if not self.source:
-            raise ValueError(f"{self.name}: no source set (a hub dataset name or a local .jsonl/.json/.parquet)")
-        rows = load_rows(
-            self.source,
-            resolve_split(self.splits, split, self.name),
-            config=self.config,
-            cache_dir=self.cache_dir,
-            limit=self.limit,
-        )
-        return [self.to_record(row, i) for i, row in enumerate(rows)]
+        return load_task_records(self, split)
 
     def to_record(self, row: Mapping[str, Any], index: int) -> dict[str, Any]:
         """One dataset row → code record."""

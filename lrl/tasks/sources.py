@@ -75,3 +75,18 @@ def load_rows(
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return [dict(row) for row in dataset]
+
+
+def load_task_records(task, split: str) -> list[dict]:
+    """Rows of a dataset-backed task's ``split`` turned into records by ``task.to_record`` (shared by the math and
+    code dataset tasks: ``source``, ``splits``, ``config``, ``cache_dir``, ``limit`` are their fields)."""
+    if not task.source:
+        raise ValueError(f"{task.name}: no source set (a hub dataset name or a local .jsonl/.json/.parquet)")
+    rows = load_rows(
+        task.source,
+        resolve_split(task.splits, split, task.name),
+        config=task.config,
+        cache_dir=task.cache_dir,
+        limit=task.limit,
+    )
+    return [task.to_record(row, i) for i, row in enumerate(rows)]
