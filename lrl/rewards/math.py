@@ -210,7 +210,11 @@ class VerifierPool:
 
     def call(self, fn, args: tuple, timeout_s: float) -> bool | None:
         """``fn(*args)`` in a worker; ``None`` when it timed out or the worker died (the worker is then killed)."""
-        worker = self._acquire()
+        try:
+            worker = self._acquire()
+        except (EOFError, OSError, RuntimeError) as exc:  # a worker that cannot start must not stop training
+            logger.warning("math verifier worker unavailable (%s); scoring this answer as not equal", exc)
+            return None
         try:
             try:
                 worker.conn.send((fn, args))
