@@ -78,7 +78,8 @@ def read_config(path: str | os.PathLike) -> dict:
 def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    with _quiet_transformers():  # AutoTokenizer reads config.json and warns about the unknown model_type "sdar"
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
 
 
 def load_checkpoint(
