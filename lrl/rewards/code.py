@@ -183,11 +183,22 @@ _cap_warned = False
 _run_ids = itertools.count()
 
 
+def _tmp_paths_to_keep() -> list[str]:
+    """Interpreter directories that live under /tmp (e.g. a venv in a temporary clone): the private /tmp would hide
+    them, so they are bound back read-only."""
+    keep = []
+    for p in {sys.prefix, sys.base_prefix, os.path.dirname(os.path.realpath(sys.executable))}:
+        real = os.path.realpath(p)
+        if real == "/tmp" or real.startswith("/tmp/"):
+            keep += ["--ro-bind", real, real]
+    return keep
+
+
 def _bwrap_prefix(workdir: str) -> list[str]:
     return [
         shutil.which("bwrap") or "bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
-        "--tmpfs", "/tmp", "--bind", workdir, workdir, "--chdir", workdir, "--unshare-all", "--die-with-parent",
-        "--new-session", "--cap-drop", "ALL", "--",
+        "--tmpfs", "/tmp", *_tmp_paths_to_keep(), "--bind", workdir, workdir, "--chdir", workdir, "--unshare-all",
+        "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--",
     ]
 
 
