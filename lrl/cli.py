@@ -59,7 +59,21 @@ class LRLCLI(LightningCLI):
             raise FileNotFoundError(f"--ckpt_path last: no last.ckpt in {dirs}; nothing to resume from")
 
 
+# Lightning warnings that our design triggers on purpose (the training step pulls its own batch so rollouts stay
+# on-policy; RolloutBatch moves its own tensors; the stream has a length for the progress bar).
+_EXPECTED_WARNINGS = (
+    r".*overridden `transfer_batch_to_device`.*",
+    r".*`dataloader_iter`.*",
+    r".*ModelCheckpoint with manual optimization.*",
+    r".*`IterableDataset` has `__len__` defined.*",
+)
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> LRLCLI:
+    import warnings
+
+    for pattern in _EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
     return LRLCLI(
         LightningModule,
         LightningDataModule,
