@@ -234,7 +234,10 @@ class LightningRLModule(LightningModule):
                 group["lr"] = lr * sched.lr_lambdas[0](0)
         self.policy.train()
         n = len(batch)
-        old = self._frozen_logprobs(self.policy, batch) if n else []
+        # with a single optimizer step the policy has not moved when each micro-batch runs, so the rollout-policy
+        # log-probs are exactly the current ones (detached): no separate no-grad pass
+        single_step = hp.ppo_epochs == 1 and hp.minibatches == 1
+        old = self._frozen_logprobs(self.policy, batch) if n and not single_step else None
         ref_model = self.reference
         ref = self._frozen_logprobs(ref_model, batch) if n and ref_model is not None and hp.kl_beta > 0 else None
         if hp.nll_correct == "verifier" or not n:
@@ -276,7 +279,7 @@ class LightningRLModule(LightningModule):
                     dev = logp.device
                     out = lightningrl_loss(
                         logp,
-                        torch.cat([old[i] for i in rows]).to(dev),
+                        logp.detach() if old is None else torch.cat([old[i] for i in rows]).to(dev),
                         torch.repeat_interleave(adv[rows], lengths).to(dev),
                         torch.repeat_interleave(torch.tensor(local), lengths).to(dev),
                         norm,

@@ -137,6 +137,10 @@ def atomic_dir_write(path: Path, writer) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         writer(tmp)
+        # mkdtemp creates 0700 (and some writers 0600 files): give the checkpoint ordinary, shareable permissions
+        tmp.chmod(0o755)
+        for f in tmp.rglob("*"):
+            f.chmod(0o755 if f.is_dir() else 0o644)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
