@@ -11,6 +11,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
+from lrl.models.sharding import full_state_dict, is_sharded, submodule_prefix, unwrap
+
 
 class ParetoFrontierCheckpoint(Callback):
     """Every ``every_n_steps`` RL steps, run the Pareto sweep (`lrl.evaluation`) on the held-out split, log
@@ -54,14 +56,14 @@ class ParetoFrontierCheckpoint(Callback):
     @override
     def on_train_start(self, trainer, pl_module) -> None:
         if self.evaluate_at_start and not self.history:
-            self._evaluate(trainer, pl_module)
+            self._evaluate(trainer, pl_module, at_start=True)
 
     @override
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.rl_step % self.every_n_steps == 0:
             self._evaluate(trainer, pl_module)
 
-    def _evaluate(self, trainer, pl_module) -> None:
+    def _evaluate(self, trainer, pl_module, at_start: bool = False) -> None:
         dm = trainer.datamodule
         records = dm.eval_records[: self.eval_size] if self.eval_size else dm.eval_records
         result = pl_module.run_pareto(dm.task, records, thresholds=self.thresholds)
@@ -72,11 +74,18 @@ class ParetoFrontierCheckpoint(Callback):
             key = "static" if p.threshold is None else f"{p.threshold:g}"
             metrics[f"pareto/acc@{key}"] = p.accuracy
             metrics[f"pareto/tpf@{key}"] = p.tpf
-        pl_module.log_dict(metrics, on_step=True, batch_size=len(records))
-        self._save(trainer, pl_module, result, step, sel)
+        if at_start:  # Lightning forbids step-level self.log in on_train_start: write to the loggers directly
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.global_step)
+        else:
+            pl_module.log_dict(metrics, on_step=True, batch_size=len(records))
+        root = trainer.strategy.model if trainer.strategy.model is not None else pl_module
+        # FSDP: gather the full weights on every rank (a collective) before rank 0 writes them
+        weights = full_state_dict(root, submodule_prefix(root, pl_module.policy.model)) if is_sharded(root) else None
+        self._save(trainer, pl_module, result, step, sel, weights)
 
     @rank_zero_only
-    def _save(self, trainer, pl_module, result, step: int, sel) -> None:
+    def _save(self, trainer, pl_module, result, step: int, sel, weights=None) -> None:
         from lrl.evaluation import write_pareto
         from lrl.evaluation.pareto import plot_pareto
         from lrl.metrics import pareto_frontier
@@ -84,7 +93,7 @@ class ParetoFrontierCheckpoint(Callback):
         out = self._dir(trainer)
         step_dir = out / f"step-{step:06d}"
         write_pareto(result, step_dir, title=f"step {step}")
-        pl_module.policy.save_pretrained(step_dir / "model", tokenizer=pl_module.tokenizer)
+        unwrap(pl_module.policy).save_pretrained(step_dir / "model", tokenizer=pl_module.tokenizer, state_dict=weights)
         self.history.append(
             {
                 "step": step,

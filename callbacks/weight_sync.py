@@ -7,12 +7,18 @@ import time
 from lightning.pytorch import Callback
 from typing_extensions import override
 
+from lrl.models.sharding import full_state_dict, is_sharded, submodule_prefix
+
 
 class WeightSync(Callback):
     """After each training step, copy the policy into the rollout generator and bump ``weight_version``.
 
     The native engine gets an in-process copy of the tensors; the SGLang generator saves or broadcasts them
     (its ``sync_from_model``). The version is saved in checkpoints, so a resumed run continues the count.
+
+    Under FSDP the policy's parameters are shards: every rank first gathers the full tensors (a collective), then
+    each rank's native engine takes them. Rollout servers are shared by all ranks, so only global rank 0 pushes
+    to them; the other ranks wait at a barrier and adopt the new version.
 
     Args:
         every_n_steps: sync period in RL steps (1 = strictly on-policy rollouts).
@@ -31,10 +37,20 @@ class WeightSync(Callback):
         dm = trainer.datamodule
         gen = dm.get_generator()
         start = time.perf_counter()
-        if hasattr(gen, "sync_from_model"):
-            gen.sync_from_model(pl_module.policy, pl_module.tokenizer, self.version)
+        root = trainer.strategy.model if trainer.strategy.model is not None else pl_module
+        weights = None
+        if is_sharded(root):  # collective: all ranks gather before anyone pushes
+            weights = full_state_dict(root, prefix=submodule_prefix(root, pl_module.policy.model))
+        if hasattr(gen, "sync_from_model"):  # a server shared by every rank
+            if trainer.is_global_zero:
+                gen.sync_from_model(pl_module.policy, pl_module.tokenizer, self.version, state_dict=weights)
+            if trainer.world_size > 1:
+                trainer.strategy.barrier("lrl_weight_sync")
+                if not trainer.is_global_zero:
+                    gen.adopt_version(self.version)
         else:
-            gen.update_weights(pl_module.policy.model.state_dict(), version=self.version)
+            gen.update_weights(weights if weights is not None else pl_module.policy.model.state_dict(),
+                               version=self.version)
         self.last_sync_s = time.perf_counter() - start
 
     @override

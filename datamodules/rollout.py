@@ -21,6 +21,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
+from lrl.models import load_checkpoint
+from lrl.models.sharding import is_sharded
 from lrl.rollout.base import RolloutGenerator
 from lrl.rollout.types import RolloutBatch, SamplingParams
 
@@ -239,8 +241,15 @@ class RolloutDataModule(LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is None or getattr(module, "policy", None) is None:
             raise RuntimeError("the native rollout engine needs the policy of a LightningRLModule")
-        lm = copy.deepcopy(module.policy).eval()
-        lm.requires_grad_(False)
+        root = self.trainer.strategy.model
+        if root is not None and is_sharded(root):
+            # a sharded policy cannot be deep-copied: load the architecture, WeightSync then pushes full weights
+            hp = module.hparams
+            lm, _ = load_checkpoint(hp.checkpoint, mask_token_id=hp.mask_token_id, attention=hp.attention)
+            lm.to(module.device)
+        else:
+            lm = copy.deepcopy(module.policy)
+        lm.eval().requires_grad_(False)
         if cfg.dtype:
             lm.to(getattr(torch, cfg.dtype))
         return NativeEngine(lm, module.tokenizer, max_rows=cfg.max_rows, progress=cfg.progress)

@@ -20,10 +20,12 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
+from lightning.pytorch.strategies import FSDPStrategy
 
 from lrl.algorithms.logprobs import response_logprobs
 from lrl.algorithms.losses import LossStats, build_normalizer, lightningrl_loss
 from lrl.models import BlockDiffusionLM, load_checkpoint
+from lrl.models.sharding import clip_grad_norm, gathered, is_sharded, unwrap, wrap_fsdp
 from lrl.rollout.types import RolloutBatch
 
 
@@ -153,6 +155,29 @@ class LightningRLModule(LightningModule):
             ref = copy.deepcopy(self.policy).eval()
             ref.requires_grad_(False)
             self._ref = [ref]
+        self._maybe_shard()
+
+    def _maybe_shard(self) -> None:
+        """Under Lightning's FSDPStrategy, shard the policy here (decoder layers as units) instead of letting the
+        strategy wrap the whole LightningModule: its root unit would stay in "forward" state for all of
+        ``training_step``, and the manual backward passes inside it are then rejected. Training calls the wrapper
+        (``BlockDiffusionLM.forward``); inference gathers the full parameters (`gathered`). The frozen reference
+        stays a full, unsharded copy on each rank."""
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if strategy is None or not isinstance(strategy, FSDPStrategy) or is_sharded(self.policy):
+            return
+        layers = {type(m) for m in self.policy.model.modules() if m.__class__.__name__.endswith("DecoderLayer")}
+        if not layers:
+            raise ValueError(f"FSDP: found no *DecoderLayer modules in {type(self.policy.model).__name__} to shard")
+        device = strategy.root_device if strategy.root_device.type != "cpu" else torch.device("cpu")
+        self.policy = wrap_fsdp(
+            self.policy, layers, device=device, sharding_strategy=strategy.sharding_strategy,
+            mixed_precision=strategy.mixed_precision_config, cpu_offload=strategy.cpu_offload,
+        )
+
+    def _sync_forwards(self, local: int) -> int:
+        """The number of forward passes every rank runs: the maximum over ranks (collective)."""
+        return int(self.all_gather(torch.tensor(local, device=self.device)).max())
 
     @property
     def rollout_block_size(self) -> int:
@@ -201,6 +226,7 @@ class LightningRLModule(LightningModule):
             max_copies=hp.max_copies,
             rows_per_forward=hp.rows_per_forward,
             with_entropy=with_entropy,
+            sync_forwards=self._sync_forwards if is_sharded(lm) and self.trainer.world_size > 1 else None,
         )
 
     @torch.no_grad()
@@ -210,10 +236,11 @@ class LightningRLModule(LightningModule):
         n, mbs = len(batch), self.hparams.micro_batch_size
         was_training = lm.training
         lm.eval()
-        for s in range(0, n, mbs):
-            rows = list(range(s, min(n, s + mbs)))
-            logp, _ = self._logprobs(lm, batch, rows)
-            out.extend(logp.split([len(batch.response_ids[i]) for i in rows]))
+        with gathered(lm):  # sharded policy: full weights once, then no per-forward collectives
+            for s in range(0, n, mbs):
+                rows = list(range(s, min(n, s + mbs)))
+                logp, _ = self._logprobs(unwrap(lm), batch, rows)
+                out.extend(logp.split([len(batch.response_ids[i]) for i in rows]))
         lm.train(was_training)
         return out
 
@@ -316,7 +343,7 @@ class LightningRLModule(LightningModule):
                         )
                 else:
                     if hp.max_grad_norm > 0:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), hp.max_grad_norm)
+                        grad_norm = clip_grad_norm(self.policy, hp.max_grad_norm)
                         grad_norms.append(float(grad_norm))
                     opt.step()
                     sched.step()
@@ -412,18 +439,19 @@ class LightningRLModule(LightningModule):
         hp = self.hparams
         was_training = self.policy.training
         self.policy.eval()
-        engine = NativeEngine(self.policy, self.tokenizer)
         try:
-            return run_pareto_sweep(
-                engine,
-                task,
-                records,
-                thresholds=list(thresholds or hp.eval_thresholds),
-                block_size=self.rollout_block_size,
-                max_new_tokens=hp.eval_max_new_tokens,
-                stop_token_ids=(self.tokenizer.eos_token_id,),
-                static_anchor=hp.eval_static_anchor,
-                y_max=y_max,
-            )
+            with gathered(self.policy):  # sharded policy: the engine calls submodules directly
+                engine = NativeEngine(unwrap(self.policy), self.tokenizer)
+                return run_pareto_sweep(
+                    engine,
+                    task,
+                    records,
+                    thresholds=list(thresholds or hp.eval_thresholds),
+                    block_size=self.rollout_block_size,
+                    max_new_tokens=hp.eval_max_new_tokens,
+                    stop_token_ids=(self.tokenizer.eos_token_id,),
+                    static_anchor=hp.eval_static_anchor,
+                    y_max=y_max,
+                )
         finally:
             self.policy.train(was_training)

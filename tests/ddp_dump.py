@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch import Callback
+from lightning.pytorch.strategies import FSDPStrategy
 
 
 class DumpWeights(Callback):
@@ -21,3 +22,33 @@ class DumpWeights(Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.policy.model.state_dict().items()}
         torch.save({"weights": state, "prompts": self.prompts}, self.out / f"rank{trainer.global_rank}.pt")
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Test-only: Lightning's FSDP on CPU processes (gloo). Lightning refuses the exact `FSDPStrategy` class without
+    a GPU; torch's FSDP itself runs on CPU (the module passes ``device_id=cpu`` when it shards the policy), which is
+    enough to check sharded training, weight sync and clipping."""
+
+    strategy_name = "cpu_fsdp_test"
+
+
+class DumpEngine(Callback):
+    """Each rank saves its rollout engine's weights, the gathered full policy and the size of its local shard."""
+
+    def __init__(self, out: str):
+        self.out = Path(out)
+
+    def on_train_end(self, trainer, pl_module):
+        from lrl.models.sharding import full_state_dict, is_sharded, submodule_prefix
+
+        root = trainer.strategy.model
+        full = full_state_dict(root, prefix=submodule_prefix(root, pl_module.policy.model))
+        engine = trainer.datamodule.get_generator().lm.model.state_dict()
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.save({
+            "sharded": is_sharded(root),
+            "device": next(pl_module.policy.parameters()).device.type,  # Lightning moves it back to CPU after fit
+            "local_numel": sum(p.numel() for p in pl_module.policy.parameters()),
+            "full": {k: v.detach().cpu().clone() for k, v in full.items()},
+            "engine": {k: v.detach().cpu().clone() for k, v in engine.items()},
+        }, self.out / f"rank{trainer.global_rank}.pt")

@@ -130,3 +130,31 @@ def test_unknown_estimator_and_missing_block_size(tiny_lm):
         response_logprobs(tiny_lm, [[5, 6]], [[7]], [[1]], estimator="nope", block_size=4)
     with pytest.raises(ValueError, match="block_size"):
         response_logprobs(tiny_lm, [[5, 6]], [[7]], [[1]], estimator="trajectory")
+
+
+def test_sync_forwards_pads_passes_without_changing_values_or_gradients(tiny_lm, tiny_tokenizer):
+    """FSDP lockstep: extra dummy forwards (a rank with fewer passes than another) leave log-probs, entropies and
+    gradients unchanged, and really run (counted through a forward hook)."""
+    batch = _rollout(tiny_lm, tiny_tokenizer, 4)
+    kw = dict(estimator="trajectory", block_size=4, pad_id=tiny_tokenizer.pad_token_id, max_copies=1,
+              rows_per_forward=2, with_entropy=True)
+    args = (batch.prompt_ids, batch.response_ids, batch.step_maps)
+    calls = []
+    hook = tiny_lm.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        logp, ent = response_logprobs(tiny_lm, *args, **kw)
+        logp.sum().backward()
+        grads = [p.grad.clone() for p in tiny_lm.parameters()]
+        tiny_lm.zero_grad(set_to_none=True)
+        local = len(calls)
+        seen = []
+        logp2, ent2 = response_logprobs(tiny_lm, *args, **kw, sync_forwards=lambda n: seen.append(n) or n + 3)
+        logp2.sum().backward()
+    finally:
+        hook.remove()
+    assert seen == [local] and len(calls) == 2 * local + 3
+    torch.testing.assert_close(logp2, logp, rtol=0, atol=0)
+    torch.testing.assert_close(ent2, ent, rtol=0, atol=0)
+    for p, g in zip(tiny_lm.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+    tiny_lm.zero_grad(set_to_none=True)

@@ -150,6 +150,12 @@ class BlockDiffusionLM(nn.Module):
             src = torch.where(same_block, src - 1, k * width + l_idx - 1)
         return self.logits(hidden[b_idx, src])
 
+    def forward(
+        self, input_ids: torch.Tensor, noisy_masks: torch.Tensor, lengths: torch.Tensor, block_size: int | None = None
+    ) -> torch.Tensor:
+        """The training forward, `diffusion_logits`: sharding wrappers (FSDP) gather parameters around it."""
+        return self.diffusion_logits(input_ids, noisy_masks, lengths, block_size)
+
     # ------------------------------------------------------------------ inference primitives
     def new_cache(self, rows: int, max_len: int) -> BlockKVCache:
         cfg = self.hf_config

@@ -437,24 +437,31 @@ class SGLangRolloutGenerator(RolloutGenerator):
         else:
             self._update_distributed(weights, version)
 
-    def sync_from_model(self, lm, tokenizer=None, version: int | None = None) -> None:
-        """Push a `BlockDiffusionLM`'s current weights (disk: saved with its block-diffusion identity)."""
+    def sync_from_model(self, lm, tokenizer=None, version: int | None = None,
+                        state_dict: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Push a `BlockDiffusionLM`'s current weights (disk: saved with its block-diffusion identity).
+
+        ``state_dict`` (HF names) replaces ``lm``'s own tensors, e.g. the full weights gathered from FSDP shards.
+        """
         version = self.weight_version + 1 if version is None else int(version)
+        weights = dict(lm.model.state_dict() if state_dict is None else state_dict)
         if self.weight_sync == "disk":
             from lrl.models.loading import save_checkpoint
 
             self._ensure_ready()
             store = self._checkpoint_store()
             path = store.path_for(version)
-            sd = None
             if self.sync_dtype is not None:
-                sd = {k: v.to(self.sync_dtype) if v.is_floating_point() else v
-                      for k, v in lm.model.state_dict().items()}
-            save_checkpoint(lm, path, tokenizer=tokenizer or self.tokenizer, state_dict=sd)
+                weights = {k: v.to(self.sync_dtype) if v.is_floating_point() else v for k, v in weights.items()}
+            save_checkpoint(lm, path, tokenizer=tokenizer or self.tokenizer, state_dict=weights)
             store.record(path)
             self.update_weights_from_disk(path, version)
         else:
-            self.update_weights(lm.model.state_dict().items(), version)
+            self.update_weights(weights.items(), version)
+
+    def adopt_version(self, version: int) -> None:
+        """Take ``version`` as current after another rank pushed it (checks that every server reports it)."""
+        self._after_update(int(version))
 
     def update_weights_from_disk(self, path: str | os.PathLike, version: int) -> None:
         """Ask every worker to load the checkpoint at ``path`` (which it must be able to read) as ``version``."""
