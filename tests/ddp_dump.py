@@ -37,6 +37,10 @@ class DumpEngine(Callback):
 
     def __init__(self, out: str):
         self.out = Path(out)
+        self.steps_this_run = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.steps_this_run += 1
 
     def on_train_end(self, trainer, pl_module):
         from lrl.models.sharding import full_state_dict, is_sharded, submodule_prefix
@@ -47,6 +51,8 @@ class DumpEngine(Callback):
         self.out.mkdir(parents=True, exist_ok=True)
         torch.save({
             "sharded": is_sharded(root),
+            "rl_step": pl_module.rl_step,
+            "steps_this_run": self.steps_this_run,
             "device": next(pl_module.policy.parameters()).device.type,  # Lightning moves it back to CPU after fit
             "local_numel": sum(p.numel() for p in pl_module.policy.parameters()),
             "full": {k: v.detach().cpu().clone() for k, v in full.items()},

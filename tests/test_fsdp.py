@@ -13,16 +13,25 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.timeout(600)
-def test_fsdp_two_processes_weight_sync(tiny_checkpoint, tmp_path):
-    out = tmp_path / "fsdp"
+def _fit_fsdp(ckpt, out: Path, steps: int, *extra: str, pareto: bool = False) -> None:
+    callbacks = [
+        "{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, tpf_range_threshold: null}}",
+        "{class_path: callbacks.WeightSync}",
+        f"{{class_path: ddp_dump.DumpEngine, init_args: {{out: {out}/engine}}}}",
+        f"{{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {{dirpath: {out}/ckpts, "
+        "save_last: true, every_n_train_steps: 1}}",
+    ]
+    if pareto:
+        callbacks.insert(2, f"{{class_path: callbacks.ParetoFrontierCheckpoint, init_args: {{every_n_steps: 2, "
+                            f"eval_size: 2, dirpath: {out}/pareto}}}}")
     cmd = [
         sys.executable, "-m", "lrl.cli", "fit",
         "--config", str(ROOT / "configs" / "quickstart.yaml"),
-        "--checkpoint", str(tiny_checkpoint),
+        "--checkpoint", str(ckpt),
         "--block_size", "4",
         "--trainer.devices=2",
-        "--trainer.strategy={class_path: ddp_dump.CPUFSDPStrategy}",
+        # the sharded checkpoint format of configs/trainer/fsdp_8gpu.yaml
+        "--trainer.strategy={class_path: ddp_dump.CPUFSDPStrategy, init_args: {state_dict_type: sharded}}",
         "--trainer.accelerator=cpu",
         "--data.init_args.prompts_per_step=2",
         "--data.init_args.group_size=2",
@@ -40,21 +49,23 @@ def test_fsdp_two_processes_weight_sync(tiny_checkpoint, tmp_path):
         "--model.init_args.eval_thresholds=[0.5]",
         "--model.init_args.lr=1e-2",
         "--model.init_args.warmup_steps=0",
-        "--model.init_args.max_rl_steps=2",
+        f"--model.init_args.max_rl_steps={steps}",
         f"--trainer.default_root_dir={out}",
         "--trainer.enable_progress_bar=false",
-        "--trainer.enable_checkpointing=false",
         f"--trainer.logger.init_args.save_dir={out}",
-        "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
-        "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}, "
-        f"{{class_path: callbacks.ParetoFrontierCheckpoint, init_args: {{every_n_steps: 2, eval_size: 2, "
-        f"dirpath: {out}/pareto}}}}, "
-        f"{{class_path: ddp_dump.DumpEngine, init_args: {{out: {out}/engine}}}}]",
+        f"--trainer.callbacks=[{', '.join(callbacks)}]",
+        *extra,
     ]
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=540)
+    proc = subprocess.run(cmd, cwd=str(out.parent), env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+@pytest.mark.timeout(600)
+def test_fsdp_two_processes_weight_sync(tiny_checkpoint, tmp_path):
+    out = tmp_path / "fsdp"
+    _fit_fsdp(tiny_checkpoint, out, 2, pareto=True)
     a, b = (torch.load(out / "engine" / f"rank{r}.pt") for r in (0, 1))
     from lrl.models import load_checkpoint
 
@@ -77,3 +88,19 @@ def test_fsdp_two_processes_weight_sync(tiny_checkpoint, tmp_path):
     saved, _ = load_checkpoint(out / "pareto" / "step-000002" / "model")
     for name, tensor in saved.model.state_dict().items():
         torch.testing.assert_close(tensor, a["full"][name], rtol=0, atol=0, msg=f"saved {name}")
+
+
+@pytest.mark.timeout(600)
+def test_fsdp_resume_matches_uninterrupted_run(tiny_checkpoint, tmp_path):
+    """2 steps, stop, resume from the sharded last.ckpt for a 3rd == 3 steps straight (weights and engine)."""
+    _fit_fsdp(tiny_checkpoint, tmp_path / "straight", 3)
+    _fit_fsdp(tiny_checkpoint, tmp_path / "resumed", 2)
+    _fit_fsdp(tiny_checkpoint, tmp_path / "resumed", 3, "--ckpt_path", "last")
+    for rank in (0, 1):
+        a = torch.load(tmp_path / "straight" / "engine" / f"rank{rank}.pt")
+        b = torch.load(tmp_path / "resumed" / "engine" / f"rank{rank}.pt")
+        assert (a["rl_step"], a["steps_this_run"]) == (3, 3)
+        assert (b["rl_step"], b["steps_this_run"]) == (3, 1), "the resumed run started over"
+        for name, tensor in a["full"].items():
+            torch.testing.assert_close(b["full"][name], tensor, rtol=0, atol=0, msg=f"rank {rank} policy {name}")
+            torch.testing.assert_close(b["engine"][name], a["engine"][name], rtol=0, atol=0, msg=f"engine {name}")
