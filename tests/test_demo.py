@@ -70,3 +70,21 @@ def test_demo_before_after_table():
     assert "| TPF @ φ=0.9 | 2.00 | 5.00 | 2.50× |" in table
     assert "| AUP over the sweep | 100.0 | 250.0 | 2.50× |" in table
     assert "static_1tok: acc % / TPF | 60.0 / 1.00 | 60.0 / 1.00" in table
+
+
+def test_bench_forward_tiny_on_cpu(tmp_path):
+    """The forward-cost script runs end to end at the tiny shape (its GPU figures are in the README)."""
+    import json
+
+    import bench_forward
+
+    out = tmp_path / "fwd.json"
+    res = bench_forward.main(["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--rows", "2",
+                              "--prompt-len", "16", "--block-size", "8", "--train-len", "32", "--train-copies", "2",
+                              "--warmup", "0", "--repeats", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == res
+    # by hand: embeddings + head 2·64·128, per layer attention 49152 + QK-norms 64 + MLP 147456 + norms 256, final norm
+    assert res["params"] == 2 * 64 * 128 + 2 * (49152 + 64 + 147456 + 256) + 128
+    # 2 copies split each response block's positions in two: every response token is a target exactly once
+    assert res["train_tokens"] == 32 - 16
+    assert all(res[k] > 0 for k in ("prefill_ms", "block_forward_ms", "train_fwd_bwd_ms"))
