@@ -110,56 +110,6 @@ def masked_diffusion_loss(
     raise ValueError(f"loss_weighting must be 'mean' or 'inverse_ratio', got {weighting!r}")
 
 
-def windowed_diffusion_logits(lm: BlockDiffusionLM, input_ids: torch.Tensor, noisy_masks: torch.Tensor,
-                              lengths: torch.Tensor, block_size: int, window_start: torch.Tensor) -> torch.Tensor:
-    """`BlockDiffusionLM.diffusion_logits` with the noisy copies cut to the response blocks of each row.
-
-    In ``[x_t | x_0]`` the noisy copy of a prompt-only block is never attended by anything and yields no loss, yet
-    it costs as much as a response block. Here the noisy copies hold only the block-aligned window
-    ``[⌊window_start/b⌋·b, length)`` of each row (same position ids, same block ids, same attention rules of
-    `lrl.models.masks`), while the clean copy stays whole. The logits are those of ``lm.diffusion_logits`` (same
-    order: ``noisy_masks.nonzero()``); for the tiny demo rows this halves the packed length.
-
-    Args:
-        lm: the model.
-        input_ids: (B, L) clean rows, right-padded.
-        noisy_masks: (B, K, L) bool; every True position must lie at or after ``window_start`` of its row.
-        lengths: (B,) valid tokens per row.
-        block_size: attention block size.
-        window_start: (B,) first position that may be masked (the response start).
-    """
-    from lrl.models.masks import dense_block_diffusion_mask
-
-    b, length = input_ids.shape
-    k = noisy_masks.shape[1]
-    device = input_ids.device
-    lengths = lengths.to(device)
-    start = window_start.to(device) // block_size * block_size
-    width = int(((lengths - start).clamp(min=1).max() + block_size - 1) // block_size * block_size)
-    wpos = start[:, None] + torch.arange(width, device=device)  # (B, W) absolute positions of the window
-    inside = wpos < lengths[:, None]
-    gather = wpos.clamp(max=length - 1)
-    w_masks = noisy_masks.gather(2, gather[:, None].expand(-1, k, -1)) & inside[:, None]
-    if int(w_masks.sum()) != int(noisy_masks.sum()):
-        raise ValueError("noisy_masks has masked positions before window_start (or past the row length)")
-    w_ids = input_ids.gather(1, gather)
-    mask_tok = torch.full_like(w_masks, lm.bd.mask_token_id, dtype=input_ids.dtype)
-    noisy = torch.where(w_masks, mask_tok, w_ids[:, None])
-    packed = torch.cat([noisy.reshape(b, k * width), input_ids], 1)
-    pos = torch.cat([wpos.repeat(1, k), torch.arange(length, device=device).expand(b, -1)], 1)
-    copy = torch.cat([torch.arange(1, k + 1, device=device).repeat_interleave(width),
-                      torch.zeros(length, dtype=torch.long, device=device)]).expand(b, -1)
-    valid = torch.cat([inside.repeat(1, k), torch.arange(length, device=device)[None] < lengths[:, None]], 1)
-    hidden = lm._decoder(packed, pos, dense_block_diffusion_mask(copy, pos // block_size, valid))
-    b_idx, k_idx, l_idx = noisy_masks.nonzero(as_tuple=True)
-    src = k_idx * width + (l_idx - start[b_idx])
-    if lm.bd.logit_shift:  # token l is predicted at l − 1: same noisy block, else the clean previous block's end
-        if bool((l_idx == 0).any()):
-            raise ValueError("with logit_shift, position 0 cannot be masked (nothing precedes it)")
-        src = torch.where(l_idx % block_size != 0, src - 1, k * width + l_idx - 1)
-    return lm.logits(hidden[b_idx, src])
-
-
 def _last_boxed(text: str) -> str | None:
     start = text.rfind("\\boxed{")
     if start < 0:
@@ -206,9 +156,6 @@ class BlockDiffusionSFT(LightningModule):
         min_mask_ratio: ε of t ~ U(ε, 1), the per-block mask ratio.
         complementary_masks: add a second noisy copy with the complementary mask (every token trained each step).
         loss_weighting: ``mean`` (token mean over masked positions) or ``inverse_ratio`` (MDLM 1/t weighting).
-        noisy_window: pack only the response blocks of the noisy copies (`windowed_diffusion_logits`: the same
-            logits as ``BlockDiffusionLM.diffusion_logits``, about twice as fast on prompt-heavy rows); CUDA models
-            with ``attention="flex"`` always use ``diffusion_logits``.
         val_threshold: confidence threshold of the greedy validation decode (``low_confidence_dynamic``).
         val_max_new_tokens: generation budget of the validation decode.
     """
@@ -230,7 +177,6 @@ class BlockDiffusionSFT(LightningModule):
         min_mask_ratio: float = 1e-3,
         complementary_masks: bool = True,
         loss_weighting: LossWeighting = "mean",
-        noisy_window: bool = True,
         val_threshold: float = 0.9,
         val_max_new_tokens: int = 64,
     ):
@@ -328,13 +274,8 @@ class BlockDiffusionSFT(LightningModule):
         ids, lengths, resp = batch["input_ids"], batch["lengths"], batch["response_mask"]
         masks, ratios = sample_noisy_masks(resp, self.block_size, min_mask_ratio=self.hparams.min_mask_ratio,
                                            complementary=self.hparams.complementary_masks, generator=generator)
-        if self.hparams.noisy_window and not (lm.attention == "flex" and ids.is_cuda):
-            start = batch.get("prompt_lengths")
-            if start is None:  # first response position of each row
-                start = resp.long().argmax(1)
-            logits = windowed_diffusion_logits(lm, ids, masks, lengths, self.block_size, start)
-        else:
-            logits = lm.diffusion_logits(ids, masks, lengths, self.block_size)
+        # the noisy copies hold only each row's response blocks (BlockDiffusionLM.diffusion_hidden)
+        logits = lm.diffusion_logits(ids, masks, lengths, self.block_size)
         b_idx, k_idx, l_idx = masks.nonzero(as_tuple=True)  # the order of diffusion_logits' rows
         targets = ids[b_idx, l_idx]
         loss = masked_diffusion_loss(logits, targets, ratios[b_idx, k_idx, l_idx],

@@ -203,7 +203,7 @@ def test_flex_block_mask_matches_dense_mask():
 
 
 def test_noisy_window_skips_unmasked_prefix(tiny_lm):
-    """Rows whose first masked block starts late get noisy copies only from that block on (same logits)."""
+    """Each row's noisy copies start at its own first masked block (same logits as full-length copies)."""
     from lrl.models.masks import dense_block_diffusion_mask, segment_ids
 
     g = torch.Generator().manual_seed(11)
@@ -213,8 +213,9 @@ def test_noisy_window_skips_unmasked_prefix(tiny_lm):
     masks[0, 0, 13:20] = True
     masks[1, 1, 17:21] = True
     with torch.no_grad():
-        hidden, window = tiny_lm.diffusion_hidden(x, masks, lengths)
-        assert window == 12 and hidden.shape[1] == 2 * 12 + 24
+        hidden, starts, width = tiny_lm.diffusion_hidden(x, masks, lengths)
+        # row 0: first masked block [12, 16), window 12..23; row 1: [16, 20), window 16..27 (22..27 padding)
+        assert starts.tolist() == [12, 16] and width == 12 and hidden.shape[1] == 2 * 12 + 24
         fast = tiny_lm.diffusion_logits(x, masks, lengths)
         # reference: the same packing without the window (full-length noisy copies), computed by hand
         k, length = 2, 24

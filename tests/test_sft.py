@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from datamodules.sft import LengthGroupedBatches, SFTDataModule, build_sft_row, collate_sft
-from lrl.sft import BlockDiffusionSFT, masked_diffusion_loss, sample_noisy_masks, windowed_diffusion_logits
+from lrl.sft import BlockDiffusionSFT, masked_diffusion_loss, sample_noisy_masks
 
 
 def _fake_rand(block_draws, position_draws):
@@ -143,8 +143,7 @@ class _StubLM(torch.nn.Module):
 def test_loss_only_on_masked_positions():
     ids, plen = build_sft_row([5, 6, 7], [8, 9, 10, 11], eos_id=0, block_size=4)
     batch = collate_sft([(ids, plen), (ids[:6], plen)], pad_id=1)
-    module = BlockDiffusionSFT("unused", block_size=4, init_tiny={"hidden_size": 32}, complementary_masks=True,
-                               noisy_window=False)
+    module = BlockDiffusionSFT("unused", block_size=4, init_tiny={"hidden_size": 32}, complementary_masks=True)
     module.lm = _StubLM(16, batch["response_mask"])
     loss, metrics = module.diffusion_loss(batch, generator=torch.Generator().manual_seed(0))
     masks, bs = module.lm.calls[0]
@@ -157,7 +156,10 @@ def test_loss_only_on_masked_positions():
 
 @pytest.mark.parametrize("logit_shift", [False, True])
 def test_windowed_logits_match_full_packing(tmp_path, logit_shift):
+    """On SFT rows (prompts of different lengths) the per-row noisy windows give the logits of full-length noisy
+    copies, computed here by hand."""
     from lrl.models import build_tiny_model
+    from lrl.models.masks import dense_block_diffusion_mask, segment_ids
 
     dm = SFTDataModule(str(tmp_path / "new"), block_size=8, task_kwargs={"num_train": 6, "num_eval": 2})
     dm.setup("fit")
@@ -166,14 +168,22 @@ def test_windowed_logits_match_full_packing(tmp_path, logit_shift):
                           max_position_embeddings=160)
     masks, _ = sample_noisy_masks(batch["response_mask"], 8, complementary=True,
                                   generator=torch.Generator().manual_seed(0))
-    full = lm.diffusion_logits(batch["input_ids"], masks, batch["lengths"], 8)
-    window = windowed_diffusion_logits(lm, batch["input_ids"], masks, batch["lengths"], 8, batch["prompt_lengths"])
-    assert full.shape == window.shape == (int(masks.sum()), len(dm.tokenizer))
-    torch.testing.assert_close(window, full, atol=1e-5, rtol=1e-5)
-    early = masks.clone()
-    early[0, 0, 0] = True
-    with pytest.raises(ValueError, match="before window_start"):
-        windowed_diffusion_logits(lm, batch["input_ids"], early, batch["lengths"], 8, batch["prompt_lengths"])
+    ids, lengths = batch["input_ids"], batch["lengths"]
+    assert len(set(batch["prompt_lengths"].tolist())) > 1  # the windows really differ by row
+    with torch.no_grad():
+        fast = lm.diffusion_logits(ids, masks, lengths, 8)
+        b, k, length = masks.shape
+        noisy = torch.where(masks, torch.tensor(lm.bd.mask_token_id), ids.unsqueeze(1))
+        packed = torch.cat([noisy.reshape(b, k * length), ids], dim=1)
+        copy, block, valid, pos = segment_ids(lengths, length, k, 8)
+        hidden = lm._decoder(packed, pos, dense_block_diffusion_mask(copy, block, valid))
+        b_idx, k_idx, l_idx = masks.nonzero(as_tuple=True)
+        src = k_idx * length + l_idx
+        if logit_shift:
+            src = torch.where(l_idx % 8 != 0, src - 1, k * length + l_idx - 1)
+        ref = lm.logits(hidden[b_idx, src])
+    assert fast.shape == ref.shape == (int(masks.sum()), len(dm.tokenizer))
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_loss_weighting():

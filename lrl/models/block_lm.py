@@ -23,7 +23,12 @@ from torch import nn
 
 from lrl.models.config import BlockDiffusionConfig
 from lrl.models.kv_cache import BlockKVCache
-from lrl.models.masks import dense_block_diffusion_mask, flex_block_diffusion_mask, segment_ids
+from lrl.models.masks import (
+    dense_block_diffusion_mask,
+    flex_block_diffusion_mask,
+    segment_ids,
+    windowed_segment_ids,
+)
 
 
 class BlockDiffusionLM(nn.Module):
@@ -94,11 +99,12 @@ class BlockDiffusionLM(nn.Module):
     # ------------------------------------------------------------------ training forward
     def diffusion_hidden(
         self, input_ids: torch.Tensor, noisy_masks: torch.Tensor, lengths: torch.Tensor, block_size: int | None = None
-    ) -> tuple[torch.Tensor, int]:
-        """Decoder states of the packed [noisy_1 | … | noisy_K | clean] row.
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Decoder states of the packed [noisy_1 | … | noisy_K | clean] rows.
 
-        Noisy copies start at W, the block-aligned first masked position of the batch (earlier positions are
-        never masked, so a noisy copy of them would be pure waste: prompts are often longer than responses).
+        Each row's noisy copies start at its own block-aligned first masked position S_r (earlier positions are
+        never masked, so noisy copies of them would be pure waste: prompts are often longer than responses, and
+        of different lengths) and span a common width W (whole blocks, enough for the longest row's window).
 
         Args:
             input_ids: (B, L) clean tokens x_0, right-padded.
@@ -106,27 +112,30 @@ class BlockDiffusionLM(nn.Module):
             lengths: (B,) valid tokens per row.
             block_size: attention block size (default: the model's).
         Returns:
-            hidden (B, K·(L−W) + L, H) and W; noisy copy k occupies [k·(L−W), (k+1)·(L−W)) and holds positions
-            W..L−1; the clean copy is the last L.
+            hidden (B, K·W + L, H), S (B,) and W; noisy copy k of row r occupies [k·W, (k+1)·W) and holds
+            positions S_r..S_r+W−1 (those past the row's length are padding); the clean copy is the last L.
         """
         b, length = input_ids.shape
         k = noisy_masks.shape[1]
         bs = block_size or self.bd.block_size
-        any_masked = noisy_masks.any(dim=(0, 1)).nonzero()
-        first = int(any_masked[0]) if any_masked.numel() else length
-        window = min(first // bs * bs, (length // bs) * bs)
-        noisy = torch.where(
-            noisy_masks[:, :, window:],
-            torch.full_like(noisy_masks[:, :, window:], self.bd.mask_token_id, dtype=input_ids.dtype),
-            input_ids[:, window:].unsqueeze(1),
-        )
-        packed = torch.cat([noisy.reshape(b, k * (length - window)), input_ids], dim=1)
-        copy, block, valid, pos = segment_ids(lengths.to(input_ids.device), length, k, bs, window)
+        dev = input_ids.device
+        lengths = lengths.to(dev)
+        masked = noisy_masks.any(dim=1)  # (B, L)
+        first = torch.where(masked.any(dim=1), masked.long().argmax(dim=1), lengths)  # nothing masked: the row end
+        starts = torch.minimum(first, lengths) // bs * bs
+        width = int(((lengths - starts).max() + bs - 1) // bs * bs) if b else 0
+        window_pos = (starts[:, None] + torch.arange(width, device=dev)).clamp(max=max(length - 1, 0))
+        inside = starts[:, None] + torch.arange(width, device=dev) < lengths[:, None]
+        window_masks = noisy_masks.gather(2, window_pos[:, None].expand(-1, k, -1)) & inside[:, None]
+        mask_tok = torch.full_like(window_masks, self.bd.mask_token_id, dtype=input_ids.dtype)
+        noisy = torch.where(window_masks, mask_tok, input_ids.gather(1, window_pos)[:, None])
+        packed = torch.cat([noisy.reshape(b, k * width), input_ids], dim=1)
+        copy, block, valid, pos = windowed_segment_ids(lengths, length, k, bs, starts, width)
         if self.attention == "flex" and input_ids.is_cuda:
             mask = flex_block_diffusion_mask(copy, block, valid)
             with self._attn_impl("flex_attention"):
-                return self._decoder(packed, pos, mask), window
-        return self._decoder(packed, pos, dense_block_diffusion_mask(copy, block, valid)), window
+                return self._decoder(packed, pos, mask), starts, width
+        return self._decoder(packed, pos, dense_block_diffusion_mask(copy, block, valid)), starts, width
 
     def diffusion_logits(
         self, input_ids: torch.Tensor, noisy_masks: torch.Tensor, lengths: torch.Tensor, block_size: int | None = None
@@ -137,11 +146,10 @@ class BlockDiffusionLM(nn.Module):
         is predicted at l − 1 of the same copy when l − 1 is in the same block, else at l − 1 of the clean copy
         (the last token of the previous, already-known block).
         """
-        hidden, window = self.diffusion_hidden(input_ids, noisy_masks, lengths, block_size)
+        hidden, starts, width = self.diffusion_hidden(input_ids, noisy_masks, lengths, block_size)
         b_idx, k_idx, l_idx = noisy_masks.nonzero(as_tuple=True)
-        length, k = input_ids.shape[1], noisy_masks.shape[1]
-        width = length - window
-        src = k_idx * width + (l_idx - window)
+        k = noisy_masks.shape[1]
+        src = k_idx * width + (l_idx - starts[b_idx])
         if self.bd.logit_shift:
             bs = block_size or self.bd.block_size
             if bool((l_idx == 0).any()):

@@ -19,7 +19,7 @@ import torch
 
 
 def segment_ids(lengths: torch.Tensor, seq_len: int, num_copies: int, block_size: int, window_start: int = 0):
-    """Per-token (copy, block, valid) for rows laid out as [noisy_1 | … | noisy_K | clean].
+    """Per-token (copy, block, valid, pos) for rows laid out as [noisy_1 | … | noisy_K | clean].
 
     The clean copy covers positions [0, L); each noisy copy covers only [window_start, L), because positions
     before the first masked block are never noisy and would be computed for nothing.
@@ -34,22 +34,39 @@ def segment_ids(lengths: torch.Tensor, seq_len: int, num_copies: int, block_size
         copy, block, valid, pos: each (B, K·(L−W) + L); copy is 1..K for noisy copies and 0 for the clean one;
         pos is the position id of every token.
     """
+    starts = torch.full_like(lengths, window_start)
+    return windowed_segment_ids(lengths, seq_len, num_copies, block_size, starts, seq_len - window_start)
+
+
+def windowed_segment_ids(lengths: torch.Tensor, seq_len: int, num_copies: int, block_size: int,
+                         starts: torch.Tensor, width: int):
+    """`segment_ids` with a window per row: row r's noisy copies hold positions [starts[r], starts[r] + width).
+
+    Window positions at or past the row's length are padding (invalid). Rows whose prompts differ in length thus
+    pack only their own response blocks into the noisy copies.
+
+    Args:
+        lengths: (B,) valid tokens per row.
+        seq_len: L, the padded length of the clean copy.
+        num_copies: K.
+        block_size: block size of the attention pattern.
+        starts: (B,) block-aligned first position of each row's noisy copies.
+        width: positions per noisy copy (the same for every row).
+    Returns:
+        copy, block, valid, pos: each (B, K·width + L).
+    """
     device = lengths.device
-    if window_start % block_size:
-        raise ValueError(f"window_start={window_start} must be a multiple of block_size={block_size}")
-    clean_pos = torch.arange(seq_len, device=device)
-    noisy_pos = torch.arange(window_start, seq_len, device=device)
-    width = seq_len - window_start
-    copies = torch.cat(
-        [torch.full((width,), c + 1, device=device, dtype=torch.long) for c in range(num_copies)]
-        + [torch.zeros(seq_len, device=device, dtype=torch.long)]
-    )
-    pos = torch.cat([noisy_pos.repeat(num_copies), clean_pos])
-    block = pos // block_size
-    valid = pos.unsqueeze(0) < lengths.unsqueeze(1)
+    lengths, starts = lengths.to(device), starts.to(device)
+    if bool((starts % block_size != 0).any()):
+        raise ValueError(f"window starts {starts.tolist()} must be multiples of block_size={block_size}")
     batch = lengths.shape[0]
-    return (copies.unsqueeze(0).expand(batch, -1), block.unsqueeze(0).expand(batch, -1), valid,
-            pos.unsqueeze(0).expand(batch, -1))
+    window_pos = starts[:, None] + torch.arange(width, device=device)
+    pos = torch.cat([window_pos.repeat(1, num_copies), torch.arange(seq_len, device=device).expand(batch, -1)], 1)
+    copies = torch.cat([
+        torch.arange(1, num_copies + 1, device=device).repeat_interleave(width),
+        torch.zeros(seq_len, device=device, dtype=torch.long),
+    ])
+    return copies.unsqueeze(0).expand(batch, -1), pos // block_size, pos < lengths[:, None], pos
 
 
 def _allowed(cq, bq, ck, bk):
