@@ -149,6 +149,7 @@ class LightningRLModule(LightningModule):
         hp = self.hparams
         self.policy, self.tokenizer = load_checkpoint(hp.checkpoint, mask_token_id=hp.mask_token_id,
                                                       attention=hp.attention)
+        self.policy.train()  # from_pretrained returns eval mode; Lightning warns when fit starts with eval modules
         if hp.gradient_checkpointing:
             self.policy.model.gradient_checkpointing_enable()
         if hp.kl_beta > 0:
