@@ -139,6 +139,7 @@ class LightningRLModule(LightningModule):
         self._ref: list[BlockDiffusionLM] = []  # a list keeps the frozen ref out of state_dict and .to()
         self.skipped_steps = 0
         self.rl_step = 0
+        self.padded_forwards = 0  # FSDP: dummy forwards run to match another rank's count (diagnostics)
         self.last_batch: RolloutBatch | None = None
         self.last_pareto = None
 
@@ -176,9 +177,15 @@ class LightningRLModule(LightningModule):
             mixed_precision=strategy.mixed_precision_config, cpu_offload=strategy.cpu_offload,
         )
 
+    def _forward_sync_for(self, lm):
+        """`response_logprobs`' ``sync_forwards`` for ``lm``: only a sharded model on several ranks needs it."""
+        return self._sync_forwards if is_sharded(lm) and self.trainer.world_size > 1 else None
+
     def _sync_forwards(self, local: int) -> int:
         """The number of forward passes every rank runs: the maximum over ranks (collective)."""
-        return int(self.all_gather(torch.tensor(local, device=self.device)).max())
+        total = int(self.all_gather(torch.tensor(local, device=self.device)).max())
+        self.padded_forwards += total - local
+        return total
 
     @property
     def rollout_block_size(self) -> int:
@@ -227,7 +234,7 @@ class LightningRLModule(LightningModule):
             max_copies=hp.max_copies,
             rows_per_forward=hp.rows_per_forward,
             with_entropy=with_entropy,
-            sync_forwards=self._sync_forwards if is_sharded(lm) and self.trainer.world_size > 1 else None,
+            sync_forwards=self._forward_sync_for(lm),
         )
 
     @torch.no_grad()
@@ -364,7 +371,8 @@ class LightningRLModule(LightningModule):
     def _zero_loss(self) -> torch.Tensor:
         """A loss of exactly 0 that still runs a forward/backward through the policy (gradient-sync hooks fire)."""
         pad = self.tokenizer.pad_token_id
-        logp, _ = response_logprobs(self.policy, [[pad]], [[pad]], [[1]], estimator="single_pass", pad_id=pad)
+        logp, _ = response_logprobs(self.policy, [[pad]], [[pad]], [[1]], estimator="single_pass", pad_id=pad,
+                                    sync_forwards=self._forward_sync_for(self.policy))
         return logp.sum() * 0.0
 
     def _log_step(

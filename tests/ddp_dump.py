@@ -52,6 +52,7 @@ class DumpEngine(Callback):
         torch.save({
             "sharded": is_sharded(root),
             "rl_step": pl_module.rl_step,
+            "padded_forwards": pl_module.padded_forwards,
             "steps_this_run": self.steps_this_run,
             "device": next(pl_module.policy.parameters()).device.type,  # Lightning moves it back to CPU after fit
             "local_numel": sum(p.numel() for p in pl_module.policy.parameters()),

@@ -13,6 +13,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def peaky_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """Confident, varied predictions: at φ = 0.9 trajectories differ in their number of denoising steps, so the
+    ranks' packed log-prob batches need different numbers of forwards."""
+    from lrl.models import build_tiny_model, save_checkpoint
+
+    lm = build_tiny_model(tiny_tokenizer, block_size=4, seed=0)
+    with torch.no_grad():
+        lm.model.lm_head.weight.mul_(35.0)
+    path = tmp_path_factory.mktemp("peaky") / "tiny"
+    save_checkpoint(lm, path, tokenizer=tiny_tokenizer)
+    return path
+
+
 def _fit_fsdp(ckpt, out: Path, steps: int, *extra: str, pareto: bool = False) -> None:
     callbacks = [
         "{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, tpf_range_threshold: null}}",
@@ -38,8 +52,8 @@ def _fit_fsdp(ckpt, out: Path, steps: int, *extra: str, pareto: bool = False) ->
         "--data.init_args.max_new_tokens=8",
         "--data.init_args.task_kwargs={num_train: 40, num_eval: 4}",
         "--data.init_args.max_refill_rounds=1",
-        "--data.init_args.threshold=0.0",
-        "--model.init_args.minibatches=1",
+        "--data.init_args.threshold=0.9",
+        "--model.init_args.minibatches=2",  # two optimizer steps: the old-log-prob pass runs too
         # one denoising round per packed row and one row per forward: the ranks run different numbers of forwards,
         # which a sharded model must even out (every FSDP forward is a collective)
         "--model.init_args.micro_batch_size=2",
@@ -63,13 +77,13 @@ def _fit_fsdp(ckpt, out: Path, steps: int, *extra: str, pareto: bool = False) ->
 
 
 @pytest.mark.timeout(600)
-def test_fsdp_two_processes_weight_sync(tiny_checkpoint, tmp_path):
+def test_fsdp_two_processes_weight_sync(peaky_checkpoint, tmp_path):
     out = tmp_path / "fsdp"
-    _fit_fsdp(tiny_checkpoint, out, 2, pareto=True)
+    _fit_fsdp(peaky_checkpoint, out, 2, pareto=True)
     a, b = (torch.load(out / "engine" / f"rank{r}.pt") for r in (0, 1))
     from lrl.models import load_checkpoint
 
-    start, _ = load_checkpoint(tiny_checkpoint)
+    start, _ = load_checkpoint(peaky_checkpoint)
     initial = start.model.state_dict()
     full_numel = sum(p.numel() for p in start.model.parameters())
     # the policy really was sharded: each rank holds about half of the parameters
@@ -84,6 +98,8 @@ def test_fsdp_two_processes_weight_sync(tiny_checkpoint, tmp_path):
         torch.testing.assert_close(b["engine"][name], tensor, rtol=0, atol=0, msg=f"rank 1 engine {name}")
         moved += not torch.equal(tensor, initial[name])
     assert moved > 0, "two RL steps at lr 1e-2 left every parameter unchanged"
+    # the ranks needed different numbers of forwards somewhere, and the shorter one padded (else: a deadlock)
+    assert a["padded_forwards"] + b["padded_forwards"] > 0
     # the Pareto checkpoint saved the gathered full weights (rank 0), loadable as an ordinary checkpoint
     saved, _ = load_checkpoint(out / "pareto" / "step-000002" / "model")
     for name, tensor in saved.model.state_dict().items():
