@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
-from lrl.models.sharding import full_state_dict, is_sharded, submodule_prefix, unwrap
+from lrl.models.sharding import unwrap
 
 
 class ParetoFrontierCheckpoint(Callback):
@@ -79,9 +79,7 @@ class ParetoFrontierCheckpoint(Callback):
                 logger.log_metrics(metrics, step=trainer.global_step)
         else:
             pl_module.log_dict(metrics, on_step=True, batch_size=len(records))
-        root = trainer.strategy.model if trainer.strategy.model is not None else pl_module
-        # FSDP: gather the full weights on every rank (a collective) before rank 0 writes them
-        weights = full_state_dict(root, submodule_prefix(root, pl_module.policy.model)) if is_sharded(root) else None
+        weights = pl_module.gathered_policy_state()  # FSDP: gathered on every rank before rank 0 writes them
         self._save(trainer, pl_module, result, step, sel, weights)
 
     @rank_zero_only

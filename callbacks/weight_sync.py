@@ -7,8 +7,6 @@ import time
 from lightning.pytorch import Callback
 from typing_extensions import override
 
-from lrl.models.sharding import full_state_dict, is_sharded, submodule_prefix
-
 
 class WeightSync(Callback):
     """After each training step, copy the policy into the rollout generator and bump ``weight_version``.
@@ -37,10 +35,7 @@ class WeightSync(Callback):
         dm = trainer.datamodule
         gen = dm.get_generator()
         start = time.perf_counter()
-        root = trainer.strategy.model if trainer.strategy.model is not None else pl_module
-        weights = None
-        if is_sharded(root):  # collective: all ranks gather before anyone pushes
-            weights = full_state_dict(root, prefix=submodule_prefix(root, pl_module.policy.model))
+        weights = pl_module.gathered_policy_state()  # FSDP: a collective, all ranks gather before anyone pushes
         if hasattr(gen, "sync_from_model"):  # a server shared by every rank
             if trainer.is_global_zero:
                 gen.sync_from_model(pl_module.policy, pl_module.tokenizer, self.version, state_dict=weights)

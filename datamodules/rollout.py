@@ -241,8 +241,7 @@ class RolloutDataModule(LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is None or getattr(module, "policy", None) is None:
             raise RuntimeError("the native rollout engine needs the policy of a LightningRLModule")
-        root = self.trainer.strategy.model
-        if root is not None and is_sharded(root):
+        if is_sharded(module.policy):
             # a sharded policy cannot be deep-copied: load the architecture, WeightSync then pushes full weights
             hp = module.hparams
             lm, _ = load_checkpoint(hp.checkpoint, mask_token_id=hp.mask_token_id, attention=hp.attention)

@@ -25,7 +25,15 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lrl.algorithms.logprobs import response_logprobs
 from lrl.algorithms.losses import LossStats, build_normalizer, lightningrl_loss
 from lrl.models import BlockDiffusionLM, load_checkpoint
-from lrl.models.sharding import clip_grad_norm, gathered, is_sharded, unwrap, wrap_fsdp
+from lrl.models.sharding import (
+    clip_grad_norm,
+    full_state_dict,
+    gathered,
+    is_sharded,
+    submodule_prefix,
+    unwrap,
+    wrap_fsdp,
+)
 from lrl.rollout.types import RolloutBatch
 
 
@@ -176,6 +184,13 @@ class LightningRLModule(LightningModule):
             self.policy, layers, device=device, sharding_strategy=strategy.sharding_strategy,
             mixed_precision=strategy.mixed_precision_config, cpu_offload=strategy.cpu_offload,
         )
+
+    def gathered_policy_state(self) -> dict[str, torch.Tensor] | None:
+        """The policy's full weights (HF names) when it is sharded (a collective: every rank must call), else None
+        (then ``policy.model.state_dict()`` already is the full set)."""
+        if not is_sharded(self.policy):
+            return None
+        return full_state_dict(self, prefix=submodule_prefix(self, self.policy.model))
 
     def _forward_sync_for(self, lm):
         """`response_logprobs`' ``sync_forwards`` for ``lm``: only a sharded model on several ranks needs it."""

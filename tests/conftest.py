@@ -36,3 +36,18 @@ def tiny_checkpoint(tmp_path_factory, tiny_lm, tiny_tokenizer):
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_checkpoint(tiny_lm, path, tokenizer=tiny_tokenizer)
     return path
+
+
+@pytest.fixture(scope="session")
+def peaky_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """A random tiny model with a scaled-up output layer: confident, varied predictions, so rollouts at φ = 0.9
+    differ in TPF (and in their number of denoising steps) within a group and the TPF reward gives a non-zero
+    advantage."""
+    from lrl.models import build_tiny_model, save_checkpoint
+
+    lm = build_tiny_model(tiny_tokenizer, block_size=4, seed=0)
+    with torch.no_grad():
+        lm.model.lm_head.weight.mul_(35.0)
+    path = tmp_path_factory.mktemp("peaky") / "tiny"
+    save_checkpoint(lm, path, tokenizer=tiny_tokenizer)
+    return path

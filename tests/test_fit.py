@@ -61,20 +61,6 @@ def _weights(module):
 
 
 @pytest.fixture(scope="module")
-def peaky_checkpoint(tmp_path_factory, tiny_tokenizer):
-    """A random tiny model with a scaled-up output layer: confident, varied predictions, so rollouts at φ = 0.9
-    differ in TPF within a group and the TPF reward gives a non-zero advantage."""
-    from lrl.models import build_tiny_model, save_checkpoint
-
-    lm = build_tiny_model(tiny_tokenizer, block_size=4, seed=0)
-    with torch.no_grad():
-        lm.model.lm_head.weight.mul_(35.0)
-    path = tmp_path_factory.mktemp("peaky") / "tiny"
-    save_checkpoint(lm, path, tokenizer=tiny_tokenizer)
-    return path
-
-
-@pytest.fixture(scope="module")
 def straight_run(peaky_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
     cli = _run(peaky_checkpoint, out, 4)

@@ -67,40 +67,29 @@ def test_fit_with_rollouts_from_lrl_serve(tiny_checkpoint, tmp_path):
 def test_ddp_ranks_share_one_server(tiny_checkpoint, tmp_path):
     """2 DDP ranks roll out from one `lrl serve`: rank 0 pushes each new version, rank 1 adopts it; the server ends
     with the ranks' final weights."""
-    import os
-    import subprocess
-    import sys
-
     import httpx
+    from fit_utils import run_two_rank_fit
 
     log = tmp_path / "server.log"
     proc, url = _start_server(tiny_checkpoint, log, "--threshold", "0.9", "--block-size", "4", "--log-level", "info")
     try:
         out = tmp_path / "run"
-        cmd = [
-            sys.executable, "-m", "lrl.cli", "fit",
-            "--config", str(ROOT / "configs" / "quickstart.yaml"),
-            "--config", str(ROOT / "configs" / "rollout" / "sglang.yaml"),
-            "--checkpoint", str(tiny_checkpoint), "--block_size", "4",
-            "--trainer.devices=2", "--trainer.strategy=ddp", "--trainer.accelerator=cpu",
+        run_two_rank_fit(
+            tiny_checkpoint,
+            out,
+            "--trainer.strategy=ddp",
             f"--data.init_args.rollout.urls=[{url}]",
             f"--data.init_args.rollout.sglang={{weight_sync: disk, sync_dir: {tmp_path}/sync, timeout_s: 120, "
             "health_timeout_s: 60, sync_dtype: float32}",
-            "--data.init_args.prompts_per_step=2", "--data.init_args.group_size=2",
-            "--data.init_args.max_new_tokens=8", "--data.init_args.task_kwargs={num_train: 20, num_eval: 4}",
-            "--data.init_args.max_refill_rounds=1",
-            "--model.init_args.minibatches=1", "--model.init_args.lr=1e-2", "--model.init_args.warmup_steps=0",
+            "--data.init_args.task_kwargs={num_train: 20, num_eval: 4}",
+            "--model.init_args.minibatches=1",
             "--model.init_args.max_rl_steps=2",
-            f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_checkpointing=false", f"--trainer.logger.init_args.save_dir={out}",
+            "--trainer.enable_checkpointing=false",
             "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
             "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}, "
             f"{{class_path: ddp_dump.DumpWeights, init_args: {{out: {out}/weights}}}}]",
-        ]
-        env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", OMP_NUM_THREADS="1",
-                   TOKENIZERS_PARALLELISM="false")
-        run = subprocess.run(cmd, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=540)
-        assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-5000:]
+            configs=("quickstart.yaml", "rollout/sglang.yaml"),
+        )
         # initial sync (version 0) + one per RL step, pushed once (by rank 0), not once per rank
         assert httpx.get(f"{url}/get_model_info", timeout=30).json()["weight_version"] == "2"
         pushes = [line for line in log.read_text().splitlines() if "POST /update_weights_from_disk" in line]

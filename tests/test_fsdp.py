@@ -2,29 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def peaky_checkpoint(tmp_path_factory, tiny_tokenizer):
-    """Confident, varied predictions: at φ = 0.9 trajectories differ in their number of denoising steps, so the
-    ranks' packed log-prob batches need different numbers of forwards."""
-    from lrl.models import build_tiny_model, save_checkpoint
-
-    lm = build_tiny_model(tiny_tokenizer, block_size=4, seed=0)
-    with torch.no_grad():
-        lm.model.lm_head.weight.mul_(35.0)
-    path = tmp_path_factory.mktemp("peaky") / "tiny"
-    save_checkpoint(lm, path, tokenizer=tiny_tokenizer)
-    return path
+from fit_utils import run_two_rank_fit
 
 
 def _fit_fsdp(ckpt, out: Path, steps: int, *extra: str, pareto: bool = False) -> None:
@@ -38,20 +20,12 @@ def _fit_fsdp(ckpt, out: Path, steps: int, *extra: str, pareto: bool = False) ->
     if pareto:
         callbacks.insert(2, f"{{class_path: callbacks.ParetoFrontierCheckpoint, init_args: {{every_n_steps: 2, "
                             f"eval_size: 2, dirpath: {out}/pareto}}}}")
-    cmd = [
-        sys.executable, "-m", "lrl.cli", "fit",
-        "--config", str(ROOT / "configs" / "quickstart.yaml"),
-        "--checkpoint", str(ckpt),
-        "--block_size", "4",
-        "--trainer.devices=2",
+    run_two_rank_fit(
+        ckpt,
+        out,
         # the sharded checkpoint format of configs/trainer/fsdp_8gpu.yaml
         "--trainer.strategy={class_path: ddp_dump.CPUFSDPStrategy, init_args: {state_dict_type: sharded}}",
-        "--trainer.accelerator=cpu",
-        "--data.init_args.prompts_per_step=2",
-        "--data.init_args.group_size=2",
-        "--data.init_args.max_new_tokens=8",
         "--data.init_args.task_kwargs={num_train: 40, num_eval: 4}",
-        "--data.init_args.max_refill_rounds=1",
         "--data.init_args.threshold=0.9",
         "--model.init_args.minibatches=2",  # two optimizer steps: the old-log-prob pass runs too
         # one denoising round per packed row and one row per forward: the ranks run different numbers of forwards,
@@ -61,19 +35,10 @@ def _fit_fsdp(ckpt, out: Path, steps: int, *extra: str, pareto: bool = False) ->
         "--model.init_args.rows_per_forward=1",
         "--model.init_args.eval_max_new_tokens=8",
         "--model.init_args.eval_thresholds=[0.5]",
-        "--model.init_args.lr=1e-2",
-        "--model.init_args.warmup_steps=0",
         f"--model.init_args.max_rl_steps={steps}",
-        f"--trainer.default_root_dir={out}",
-        "--trainer.enable_progress_bar=false",
-        f"--trainer.logger.init_args.save_dir={out}",
         f"--trainer.callbacks=[{', '.join(callbacks)}]",
         *extra,
-    ]
-    env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}", OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.run(cmd, cwd=str(out.parent), env=env, capture_output=True, text=True, timeout=540)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    )
 
 
 @pytest.mark.timeout(600)

@@ -15,18 +15,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 CUDA = torch.device("cuda")
 
 
-@pytest.fixture(scope="module")
-def peaky_checkpoint(tmp_path_factory, tiny_tokenizer):
-    from lrl.models import build_tiny_model, save_checkpoint
-
-    lm = build_tiny_model(tiny_tokenizer, block_size=4, seed=0)
-    with torch.no_grad():
-        lm.model.lm_head.weight.mul_(35.0)  # confident, varied predictions: TPF differs within a group
-    path = tmp_path_factory.mktemp("peaky") / "tiny"
-    save_checkpoint(lm, path, tokenizer=tiny_tokenizer)
-    return path
-
-
 def _noisy_batch(vocab: int, mask_id: int, b=3, k=2, length=24, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(5, vocab, (b, length), generator=g)

@@ -144,8 +144,8 @@ def response_logprobs(
         rows_per_forward: rows per forward pass (memory knob).
         with_entropy: also return the (detached) entropy of each predicted distribution.
         sync_forwards: maps this rank's number of forward passes to the number to run (FSDP: the maximum over
-            ranks, since every forward of a sharded model is a collective); the extra passes run a one-row
-            dummy whose output enters the result with weight 0, so its backward runs too.
+            ranks, since every forward of a sharded model is a collective); the extra passes rerun the first
+            packed row and are added to the result with weight 0, so their backward runs too.
     Returns:
         logp (T,) with T = Σ response lengths, response-major; and entropy (T,) or None.
     """
@@ -167,14 +167,12 @@ def response_logprobs(
     )
     vals, ents, keys = [], [], []
     n = packed.input_ids.shape[0]
+    padding = None  # the extra passes' outputs × 0, added to the result so their backward runs too
     if sync_forwards is not None:
         local = -(-n // rows_per_forward)
         for _ in range(sync_forwards(local) - local):
-            sl = slice(0, 1)
-            vals.append(lm(packed.input_ids[sl], packed.noisy[sl], packed.lengths[sl], block_size=bs).sum()[None] * 0.0)
-            keys.append(torch.full((1,), -1, dtype=torch.long, device=packed.input_ids.device))
-            if with_entropy:
-                ents.append(torch.zeros(1, device=packed.input_ids.device))
+            out = lm(packed.input_ids[:1], packed.noisy[:1], packed.lengths[:1], block_size=bs).sum() * 0.0
+            padding = out if padding is None else padding + out
     for s in range(0, n, rows_per_forward):
         sl = slice(s, s + rows_per_forward)
         logits = lm(packed.input_ids[sl], packed.noisy[sl], packed.lengths[sl], block_size=bs)
@@ -191,17 +189,9 @@ def response_logprobs(
                 ents.append(lse - (p * logits).sum(-1))
         keys.append(packed.sample[sl][b_idx] * (1 << 32) + l_idx)
     logp, key = torch.cat(vals), torch.cat(keys)
-    ent = torch.cat(ents) if with_entropy else None
-    if sync_forwards is not None and bool((key < 0).any()):
-        # fold the dummy passes' zeros into the first real value (keeps them in the graph), then drop them
-        dummy = key < 0
-        zero = logp[dummy].sum()
-        logp, key = logp[~dummy], key[~dummy]
-        ent = ent[~dummy] if ent is not None else None
-        if logp.numel():
-            logp = torch.cat([logp[:1] + zero, logp[1:]])
     order = torch.argsort(key)
     expected = sum(len(r) for r in response_ids)
     if logp.numel() != expected:
         raise RuntimeError(f"log-prob count {logp.numel()} != response tokens {expected} (bad step map?)")
-    return logp[order], (ent[order] if ent is not None else None)
+    logp = logp[order] if padding is None else logp[order] + padding
+    return logp, (torch.cat(ents)[order] if with_entropy else None)

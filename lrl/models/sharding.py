@@ -60,8 +60,6 @@ def full_state_dict(root: nn.Module, prefix: str = "") -> dict[str, torch.Tensor
     for name, tensor in state.items():
         if prefix and not name.startswith(prefix):
             continue
-        if _is_dtensor(tensor):  # defensive: some torch versions leave replicated DTensors in full state dicts
-            tensor = tensor.full_tensor()
         out[name[len(prefix):]] = tensor.detach()
     if prefix and not out:
         raise KeyError(f"full_state_dict: no entries under prefix {prefix!r} (first keys: {list(state)[:3]})")
