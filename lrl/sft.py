@@ -254,6 +254,7 @@ class BlockDiffusionSFT(LightningModule):
                     f"{len(loaded_tok)}"
                 )
             tokenizer = tokenizer or loaded_tok
+            lm.train()  # from_pretrained returns eval mode; dropout (if configured) must be active in SFT
         self.lm, self.tokenizer = lm, tokenizer
         n = sum(p.numel() for p in lm.parameters())
         rank_zero_info(f"BlockDiffusionSFT: {n / 1e6:.2f}M parameters, block size {self.block_size}")

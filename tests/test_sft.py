@@ -255,3 +255,11 @@ def test_cli_fit_smoke(tmp_path, monkeypatch):
     trained = cli.model.lm.state_dict()
     for name, tensor in lm.state_dict().items():
         assert torch.equal(tensor, trained[name]), name
+
+
+def test_continue_from_checkpoint_at_another_block_size():
+    """The block-16 curriculum: SFT resumes the committed block-8 base with a new block size, in train mode."""
+    module = BlockDiffusionSFT("outputs/base/sft_tiny", block_size=16, export_dir="unused")
+    lm = module.build()
+    assert lm.bd.block_size == 16 and module.block_size == 16
+    assert all(m.training for m in lm.modules())  # from_pretrained returns eval mode
