@@ -69,6 +69,32 @@ _EXPECTED_WARNINGS = (
 )
 
 
+def merged_config(paths: list[str]) -> dict:
+    """What ``lrl fit --config A --config B ...`` reads from YAML: later files override earlier ones key by key.
+
+    For scripts that need a few values (checkpoint, block size, thresholds) of the same composition they pass on
+    to the CLI. ``init_args`` dictionaries merge recursively; lists and scalars are replaced.
+    """
+    from pathlib import Path
+
+    import yaml
+
+    def merge(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for key, value in b.items():
+            both_dicts = isinstance(value, dict) and isinstance(out.get(key), dict)
+            out[key] = merge(out[key], value) if both_dicts else value
+        return out
+
+    cfg: dict = {}
+    for path in paths:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config must be a YAML mapping, got {type(loaded).__name__}")
+        cfg = merge(cfg, loaded)
+    return cfg
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> LRLCLI:
     import warnings
 

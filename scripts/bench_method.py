@@ -7,6 +7,7 @@ greedy threshold sweep. AUP uses one y_max for all methods (d3LLM: the best accu
 Writes outputs/bench/method.json, outputs/bench/method.md and outputs/bench/method.png.
 
     python scripts/bench_method.py --seeds 0 1 2 [--ablations] [--rl-steps 30] [--eval-size 200]
+    python scripts/bench_method.py --config configs/quickstart.yaml --config configs/model/tiny_b16.yaml  # block 16
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _callbacks(filter_threshold: str) -> str:
     return "--trainer.callbacks=[" + tpf_filter % filter_threshold + ", {class_path: callbacks.WeightSync}]"
 
 
-def train(method_args: list[str], seed: int, steps: int | None, out: Path):
+def train(method_args: list[str], seed: int, steps: int | None, out: Path, configs: list[str]):
     from lrl.cli import cli_main
 
     filt = "0.01"
@@ -54,7 +55,7 @@ def train(method_args: list[str], seed: int, steps: int | None, out: Path):
             filt = a.split("=", 1)[1]
         else:
             rest.append(a)
-    args = ["fit", "--config", "configs/quickstart.yaml", f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
+    args = ["fit", *(a for c in configs for a in ("--config", c)), f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
             f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
             "--trainer.logger.init_args.name=run", "--trainer.enable_progress_bar=false", _callbacks(filt), *rest]
     if steps is not None:
@@ -139,6 +140,10 @@ def plot(results: dict[str, list[list[dict]]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", action="append", default=None,
+                    help="RL config(s), merged in order like `lrl fit --config` (default: configs/quickstart.yaml)")
+    ap.add_argument("--methods", nargs="+", default=None,
+                    help="run only these methods (names as in the table; the SFT base is always evaluated)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--rl-steps", type=int, default=None, help="RL steps per run (default: the quickstart's)")
@@ -148,13 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)
 
     import torch
-    import yaml
 
     torch.set_num_threads(1)
+    from lrl.cli import merged_config
     from lrl.models import load_checkpoint
     from lrl.tasks import get_task
 
-    cfg = yaml.safe_load(Path("configs/quickstart.yaml").read_text())
+    configs = args.config or ["configs/quickstart.yaml"]
+    cfg = merged_config(configs)
     data, model = cfg["data"]["init_args"], cfg["model"]["init_args"]
     base_dir = Path(cfg["checkpoint"])
     if not (base_dir / "config.json").exists():
@@ -164,16 +170,22 @@ def main(argv: list[str] | None = None) -> int:
     thresholds, block, max_new = list(model["eval_thresholds"]), cfg["block_size"], model["eval_max_new_tokens"]
     select = float(data.get("threshold", 0.9))
     methods = dict(METHODS, **(ABLATIONS if args.ablations else {}))
+    if args.methods:
+        unknown = sorted(set(args.methods) - set(METHODS) - set(ABLATIONS))
+        if unknown:
+            raise SystemExit(f"--methods: unknown {unknown}; known: {[*METHODS, *ABLATIONS]}")
+        methods = {k: v for k, v in {**METHODS, **ABLATIONS}.items() if k in args.methods}
     out = Path(args.out)
     results: dict[str, list[list[dict]]] = {"SFT base": []}
-    base_lm, tok = load_checkpoint(base_dir)
+    base_lm, tok = load_checkpoint(base_dir, block_size=block)
     base_pts = evaluate(base_lm, tok, task, records, thresholds, block, max_new)
     timings = {}
     for seed in args.seeds:
         results["SFT base"].append(base_pts)  # deterministic: the same points for every seed
         for name, extra in methods.items():
             start = time.perf_counter()
-            policy = train(extra, seed, args.rl_steps, out / "runs" / f"{name.replace(' ', '_')}_s{seed}")
+            run_dir = out / "runs" / f"{name.replace(' ', '_')}_s{seed}"
+            policy = train(extra, seed, args.rl_steps, run_dir, configs)
             results.setdefault(name, []).append(evaluate(policy, tok, task, records, thresholds, block, max_new))
             timings.setdefault(name, []).append(time.perf_counter() - start)
             print(f"[{name} seed {seed}] {results[name][-1]} ({timings[name][-1]:.0f} s)", flush=True)
@@ -181,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     table = method_table(summary, select)
     out.mkdir(parents=True, exist_ok=True)
     (out / "method.json").write_text(json.dumps({"results": results, "summary": summary, "timings_s": timings,
-                                                 "seeds": args.seeds, "select_threshold": select}, indent=2))
+                                                 "seeds": args.seeds, "select_threshold": select,
+                                                 "configs": configs}, indent=2))
     (out / "method.md").write_text(table + "\n")
     plot(results, out / "method.png")
     print(table)

@@ -5,6 +5,7 @@ Usage::
     python scripts/build_base.py                      # train (lrl fit --config configs/sft_tiny.yaml), then evaluate
     python scripts/build_base.py --skip-train         # evaluate an existing export only
     python scripts/build_base.py -- --trainer.max_steps=100   # arguments after -- go to `lrl fit`
+    python scripts/build_base.py --config configs/sft_tiny.yaml --config configs/sft/block16.yaml  # block 16
 
 Evaluation: greedy decoding with the native engine on the held-out split of the DEFAULT synthetic task (the set the
 RL demo evaluates on), with the static anchor (one token per forward) and ``low_confidence_dynamic`` at several
@@ -62,8 +63,10 @@ def main(argv: list[str] | None = None) -> dict:
     fit_args = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/sft_tiny.yaml", help="SFT config for `lrl fit`")
-    p.add_argument("--checkpoint", default=None, help="export to evaluate (default: the config's `checkpoint`)")
+    p.add_argument("--config", action="append", default=None,
+                   help="SFT config(s) for `lrl fit`, merged in order (default: configs/sft_tiny.yaml)")
+    p.add_argument("--checkpoint", default=None,
+                   help="export to evaluate (default: the config's model export_dir, else its `checkpoint`)")
     p.add_argument("--skip-train", action="store_true", help="only evaluate the existing export")
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.9, 0.7, 0.5])
     p.add_argument("--num-eval", type=int, default=200, help="held-out problems (default: the whole eval split)")
@@ -73,20 +76,23 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)  # 2 threads on a shared 2-core box was far slower (README)
     torch.manual_seed(0)
 
+    configs = args.config or ["configs/sft_tiny.yaml"]
     checkpoint = args.checkpoint
     if checkpoint is None:
-        import yaml
+        from lrl.cli import merged_config
 
-        checkpoint = yaml.safe_load(Path(args.config).read_text())["checkpoint"]
-        for a in fit_args:  # a --checkpoint override of the fit also moves the export
-            if a.startswith("--checkpoint="):
-                checkpoint = a.split("=", 1)[1]
+        cfg = merged_config(configs)
+        overrides = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in fit_args if "=" in a}
+        export_dir = overrides.get("--model.init_args.export_dir",
+                                   cfg.get("model", {}).get("init_args", {}).get("export_dir"))
+        # without an export_dir the SFT exports to `checkpoint` (as `lrl fit` does)
+        checkpoint = export_dir or overrides.get("--checkpoint", cfg["checkpoint"])
     summary: dict = {"checkpoint": checkpoint}
     if not args.skip_train:
         from lrl.cli import cli_main
 
         start = time.perf_counter()
-        cli_main(["fit", "--config", args.config, *fit_args])
+        cli_main(["fit", *(a for c in configs for a in ("--config", c)), *fit_args])
         summary["train_seconds"] = round(time.perf_counter() - start, 1)
         print(f"SFT wall time: {summary['train_seconds']:.1f} s")
 

@@ -13,6 +13,7 @@ EXPERIMENTS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
 PIECES = {
     d: sorted((ROOT / "configs" / d).glob("*.yaml")) for d in ("model", "data", "trainer", "algorithm", "rollout")
 }
+SFT_PIECES = sorted((ROOT / "configs" / "sft").glob("*.yaml"))
 
 
 def _instantiate(tiny_checkpoint, configs, *extra):
@@ -52,6 +53,32 @@ def test_config_piece_composes(piece, tiny_checkpoint, tmp_path, monkeypatch):
     stack = [base, ROOT / "configs" / "model" / "tiny.yaml", piece] if piece.name == "synthetic.yaml" else [base, piece]
     cli = _instantiate(tiny_checkpoint, stack, *extra)
     assert cli.model is not None and cli.datamodule is not None
+
+
+@pytest.mark.parametrize("piece", SFT_PIECES, ids=lambda p: f"sft/{p.name}")
+def test_sft_piece_composes(piece, tiny_checkpoint, tmp_path, monkeypatch):
+    """An SFT overlay on configs/sft_tiny.yaml instantiates, and its merged view (what scripts read) agrees."""
+    from lrl.cli import merged_config
+
+    monkeypatch.chdir(tmp_path)
+    stack = [ROOT / "configs" / "sft_tiny.yaml", piece]
+    cli = _instantiate(tiny_checkpoint, stack, "--model.init_args.export_dir", str(tmp_path / "export"))
+    merged = merged_config([str(p) for p in stack])
+    assert cli.model.block_size == merged["block_size"]
+    assert cli.model.hparams.lr == merged["model"]["init_args"]["lr"]
+    assert cli.model.export_dir == str(tmp_path / "export")
+
+
+def test_merged_config_overrides_in_order(tmp_path):
+    from lrl.cli import merged_config
+
+    (tmp_path / "a.yaml").write_text("block_size: 8\nmodel:\n  init_args: {lr: 1.0, betas: [1, 2], keep: x}\n")
+    (tmp_path / "b.yaml").write_text("block_size: 16\nmodel:\n  init_args: {lr: 2.0, betas: [3]}\n")
+    merged = merged_config([str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")])
+    assert merged == {"block_size": 16, "model": {"init_args": {"lr": 2.0, "betas": [3], "keep": "x"}}}
+    (tmp_path / "c.yaml").write_text("- 1\n")
+    with pytest.raises(ValueError, match="c.yaml: a config must be a YAML mapping"):
+        merged_config([str(tmp_path / "c.yaml")])
 
 
 def _expect_error(tiny_checkpoint, capsys, *args, match: str):
