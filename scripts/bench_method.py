@@ -55,7 +55,8 @@ def train(method_args: list[str], seed: int, steps: int | None, out: Path, confi
             filt = a.split("=", 1)[1]
         else:
             rest.append(a)
-    args = ["fit", *(a for c in configs for a in ("--config", c)), f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
+    args = ["fit", *(a for c in configs for a in ("--config", c)),
+            f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
             f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
             "--trainer.logger.init_args.name=run", "--trainer.enable_progress_bar=false", _callbacks(filt), *rest]
     if steps is not None:
