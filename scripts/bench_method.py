@@ -165,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     data, model = cfg["data"]["init_args"], cfg["model"]["init_args"]
     base_dir = Path(cfg["checkpoint"])
     if not (base_dir / "config.json").exists():
-        raise SystemExit(f"no base checkpoint at {base_dir}: run `make demo` first")
+        raise SystemExit(f"no base checkpoint at {base_dir}: build it with scripts/build_base.py (README, "
+                         "'Measured figures'); the block-8 demo base is committed in outputs/base/sft_tiny")
     task = get_task(data["task"], **{**data.get("task_kwargs", {}), "eval_seed": data.get("eval_seed", 1)})
     records = task.load("test")[: args.eval_size]
     thresholds, block, max_new = list(model["eval_thresholds"]), cfg["block_size"], model["eval_max_new_tokens"]

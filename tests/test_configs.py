@@ -129,3 +129,21 @@ def test_mask_id_mismatch_fails(tiny_checkpoint, tmp_path, monkeypatch):
     )
     with pytest.raises(ValueError, match="mask"):
         cli.model.configure_model()
+
+
+def _shipped_model_pieces():
+    import yaml
+
+    return [p for p in PIECES["model"] if yaml.safe_load(p.read_text())["checkpoint"].startswith("outputs/base/")]
+
+
+@pytest.mark.parametrize("piece", _shipped_model_pieces(), ids=lambda p: p.name)
+def test_model_piece_points_at_a_matching_committed_base(piece):
+    """Model pieces for the demo task name a committed base whose block size is the piece's."""
+    import json
+
+    import yaml
+
+    cfg = yaml.safe_load(piece.read_text())
+    saved = json.loads((ROOT / cfg["checkpoint"] / "config.json").read_text())
+    assert saved["block_size"] == cfg["block_size"], piece
