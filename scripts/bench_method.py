@@ -7,6 +7,7 @@ greedy threshold sweep. AUP uses one y_max for all methods (d3LLM: the best accu
 Writes outputs/bench/method.json, outputs/bench/method.md and outputs/bench/method.png.
 
     python scripts/bench_method.py --seeds 0 1 2 [--ablations] [--rl-steps 30] [--eval-size 200]
+    python scripts/bench_method.py --merge outputs/bench/s0 outputs/bench/s1 outputs/bench/s2   # seeds run apart
     python scripts/bench_method.py --config configs/quickstart.yaml --config configs/model/tiny_b16.yaml  # block 16
 """
 
@@ -116,6 +117,51 @@ def method_table(summary: dict[str, dict], select: float, base: str = "SFT base"
     return "\n".join(lines)
 
 
+def merge_runs(runs: list[dict]) -> dict:
+    """One ``method.json`` payload from several (e.g. one per seed, run side by side); seeds must not repeat.
+
+    Each method's per-seed point lists are concatenated in the order of ``runs``; the select threshold and the
+    configs must agree.
+    """
+    if not runs:
+        raise ValueError("nothing to merge")
+    for key in ("select_threshold", "configs"):
+        values = {json.dumps(r.get(key)) for r in runs}
+        if len(values) > 1:
+            raise ValueError(f"runs disagree on {key}: {sorted(values)}")
+    seeds = [s for r in runs for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"a seed appears in more than one run: {seeds}")
+    results: dict[str, list] = {}
+    timings: dict[str, list] = {}
+    for r in runs:
+        for name, per_seed in r["results"].items():
+            if len(per_seed) != len(r["seeds"]):
+                raise ValueError(f"{name}: {len(per_seed)} results for seeds {r['seeds']}")
+            results.setdefault(name, []).extend(per_seed)
+        for name, secs in r.get("timings_s", {}).items():
+            timings.setdefault(name, []).extend(secs)
+    missing = {name: len(v) for name, v in results.items() if len(v) != len(seeds)}
+    if missing:
+        raise ValueError(f"methods not run for every seed ({len(seeds)}): {missing}")
+    return {"results": results, "timings_s": timings, "seeds": seeds,
+            "select_threshold": runs[0]["select_threshold"], "configs": runs[0].get("configs")}
+
+
+def write_outputs(payload: dict, out: Path) -> str:
+    """method.json (with the summary), method.md and method.png under ``out``; returns the Markdown table."""
+    select = payload["select_threshold"]
+    summary = summarize(payload["results"], select)
+    table = method_table(summary, select)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "method.json.tmp"
+    tmp.write_text(json.dumps({**payload, "summary": summary}, indent=2))
+    tmp.replace(out / "method.json")
+    (out / "method.md").write_text(table + "\n")
+    plot(payload["results"], out / "method.png")
+    return table
+
+
 def plot(results: dict[str, list[list[dict]]], path: Path) -> None:
     import matplotlib
 
@@ -150,8 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rl-steps", type=int, default=None, help="RL steps per run (default: the quickstart's)")
     ap.add_argument("--eval-size", type=int, default=200)
     ap.add_argument("--out", default="outputs/bench")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="instead of running: merge the method.json of these dirs (e.g. one per seed) into --out")
     args = ap.parse_args(argv)
     os.chdir(ROOT)
+    if args.merge:
+        payload = merge_runs([json.loads((Path(d) / "method.json").read_text()) for d in args.merge])
+        print(write_outputs(payload, Path(args.out)))
+        return 0
 
     import torch
 
@@ -191,14 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             results.setdefault(name, []).append(evaluate(policy, tok, task, records, thresholds, block, max_new))
             timings.setdefault(name, []).append(time.perf_counter() - start)
             print(f"[{name} seed {seed}] {results[name][-1]} ({timings[name][-1]:.0f} s)", flush=True)
-    summary = summarize(results, select)
-    table = method_table(summary, select)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "method.json").write_text(json.dumps({"results": results, "summary": summary, "timings_s": timings,
-                                                 "seeds": args.seeds, "select_threshold": select,
-                                                 "configs": configs}, indent=2))
-    (out / "method.md").write_text(table + "\n")
-    plot(results, out / "method.png")
+    table = write_outputs({"results": results, "timings_s": timings, "seeds": args.seeds,
+                           "select_threshold": select, "configs": configs}, out)
     print(table)
     return 0
 

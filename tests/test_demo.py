@@ -56,6 +56,28 @@ def test_method_table_numbers():
     assert "over 2 seed(s)" in table
 
 
+def test_merge_runs_concatenates_seeds(tmp_path):
+    from bench_method import merge_runs, write_outputs
+
+    base, rl0, rl1 = _pts(50, 2.0, 50, 46, 3.0), _pts(50, 4.0, 50, 50, 6.0), _pts(50, 6.0, 48, 46, 7.0)
+    run0 = {"results": {"SFT base": [base], "LightningRL": [rl0]}, "timings_s": {"LightningRL": [10.0]},
+            "seeds": [0], "select_threshold": 0.9}
+    run1 = {"results": {"SFT base": [base], "LightningRL": [rl1]}, "timings_s": {"LightningRL": [12.0]},
+            "seeds": [1], "select_threshold": 0.9}
+    merged = merge_runs([run0, run1])
+    assert merged["seeds"] == [0, 1] and merged["results"]["LightningRL"] == [rl0, rl1]
+    assert merged["timings_s"] == {"LightningRL": [10.0, 12.0]}
+    table = write_outputs(merged, tmp_path)  # the same numbers as test_method_table_numbers
+    assert "| 49.0 ± 1.0 | 5.00 ± 1.00 |" in table and "over 2 seed(s)" in table
+    assert (tmp_path / "method.json").exists() and (tmp_path / "method.png").exists()
+    with pytest.raises(ValueError, match="a seed appears in more than one run"):
+        merge_runs([run0, run0])
+    with pytest.raises(ValueError, match="runs disagree on select_threshold"):
+        merge_runs([run0, {**run1, "select_threshold": 0.7}])
+    with pytest.raises(ValueError, match="not run for every seed"):
+        merge_runs([run0, {**run1, "results": {"SFT base": [base]}}])
+
+
 def test_demo_before_after_table():
     from demo import before_after_table
 
