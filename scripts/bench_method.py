@@ -125,7 +125,7 @@ def merge_runs(runs: list[dict]) -> dict:
     """
     if not runs:
         raise ValueError("nothing to merge")
-    for key in ("select_threshold", "configs"):
+    for key in ("select_threshold", "configs", "fit_args"):
         values = {json.dumps(r.get(key)) for r in runs}
         if len(values) > 1:
             raise ValueError(f"runs disagree on {key}: {sorted(values)}")
@@ -145,7 +145,8 @@ def merge_runs(runs: list[dict]) -> dict:
     if missing:
         raise ValueError(f"methods not run for every seed ({len(seeds)}): {missing}")
     return {"results": results, "timings_s": timings, "seeds": seeds,
-            "select_threshold": runs[0]["select_threshold"], "configs": runs[0].get("configs")}
+            "select_threshold": runs[0]["select_threshold"], "configs": runs[0].get("configs"),
+            "fit_args": runs[0].get("fit_args")}
 
 
 def write_outputs(payload: dict, out: Path) -> str:
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="RL config(s), merged in order like `lrl fit --config` (default: configs/quickstart.yaml)")
     ap.add_argument("--methods", nargs="+", default=None,
                     help="run only these methods (names as in the table; the SFT base is always evaluated)")
+    ap.add_argument("--fit-arg", action="append", default=[], metavar="ARG",
+                    help="extra `lrl fit` argument for every run (repeatable): --fit-arg=--model.init_args.lr=1e-5")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ablations", action="store_true")
     ap.add_argument("--rl-steps", type=int, default=None, help="RL steps per run (default: the quickstart's)")
@@ -239,12 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, extra in methods.items():
             start = time.perf_counter()
             run_dir = out / "runs" / f"{name.replace(' ', '_')}_s{seed}"
-            policy = train(extra, seed, args.rl_steps, run_dir, configs)
+            policy = train([*extra, *args.fit_arg], seed, args.rl_steps, run_dir, configs)
             results.setdefault(name, []).append(evaluate(policy, tok, task, records, thresholds, block, max_new))
             timings.setdefault(name, []).append(time.perf_counter() - start)
             print(f"[{name} seed {seed}] {results[name][-1]} ({timings[name][-1]:.0f} s)", flush=True)
     table = write_outputs({"results": results, "timings_s": timings, "seeds": args.seeds,
-                           "select_threshold": select, "configs": configs}, out)
+                           "select_threshold": select, "configs": configs, "fit_args": args.fit_arg}, out)
     print(table)
     return 0
 

@@ -78,6 +78,30 @@ def test_merge_runs_concatenates_seeds(tmp_path):
         merge_runs([run0, {**run1, "results": {"SFT base": [base]}}])
 
 
+def test_bench_train_args(monkeypatch, tmp_path):
+    """Method args, --fit-arg extras and config overlays reach `lrl fit`; a filter threshold rebuilds the callbacks."""
+    import bench_method
+
+    import lrl.cli
+
+    seen = []
+
+    class _Result:
+        class model:
+            policy = "policy"
+
+    monkeypatch.setattr(lrl.cli, "cli_main", lambda args: seen.append(args) or _Result)
+    extra = [*bench_method.METHODS["GRPO(traj)"], "--model.init_args.lr=1e-5"]
+    assert bench_method.train(extra, 3, 7, tmp_path, ["a.yaml", "b.yaml"]) == "policy"
+    args = seen[0]
+    assert args[:5] == ["fit", "--config", "a.yaml", "--config", "b.yaml"]
+    assert "--seed_everything=3" in args and "--model.init_args.max_rl_steps=7" in args
+    assert "--model.init_args.lr=1e-5" in args and "--model.init_args.nll_weight=0.0" in args
+    callbacks = next(a for a in args if a.startswith("--trainer.callbacks="))
+    assert "tpf_range_threshold: null" in callbacks
+    assert not any(a.startswith("--trainer.callbacks.init_args") for a in args)
+
+
 def test_demo_before_after_table():
     from demo import before_after_table
 
