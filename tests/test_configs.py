@@ -131,6 +131,18 @@ def test_mask_id_mismatch_fails(tiny_checkpoint, tmp_path, monkeypatch):
         cli.model.configure_model()
 
 
+def test_quickstart_on_the_block16_base(tmp_path, monkeypatch):
+    """The README's block-16 command builds the module and data on the committed base with one block size."""
+    monkeypatch.chdir(ROOT)
+    cli = cli_main(["--config", "configs/quickstart.yaml", "--config", "configs/model/tiny_b16.yaml",
+                    f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"],
+                   run=False)
+    assert cli.model.hparams.checkpoint == "outputs/base/sft_tiny_b16"
+    assert cli.datamodule.block_size == 16 and cli.model.hparams.block_size == 16
+    cli.model.configure_model()
+    assert cli.model.policy.bd.block_size == 16
+
+
 def _shipped_model_pieces():
     import yaml
 
