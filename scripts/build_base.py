@@ -85,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
         overrides = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in fit_args if "=" in a}
         export_dir = overrides.get("--model.init_args.export_dir",
                                    cfg.get("model", {}).get("init_args", {}).get("export_dir"))
+        if export_dir in ("null", "None", ""):  # a command-line null
+            export_dir = None
         # without an export_dir the SFT exports to `checkpoint` (as `lrl fit` does)
         checkpoint = export_dir or overrides.get("--checkpoint", cfg["checkpoint"])
     summary: dict = {"checkpoint": checkpoint}
