@@ -83,7 +83,7 @@ class ParetoFrontierCheckpoint(Callback):
         self._save(trainer, pl_module, result, step, sel, weights)
 
     @rank_zero_only
-    def _save(self, trainer, pl_module, result, step: int, sel, weights=None) -> None:
+    def _save(self, trainer, pl_module, result, step: int, sel, weights) -> None:
         from lrl.evaluation import write_pareto
         from lrl.evaluation.pareto import plot_pareto
         from lrl.metrics import pareto_frontier

@@ -44,8 +44,7 @@ class WeightSync(Callback):
                 if not trainer.is_global_zero:
                     gen.adopt_version(self.version)
         else:
-            gen.update_weights(weights if weights is not None else pl_module.policy.model.state_dict(),
-                               version=self.version)
+            gen.update_weights(weights, version=self.version)
         self.last_sync_s = time.perf_counter() - start
 
     @override

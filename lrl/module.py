@@ -185,11 +185,11 @@ class LightningRLModule(LightningModule):
             mixed_precision=strategy.mixed_precision_config, cpu_offload=strategy.cpu_offload,
         )
 
-    def gathered_policy_state(self) -> dict[str, torch.Tensor] | None:
-        """The policy's full weights (HF names) when it is sharded (a collective: every rank must call), else None
-        (then ``policy.model.state_dict()`` already is the full set)."""
+    def gathered_policy_state(self) -> dict[str, torch.Tensor]:
+        """The policy's full weights (HF names): gathered from the shards under FSDP (a collective: every rank must
+        call), else the policy's own state dict."""
         if not is_sharded(self.policy):
-            return None
+            return self.policy.model.state_dict()
         return full_state_dict(self, prefix=submodule_prefix(self, self.policy.model))
 
     def _forward_sync_for(self, lm):
