@@ -2,7 +2,8 @@
 
 from callbacks.pareto_checkpoint import ParetoFrontierCheckpoint
 from callbacks.reward_logger import RewardNormalizationLogger
+from callbacks.rl_progress import RLProgressBar
 from callbacks.tpf_filter import TPFAwareFilter
 from callbacks.weight_sync import WeightSync
 
-__all__ = ["ParetoFrontierCheckpoint", "RewardNormalizationLogger", "TPFAwareFilter", "WeightSync"]
+__all__ = ["ParetoFrontierCheckpoint", "RewardNormalizationLogger", "RLProgressBar", "TPFAwareFilter", "WeightSync"]

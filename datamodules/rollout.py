@@ -324,6 +324,27 @@ class RolloutDataModule(LightningDataModule):
             joint=hp.joint_normalization,
         )
 
+    def diagnostics(self, batches: list[RolloutBatch]) -> dict[str, float]:
+        """`rollout_diagnostics` of the drawn rollouts (groups renumbered across refill rounds), with the task's
+        answer styles when it has them (``Task.response_style``)."""
+        from lrl.metrics.diagnostics import rollout_diagnostics
+
+        batches = [b for b in batches if len(b)]
+        if not batches:
+            return {}
+        offsets = torch.cumsum(torch.tensor([0] + [b.num_groups for b in batches[:-1]]), 0)
+        texts = [t for b in batches for t in b.texts]
+        classify = getattr(self.task, "response_style", None)
+        return rollout_diagnostics(
+            texts,
+            torch.cat([b.tpf for b in batches]),
+            torch.cat([b.num_forwards for b in batches]),
+            torch.cat([b.response_lengths for b in batches]),
+            torch.cat([b.group_index + o for b, o in zip(batches, offsets.tolist())]),
+            styles=[classify(t) for t in texts] if classify is not None else None,
+            style_names=getattr(self.task, "style_names", ()),
+        )
+
     def next_batch(self) -> RolloutBatch:
         from lrl.algorithms.advantages import compute_advantages
 
@@ -341,6 +362,7 @@ class RolloutDataModule(LightningDataModule):
         }
         t_roll = t_rew = 0.0
         have = 0
+        drawn: list[RolloutBatch] = []  # every rollout of this step before filtering, for the diagnostics
         for attempt in range(hp.max_refill_rounds):
             need = target - have
             records = self._draw(need)
@@ -354,6 +376,7 @@ class RolloutDataModule(LightningDataModule):
             t = time.perf_counter()
             self.score(batch, records)
             t_rew += time.perf_counter() - t
+            drawn.append(batch)
             counts["filter/drawn"] += need
             counts["filter/rounds"] += 1
             if self.group_filter is not None:
@@ -372,6 +395,7 @@ class RolloutDataModule(LightningDataModule):
         counts["filter/kept"] = have
         counts["reward/timeouts"] = float(_reset_verifier_timeouts())
         counts["filter/refilled"] = max(0, counts["filter/drawn"] - target)
+        counts.update(self.diagnostics(drawn))
         self.step_in_epoch += 1
         self.rl_step += 1
         if not kept_parts:

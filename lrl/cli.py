@@ -40,6 +40,20 @@ class LRLCLI(LightningCLI):
             parser.link_arguments(key, f"model.init_args.{key}")
             parser.link_arguments(key, f"data.init_args.{key}")
 
+    def instantiate_trainer(self, **kwargs):
+        """RL runs get a progress bar counted in RL steps (`callbacks.RLProgressBar`) instead of Lightning's
+        per-epoch batch count, unless the config brings its own bar or disables it."""
+        trainer = super().instantiate_trainer(**kwargs)
+        from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+
+        if getattr(getattr(self.model, "hparams", None), "max_rl_steps", None) is not None:
+            from callbacks.rl_progress import RLProgressBar
+
+            for i, cb in enumerate(trainer.callbacks):
+                if type(cb) in (TQDMProgressBar, RichProgressBar):  # Lightning's default, not one the user configured
+                    trainer.callbacks[i] = RLProgressBar()
+        return trainer
+
     def before_fit(self) -> None:
         """Refuse a resume that would silently start over (Lightning only warns when `last` is not found)."""
         ckpt = self.config[self.subcommand].get("ckpt_path")

@@ -38,6 +38,7 @@ ABLATIONS: dict[str, list[str]] = {
     "LightningRL, no NLL": ["--model.init_args.nll_weight=0.0"],
     "LightningRL, no TPF filter": ["--trainer.callbacks.init_args.tpf_range_threshold=null"],
     "LightningRL, single-pass": ["--model.init_args.estimator=single_pass"],
+    "LightningRL, no TPF reward": ["--data.init_args.tpf_reward=none", "--data.init_args.tpf_coefficient=0.0"],
 }
 
 
@@ -72,8 +73,25 @@ def evaluate(lm, tok, task, records, thresholds, block_size, max_new):
     lm.eval()
     res = run_pareto_sweep(NativeEngine(lm, tok), task, records, thresholds=thresholds, block_size=block_size,
                            max_new_tokens=max_new, stop_token_ids=(tok.eos_token_id,))
-    return [{"setting": p.setting, "threshold": p.threshold, "accuracy": p.accuracy, "tpf": p.tpf}
-            for p in res.points]
+    return [{"setting": p.setting, "threshold": p.threshold, "accuracy": p.accuracy, "tpf": p.tpf,
+             "forwards_per_response": p.forwards_per_response, "tokens_per_response": p.tokens_per_response,
+             "styles": {k: v["share"] for k, v in p.styles.items()}} for p in res.points]
+
+
+def run_curves(run_dir: Path) -> dict[str, list[float]]:
+    """Per-RL-step scalars of a finished run from its TensorBoard events: style shares, forwards per response and
+    the phase timings (``timing/*``)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    curves: dict[str, list[float]] = {}
+    for events in sorted(run_dir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            if tag.startswith(("style/", "timing/", "rollout/forwards", "rollout/tokens", "rollout/distinct",
+                               "rollout/tpf_std")):
+                curves[tag] = [e.value for e in acc.Scalars(tag)]
+    return curves
 
 
 def summarize(results: dict[str, list[list[dict]]], select: float) -> dict[str, dict]:
@@ -83,17 +101,23 @@ def summarize(results: dict[str, list[list[dict]]], select: float) -> dict[str, 
     y_max = max(p["accuracy"] for runs in results.values() for pts in runs for p in pts)
     out = {}
     for name, runs in results.items():
-        accs, tpfs, aups = [], [], []
+        accs, tpfs, aups, fwd, toks, styles = [], [], [], [], [], []
         for pts in runs:
             sel = next(p for p in pts if p["threshold"] == select)
             accs.append(sel["accuracy"])
             tpfs.append(sel["tpf"])
+            fwd.append(sel.get("forwards_per_response", float("nan")))
+            toks.append(sel.get("tokens_per_response", float("nan")))
+            styles.append(sel.get("styles", {}))
             aups.append(aup([(p["tpf"], p["accuracy"]) for p in pts], y_max=y_max) if y_max > 0 else 0.0)
-        out[name] = {"acc": accs, "tpf": tpfs, "aup": aups, "y_max": y_max}
+        out[name] = {"acc": accs, "tpf": tpfs, "aup": aups, "forwards": fwd, "tokens": toks, "y_max": y_max,
+                     "styles": {k: statistics.fmean(s.get(k, 0.0) for s in styles) for st in styles for k in st}}
     return out
 
 
 def _ms(values: list[float], fmt: str) -> str:
+    if any(v != v for v in values):  # NaN: not measured (results written before the column existed)
+        return "–"
     mean = statistics.fmean(values)
     sd = statistics.pstdev(values) if len(values) > 1 else 0.0
     return f"{fmt.format(mean)} ± {fmt.format(sd)}"
@@ -103,13 +127,19 @@ def method_table(summary: dict[str, dict], select: float, base: str = "SFT base"
     """Markdown: one row per method with mean ± std over seeds and the ratios to the base's means."""
     b = summary[base]
     b_tpf, b_aup, b_acc = statistics.fmean(b["tpf"]), statistics.fmean(b["aup"]), statistics.fmean(b["acc"])
-    lines = [f"| method | acc % @ φ={select:g} | TPF @ φ={select:g} | AUP | Δacc vs base | TPF × base | AUP × base |",
-             "|---|---|---|---|---|---|---|"]
+    b_fwd = statistics.fmean(b.get("forwards", [float("nan")]))
+    lines = [f"| method | acc % @ φ={select:g} | TPF @ φ={select:g} | AUP | forwards/resp. | tokens/resp. | styles | "
+             "Δacc vs base | TPF × base | forwards × base | AUP × base |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         acc, tpf, aupv = (statistics.fmean(s[k]) for k in ("acc", "tpf", "aup"))
+        fwd = s.get("forwards", [float("nan")])
+        styles = " ".join(f"{k} {v:.0%}" for k, v in s.get("styles", {}).items() if v > 0) or "-"
         lines.append(
             f"| {name} | {_ms(s['acc'], '{:.1f}')} | {_ms(s['tpf'], '{:.2f}')} | {_ms(s['aup'], '{:.1f}')} | "
+            f"{_ms(fwd, '{:.2f}')} | {statistics.fmean(s.get('tokens', [float('nan')])):.1f} | {styles} | "
             f"{acc - b_acc:+.1f} | {tpf / b_tpf if b_tpf else float('nan'):.2f} | "
+            f"{statistics.fmean(fwd) / b_fwd if b_fwd else float('nan'):.2f} | "
             f"{aupv / b_aup if b_aup else float('nan'):.2f} |"
         )
     n = len(next(iter(summary.values()))["acc"])
@@ -134,7 +164,10 @@ def merge_runs(runs: list[dict]) -> dict:
         raise ValueError(f"a seed appears in more than one run: {seeds}")
     results: dict[str, list] = {}
     timings: dict[str, list] = {}
+    curves: dict[str, list] = {}
     for r in runs:
+        for name, per_seed in r.get("curves", {}).items():
+            curves.setdefault(name, []).extend(per_seed)
         for name, per_seed in r["results"].items():
             if len(per_seed) != len(r["seeds"]):
                 raise ValueError(f"{name}: {len(per_seed)} results for seeds {r['seeds']}")
@@ -144,7 +177,7 @@ def merge_runs(runs: list[dict]) -> dict:
     missing = {name: len(v) for name, v in results.items() if len(v) != len(seeds)}
     if missing:
         raise ValueError(f"methods not run for every seed ({len(seeds)}): {missing}")
-    return {"results": results, "timings_s": timings, "seeds": seeds,
+    return {"results": results, "timings_s": timings, "curves": curves, "seeds": seeds,
             "select_threshold": runs[0]["select_threshold"], "configs": runs[0].get("configs"),
             "fit_args": runs[0].get("fit_args")}
 
@@ -154,13 +187,66 @@ def write_outputs(payload: dict, out: Path) -> str:
     select = payload["select_threshold"]
     summary = summarize(payload["results"], select)
     table = method_table(summary, select)
+    if payload.get("curves"):
+        table += "\n\n" + phase_table(payload["curves"])
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "method.json.tmp"
     tmp.write_text(json.dumps({**payload, "summary": summary}, indent=2))
     tmp.replace(out / "method.json")
     (out / "method.md").write_text(table + "\n")
     plot(payload["results"], out / "method.png")
+    if payload.get("curves"):
+        plot_styles(payload["curves"], out / "styles.png")
     return table
+
+
+def phase_table(curves: dict[str, list[dict]]) -> str:
+    """Markdown: mean seconds per RL step of each phase (rollout, reward, training) and the rollout diagnostics
+    at the first and last RL step, per method (means over seeds)."""
+    lines = ["| method | rollout s/step | reward s/step | train s/step | forwards/resp. (first → last step) | "
+             "distinct texts/group (first → last) |", "|---|---|---|---|---|---|"]
+
+    def mean_of(runs, key, pick):
+        vals = [pick(r[key]) for r in runs if r.get(key)]
+        return statistics.fmean(vals) if vals else float("nan")
+
+    for name, runs in curves.items():
+        avg = lambda v: statistics.fmean(v)  # noqa: E731
+        lines.append(
+            f"| {name} | {mean_of(runs, 'timing/rollout_s', avg):.2f} | {mean_of(runs, 'timing/reward_s', avg):.2f} | "
+            f"{mean_of(runs, 'timing/train_s', avg):.2f} | "
+            f"{mean_of(runs, 'rollout/forwards_per_response', lambda v: v[0]):.2f} → "
+            f"{mean_of(runs, 'rollout/forwards_per_response', lambda v: v[-1]):.2f} | "
+            f"{mean_of(runs, 'rollout/distinct_texts_per_group', lambda v: v[0]):.2f} → "
+            f"{mean_of(runs, 'rollout/distinct_texts_per_group', lambda v: v[-1]):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_styles(curves: dict[str, list[dict]], path: Path) -> None:
+    """Share of each answer style in the rollouts over RL steps, one line per method and style (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name, runs in curves.items():
+        tags = sorted({t for r in runs for t in r if t.startswith("style/") and t != "style/other"})
+        for tag in tags[1:] if len(tags) > 1 else tags:  # two styles: one line (the other is its complement)
+            series = [r[tag] for r in runs if tag in r]
+            n = min(len(v) for v in series)
+            ax.plot(range(1, n + 1), [statistics.fmean(v[i] for v in series) for i in range(n)],
+                    label=f"{name}: {tag[6:]}", alpha=0.8)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("share of rollouts")
+    ax.set_ylim(0, 1)
+    ax.set_title("answer styles sampled during RL")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
 
 
 def plot(results: dict[str, list[list[dict]]], path: Path) -> None:
@@ -236,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[list[dict]]] = {"SFT base": []}
     base_lm, tok = load_checkpoint(base_dir, block_size=block)
     base_pts = evaluate(base_lm, tok, task, records, thresholds, block, max_new)
-    timings = {}
+    timings, curves = {}, {}
     for seed in args.seeds:
         results["SFT base"].append(base_pts)  # deterministic: the same points for every seed
         for name, extra in methods.items():
@@ -245,8 +331,9 @@ def main(argv: list[str] | None = None) -> int:
             policy = train([*extra, *args.fit_arg], seed, args.rl_steps, run_dir, configs)
             results.setdefault(name, []).append(evaluate(policy, tok, task, records, thresholds, block, max_new))
             timings.setdefault(name, []).append(time.perf_counter() - start)
+            curves.setdefault(name, []).append(run_curves(run_dir))
             print(f"[{name} seed {seed}] {results[name][-1]} ({timings[name][-1]:.0f} s)", flush=True)
-    table = write_outputs({"results": results, "timings_s": timings, "seeds": args.seeds,
+    table = write_outputs({"results": results, "timings_s": timings, "curves": curves, "seeds": args.seeds,
                            "select_threshold": select, "configs": configs, "fit_args": args.fit_arg}, out)
     print(table)
     return 0

@@ -29,31 +29,39 @@ from lrl.tasks import get_task
 
 
 def evaluate(checkpoint: str, *, thresholds: list[float], num_eval: int, max_new_tokens: int, split: str = "test",
-             block_size: int | None = None) -> list[dict]:
-    """Accuracy and TPF (Σ tokens ÷ Σ forwards) of greedy decodes per unmasking setting."""
+             block_size: int | None = None, task_kwargs: dict | None = None, samples: int = 0) -> list[dict]:
+    """Accuracy, TPF (Σ tokens ÷ Σ forwards), forwards per response and per-style figures of greedy decodes per
+    unmasking setting; with ``samples`` > 0 also of that many temperature-1 samples per prompt at each threshold
+    (what RL sees)."""
+    from lrl.evaluation.pareto import style_breakdown
+
     lm, tok = load_checkpoint(checkpoint, block_size=block_size)
     lm.eval()
-    task = get_task("synthetic")
+    task = get_task("synthetic", **(task_kwargs or {}))
     records = task.load(split)[:num_eval]
     prompts = [task.prompt(r) for r in records]
     engine = NativeEngine(lm, tok)
-    settings = [("static", 1.0)] + [("dynamic", t) for t in thresholds]
+    settings = [("static", 1.0, True)] + [("dynamic", t, True) for t in thresholds]
+    settings += [("sampled", t, False) for t in thresholds] if samples > 0 else []
     rows = []
-    for strategy, threshold in settings:
+    for strategy, threshold, greedy in settings:
         sp = SamplingParams(
-            block_size=lm.bd.block_size, greedy=True, max_new_tokens=max_new_tokens,
+            block_size=lm.bd.block_size, greedy=greedy, max_new_tokens=max_new_tokens,
             stop_token_ids=(tok.eos_token_id,), threshold=threshold, denoising_steps=lm.bd.block_size,
             remasking_strategy="low_confidence_static" if strategy == "static" else "low_confidence_dynamic",
+            samples_per_prompt=1 if greedy else samples, temperature=1.0, seed=0,
         )
         start = time.perf_counter()
         out = engine.generate(prompts, sp)
         secs = time.perf_counter() - start
-        scores = score_completions(task, out.texts, records)
+        per_row = [records[int(g)] for g in out.group_index]
+        scores = score_completions(task, out.texts, per_row)
         rows.append({
             "strategy": strategy, "threshold": threshold, "accuracy": sum(scores) / len(scores),
             "tpf": out.batch_tpf, "mean_tokens": float(out.response_lengths.float().mean()),
+            "forwards_per_response": float(out.num_forwards.float().mean()),
             "stopped": float((~out.truncated).float().mean()), "seconds": secs,
-            "example": out.texts[0],
+            "styles": style_breakdown(task, out, scores), "example": out.texts[0],
         })
     return rows
 
@@ -72,6 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--num-eval", type=int, default=200, help="held-out problems (default: the whole eval split)")
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--out", default=None, help="also write the JSON summary here")
+    p.add_argument("--samples", type=int, default=0,
+                   help="also evaluate this many temperature-1 samples per prompt at each threshold")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # 2 threads on a shared 2-core box was far slower (README)
     torch.manual_seed(0)
@@ -89,7 +99,14 @@ def main(argv: list[str] | None = None) -> dict:
             export_dir = None
         # without an export_dir the SFT exports to `checkpoint` (as `lrl fit` does)
         checkpoint = export_dir or overrides.get("--checkpoint", cfg["checkpoint"])
-    summary: dict = {"checkpoint": checkpoint}
+    task_kwargs = {}
+    if configs:
+        from lrl.cli import merged_config
+
+        # the task as the config trains it (styles), with the default sizes: the RL demo's held-out set
+        kw = merged_config(configs).get("data", {}).get("init_args", {}).get("task_kwargs") or {}
+        task_kwargs = {k: v for k, v in kw.items() if k == "styles"}
+    summary: dict = {"checkpoint": checkpoint, "task_kwargs": task_kwargs}
     if not args.skip_train:
         from lrl.cli import cli_main
 
@@ -99,13 +116,17 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"SFT wall time: {summary['train_seconds']:.1f} s")
 
     rows = evaluate(checkpoint, thresholds=args.thresholds, num_eval=args.num_eval,
-                    max_new_tokens=args.max_new_tokens)
+                    max_new_tokens=args.max_new_tokens, task_kwargs=task_kwargs, samples=args.samples)
     summary["eval"] = rows
-    print(f"\n{'setting':<16}{'accuracy':>10}{'TPF':>8}{'tokens':>8}{'stopped':>9}{'secs':>7}  example")
+    print(f"\n{'setting':<16}{'accuracy':>10}{'TPF':>8}{'tokens':>8}{'fwd/resp':>9}{'stopped':>9}{'secs':>7}  example")
     for r in rows:
-        name = "static k=1" if r["strategy"] == "static" else f"dynamic {r['threshold']:.2f}"
-        print(f"{name:<16}{r['accuracy']:>10.3f}{r['tpf']:>8.2f}{r['mean_tokens']:>8.1f}{r['stopped']:>9.2f}"
-              f"{r['seconds']:>7.1f}  {r['example']!r}")
+        name = "static k=1" if r["strategy"] == "static" else f"{r['strategy']} {r['threshold']:.2f}"
+        print(f"{name:<16}{r['accuracy']:>10.3f}{r['tpf']:>8.2f}{r['mean_tokens']:>8.1f}"
+              f"{r['forwards_per_response']:>9.2f}{r['stopped']:>9.2f}{r['seconds']:>7.1f}  {r['example']!r}")
+        for style, st in r["styles"].items():
+            if st["share"] > 0:
+                print(f"  {style:<14}{st['accuracy'] / 100:>10.3f}{st['tpf']:>8.2f}{st['tokens_per_response']:>8.1f}"
+                      f"{st['forwards_per_response']:>9.2f}  share {st['share']:.0%}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=2))

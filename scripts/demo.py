@@ -1,10 +1,13 @@
 """`make demo`: LightningRL end to end on a tiny block-diffusion model, on a CPU, in minutes.
 
-1. the base model: `configs/sft_tiny.yaml` (block-diffusion SFT on the synthetic arithmetic task), built once and
-   cached in outputs/base/sft_tiny;
-2. the "before" frontier: accuracy and TPF of the base over a threshold sweep on held-out problems;
+1. the base model: a tiny block-16 block-diffusion LM SFT'd on the multi-style synthetic arithmetic task
+   (`configs/sft/styles.yaml`: 70 % `chain` answers, 30 % fixed-width `padded` ones that decode in fewer forwards),
+   committed in outputs/base/styles_b16 (rebuilt from the committed block-16 base with --rebuild-base);
+2. the "before" frontier: accuracy, TPF, forwards per response and answer styles of the base over a threshold sweep
+   on held-out problems;
 3. LightningRL: `lrl fit --config configs/quickstart.yaml` (paper profile);
-4. the "after" frontier of the trained policy, a before/after table, a Pareto plot and the TensorBoard command.
+4. the "after" frontier of the trained policy, a before/after table with style shares, a Pareto plot and the
+   TensorBoard command.
 
 Usage: python scripts/demo.py [--rl-steps N] [--eval-size N] [--rebuild-base]
 """
@@ -22,23 +25,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 os.chdir(ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-BASE = ROOT / "outputs" / "base" / "sft_tiny"
 RUN = ROOT / "outputs" / "quickstart"
+QUICKSTART = "configs/quickstart.yaml"
+# how the base is rebuilt: the committed block-16 base continued on the multi-style task
+BASE_CONFIGS = ("configs/sft_tiny.yaml", "configs/sft/styles.yaml")
+
+
+def quiet() -> None:
+    """Drop the start-up noise a newcomer cannot act on (a torch deprecation inside Lightning, the logger tip)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*is deprecated")
+
+    class _NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "Tip:" not in record.getMessage()
+
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
 
 
 def banner(text: str) -> None:
     print(f"\n\033[1m== {text} ==\033[0m", flush=True)
 
 
-def build_base(rebuild: bool) -> float:
-    if (BASE / "config.json").exists() and not rebuild:
-        print(f"base checkpoint found: {BASE} (delete it or pass --rebuild-base to retrain)")
+def build_base(base: Path, rebuild: bool) -> float:
+    if (base / "config.json").exists() and not rebuild:
+        print(f"base checkpoint found: {base} (pass --rebuild-base to retrain it)")
         return 0.0
     from lrl.cli import cli_main
 
-    banner("1/4 block-diffusion SFT of the tiny base model (configs/sft_tiny.yaml)")
+    banner(f"1/4 block-diffusion SFT of the tiny base model ({' + '.join(BASE_CONFIGS)})")
     start = time.perf_counter()
-    cli_main(["fit", "--config", "configs/sft_tiny.yaml"])
+    cli_main(["fit", *(a for c in BASE_CONFIGS for a in ("--config", c))])
     return time.perf_counter() - start
 
 
@@ -65,15 +84,17 @@ def main(argv: list[str] | None = None) -> int:
     # one thread: a tiny model gains nothing from more, and OpenMP threads that spin against another busy process
     # slowed these runs by 50x on a 2-core machine
     torch.set_num_threads(1)
+    quiet()
     t0 = time.perf_counter()
-    sft_s = build_base(args.rebuild_base)
+    cfg = yaml.safe_load(Path(QUICKSTART).read_text())
+    base = ROOT / cfg["checkpoint"]
+    sft_s = build_base(base, args.rebuild_base)
 
     from lrl.evaluation.pareto import ParetoResult, format_table, write_pareto
     from lrl.metrics import aup, pareto_frontier
     from lrl.models import load_checkpoint
     from lrl.tasks import get_task
 
-    cfg = yaml.safe_load(Path("configs/quickstart.yaml").read_text())
     data, model = cfg["data"]["init_args"], cfg["model"]["init_args"]
     block_size, max_new = cfg["block_size"], model["eval_max_new_tokens"]
     thresholds = list(model["eval_thresholds"])
@@ -81,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     records = task.load(data.get("eval_split", "test"))[: args.eval_size]
 
     banner("2/4 the base model's accuracy–TPF frontier (held-out problems, greedy)")
-    base_lm, tok = load_checkpoint(BASE)
+    base_lm, tok = load_checkpoint(base, block_size=block_size)
     before = sweep(base_lm, tok, task, records, thresholds, block_size, max_new)
     print(format_table(before))
 
@@ -89,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(RUN, ignore_errors=True)  # the demo always starts a fresh run
     from lrl.cli import cli_main
 
-    fit_args = ["fit", "--config", "configs/quickstart.yaml"]
+    fit_args = ["fit", "--config", QUICKSTART]
     if args.rl_steps is not None:
         fit_args.append(f"--model.init_args.max_rl_steps={args.rl_steps}")
     t_rl = time.perf_counter()
@@ -131,7 +152,17 @@ def before_after_table(before, after, select: float) -> str:
     lines = ["| metric (held-out, greedy) | SFT base | LightningRL | ratio |", "|---|---|---|---|",
              row(f"accuracy % @ φ={select:g}", b_sel.accuracy, a_sel.accuracy),
              row(f"TPF @ φ={select:g}", b_sel.tpf, a_sel.tpf, "{:.2f}"),
+             row(f"forwards per response @ φ={select:g}", b_sel.forwards_per_response, a_sel.forwards_per_response,
+                 "{:.2f}"),
+             row(f"tokens per response @ φ={select:g}", b_sel.tokens_per_response, a_sel.tokens_per_response),
              row("AUP over the sweep", before.aup, after.aup)]
+    for style in dict.fromkeys([*b_sel.styles, *a_sel.styles]):
+        b_st, a_st = b_sel.styles.get(style, {}), a_sel.styles.get(style, {})
+        if not (b_st.get("share") or a_st.get("share")):
+            continue
+        lines.append(f"| style `{style}` @ φ={select:g}: share / acc % / forwards | "
+                     + " | ".join(f"{st.get('share', 0):.0%} / {st.get('accuracy', 0):.1f} / "
+                                  f"{st.get('forwards_per_response', 0):.2f}" for st in (b_st, a_st)) + " | |")
     for pb, pa in zip(before.points, after.points):
         if pb.threshold == select:
             continue

@@ -134,3 +134,51 @@ def test_bench_forward_tiny_on_cpu(tmp_path):
     # 2 copies split each response block's positions in two: every response token is a target exactly once
     assert res["train_tokens"] == 32 - 16
     assert all(res[k] > 0 for k in ("prefill_ms", "block_forward_ms", "train_fwd_bwd_ms"))
+
+
+def test_method_table_forwards_styles_and_phases(tmp_path):
+    """The issue-12 columns: forwards per response (and its ratio to the base), style shares, phase timings."""
+    from bench_method import method_table, phase_table, plot_styles, summarize
+
+    def pts(fwd, padded):
+        p = _pts(50, 4.0, 50, 46, 3.0)
+        for q in p:
+            q.update(forwards_per_response=fwd, tokens_per_response=30.0,
+                     styles={"chain": 1 - padded, "padded": padded, "other": 0.0})
+        return p
+
+    results = {"SFT base": [pts(8.0, 0.0)] * 2, "LightningRL": [pts(4.0, 1.0), pts(6.0, 0.5)]}
+    table = method_table(summarize(results, 0.9), 0.9)
+    row = next(line for line in table.splitlines() if line.startswith("| LightningRL"))
+    assert "| 5.00 ± 1.00 | 30.0 | chain 25% padded 75% |" in row  # forwards mean ± std; styles averaged
+    assert row.endswith("| 0.62 | 1.00 |")  # forwards × base = 5 / 8; AUP × base
+    curves = {"LightningRL": [
+        {"timing/rollout_s": [2.0, 4.0], "timing/train_s": [1.0, 1.0], "rollout/forwards_per_response": [8.0, 4.0],
+         "rollout/distinct_texts_per_group": [3.0, 5.0], "style/chain": [1.0, 0.0], "style/padded": [0.0, 1.0]},
+        {"timing/rollout_s": [6.0], "timing/train_s": [3.0], "rollout/forwards_per_response": [6.0],
+         "rollout/distinct_texts_per_group": [1.0], "style/chain": [0.5], "style/padded": [0.5]},
+    ]}
+    phases = phase_table(curves)
+    # rollout: mean of per-run means (3 and 6); reward never logged; forwards first (8, 6) → last (4, 6)
+    assert "| LightningRL | 4.50 | nan | 2.00 | 7.00 → 5.00 | 2.00 → 3.00 |" in phases
+    plot_styles(curves, tmp_path / "styles.png")
+    assert (tmp_path / "styles.png").stat().st_size > 0
+
+
+def test_rl_runs_count_rl_steps_in_the_progress_bar(tiny_checkpoint, tmp_path, monkeypatch):
+    """RL configs get `RLProgressBar` (total = max_rl_steps) instead of Lightning's per-epoch batch bar; the SFT
+    config keeps Lightning's; a disabled bar stays disabled."""
+    from callbacks import RLProgressBar
+    from lrl.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    common = ["--checkpoint", str(tiny_checkpoint), "--block_size", "4"]
+    rl = cli_main(["--config", str(ROOT / "configs" / "quickstart.yaml"), *common], run=False)
+    assert isinstance(rl.trainer.progress_bar_callback, RLProgressBar)
+    assert rl.trainer.progress_bar_callback._total(rl.model) == rl.model.hparams.max_rl_steps
+    off = cli_main(["--config", str(ROOT / "configs" / "quickstart.yaml"), *common,
+                    "--trainer.enable_progress_bar=false"], run=False)
+    assert off.trainer.progress_bar_callback is None
+    sft = cli_main(["--config", str(ROOT / "configs" / "sft_tiny.yaml"), *common], run=False)
+    assert sft.trainer.progress_bar_callback is not None
+    assert not isinstance(sft.trainer.progress_bar_callback, RLProgressBar)

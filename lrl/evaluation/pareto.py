@@ -32,6 +32,17 @@ class ParetoPoint:
     store_passes: int
     wall_s: float
     num_responses: int
+    # per answer style (tasks with `response_style`): share, accuracy (%), tpf, forwards and tokens per response
+    styles: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def forwards_per_response(self) -> float:
+        """Mean denoising forwards per response: the latency a user feels (a TPF gain from longer answers shows)."""
+        return self.forwards / max(self.num_responses, 1)
+
+    @property
+    def tokens_per_response(self) -> float:
+        return self.tokens / max(self.num_responses, 1)
 
 
 @dataclass
@@ -128,6 +139,7 @@ def run_pareto_sweep(
                 store_passes=int(batch.num_store_passes.sum()),
                 wall_s=wall,
                 num_responses=len(batch),
+                styles=style_breakdown(task, batch, scores),
             )
         )
     curve = [(p.tpf, p.accuracy) for p in points]
@@ -137,11 +149,41 @@ def run_pareto_sweep(
     return ParetoResult(points=points, aup=value, y_max=ymax, frontier=pareto_frontier(curve))
 
 
+def style_breakdown(task, batch, scores) -> dict[str, dict[str, float]]:
+    """Per answer style of ``task`` (empty when it has no ``response_style``): share of responses, accuracy (%),
+    TPF (Σ tokens ÷ Σ forwards), forwards and tokens per response."""
+    classify = getattr(task, "response_style", None)
+    if classify is None or not len(batch):
+        return {}
+    labels = [classify(t) for t in batch.texts]
+    out = {}
+    for name in (*getattr(task, "style_names", ()), *sorted(set(labels) - set(getattr(task, "style_names", ())))):
+        rows = [i for i, lab in enumerate(labels) if lab == name]
+        tokens = sum(int(batch.response_lengths[i]) for i in rows)
+        forwards = sum(int(batch.num_forwards[i]) for i in rows)
+        n = max(len(rows), 1)
+        out[name] = {
+            "share": len(rows) / len(labels),
+            "accuracy": 100.0 * sum(float(scores[i]) >= 1.0 for i in rows) / n,
+            "tpf": tokens / forwards if forwards else 0.0,
+            "forwards_per_response": forwards / n,
+            "tokens_per_response": tokens / n,
+        }
+    return out
+
+
 def format_table(result: ParetoResult) -> str:
     """A Markdown table of the sweep (one row per decoding setting) plus the AUP line."""
-    rows = ["| setting | accuracy % | TPF | tokens | forwards | wall s |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| setting | accuracy % | TPF | tokens | forwards | forwards/response | styles | wall s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for p in result.points:
-        rows.append(f"| {p.setting} | {p.accuracy:.1f} | {p.tpf:.2f} | {p.tokens} | {p.forwards} | {p.wall_s:.1f} |")
+        styles = " ".join(f"{k} {v['share']:.0%}" for k, v in p.styles.items() if v["share"] > 0) or "-"
+        rows.append(
+            f"| {p.setting} | {p.accuracy:.1f} | {p.tpf:.2f} | {p.tokens} | {p.forwards} | "
+            f"{p.forwards_per_response:.2f} | {styles} | {p.wall_s:.1f} |"
+        )
     rows.append(f"\nAUP = {result.aup:.1f} (y_max = {result.y_max:.1f}; d3LLM definition, α = 3)")
     return "\n".join(rows)
 

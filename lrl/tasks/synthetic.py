@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lrl.tasks.answer_styles import OTHER, STYLE_NAMES, classify_style, distinguishable, render_answer
 from lrl.tasks.base import PLAIN_TEMPLATE, QUESTION_PLACEHOLDER, MathTask
 
 MAX_VALUE = 99  # every operand and result stays in [0, MAX_VALUE]: at most two digits
@@ -76,7 +77,8 @@ def generate_problem(rng: random.Random, num_steps: int) -> dict[str, Any]:
     """One random problem with ``num_steps`` chained operations.
 
     Returns:
-        ``{"question", "answer", "result", "num_steps"}``; ``answer`` is ``"<steps> #### <result>"``.
+        ``{"question", "answer", "result", "num_steps", "ops"}``; ``answer`` is ``"<steps> #### <result>"`` and
+        ``ops`` the steps as ``[left, symbol, right, result]`` lists (what `answer_styles` renders).
     """
     if not 1 <= num_steps <= MAX_STEPS:
         raise ValueError(f"num_steps must be in [1, {MAX_STEPS}], got {num_steps}")
@@ -87,6 +89,7 @@ def generate_problem(rng: random.Random, num_steps: int) -> dict[str, Any]:
         obj = rng.choice(OBJECTS)
         sentences: list[str] = []
         steps: list[str] = []
+        ops: list[list] = []
         results: list[int] = []
         if rng.random() < 1 / 3:
             # the first step is the starting product "a boxes of b"
@@ -94,6 +97,7 @@ def generate_problem(rng: random.Random, num_steps: int) -> dict[str, Any]:
             x = a * b
             sentences.append(START_PRODUCT.format(name=name, a=a, box=rng.choice(CONTAINERS), b=b, obj=obj))
             steps.append(_step_text("*", a, b, x))
+            ops.append([a, "*", b, x])
             results.append(x)
         else:
             x = rng.randint(2, MAX_START)
@@ -102,6 +106,7 @@ def generate_problem(rng: random.Random, num_steps: int) -> dict[str, Any]:
             sentence, symbol, operand, new_x = _random_operation(rng, x, pronoun)
             sentences.append(sentence)
             steps.append(_step_text(symbol, x, operand, new_x))
+            ops.append([x, symbol, operand, new_x])
             results.append(new_x)
             x = new_x
         if max(results) >= 10:
@@ -112,6 +117,7 @@ def generate_problem(rng: random.Random, num_steps: int) -> dict[str, Any]:
         "answer": f"{' '.join(steps)} #### {x}",
         "result": x,
         "num_steps": num_steps,
+        "ops": ops,
     }
 
 
@@ -142,6 +148,12 @@ class SyntheticArithmetic(MathTask):
     Split ``"train"`` comes from ``train_seed``; ``"eval"`` and ``"test"`` (the same problems) from ``eval_seed``,
     with every question that also occurs in the train split removed. Questions are unique within a split.
 
+    Answer styles (`lrl.tasks.answer_styles`): every record is assigned a style drawn with the weights of
+    ``styles`` (stored as ``record["style"]``), which its SFT target is written in. With one style the task is the
+    original single-style task, problem for problem. With several, problems whose styles would read the same are
+    skipped (every problem has a one-digit number), so the split differs from the single-style one; every style
+    of every problem is a correct answer for the verifier.
+
     Args:
         name: Registry name.
         prompt_template: Chat-free template with ``{question}`` (default ``"Q: {question}\\nA: "``).
@@ -150,6 +162,8 @@ class SyntheticArithmetic(MathTask):
         train_seed: Seed of the train split.
         eval_seed: Seed of the eval/test split.
         steps: Allowed numbers of operations; each problem draws one uniformly.
+        styles: Answer styles and their mixing weights (``chain``, ``padded``, ``spaced``), e.g.
+            ``{"chain": 0.7, "padded": 0.3}``; weights need not sum to 1.
     """
 
     name: str = "synthetic"
@@ -159,6 +173,7 @@ class SyntheticArithmetic(MathTask):
     train_seed: int = 0
     eval_seed: int = 1
     steps: tuple[int, ...] = (2, 3)
+    styles: dict[str, float] = field(default_factory=lambda: {"chain": 1.0})
     _cache: dict[str, list[dict[str, Any]]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -171,6 +186,12 @@ class SyntheticArithmetic(MathTask):
             raise ValueError(f"{self.name}: num_train and num_eval must be >= 0, got {self.num_train}, {self.num_eval}")
         if self.train_seed == self.eval_seed:
             raise ValueError(f"{self.name}: train_seed and eval_seed must differ, both are {self.train_seed}")
+        self.styles = {str(k): float(v) for k, v in dict(self.styles).items()}
+        unknown = sorted(set(self.styles) - set(STYLE_NAMES))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown styles {unknown}; available: {', '.join(STYLE_NAMES)}")
+        if any(not w >= 0 for w in self.styles.values()) or sum(self.styles.values()) <= 0:
+            raise ValueError(f"{self.name}: styles weights must be >= 0 with a positive sum, got {self.styles}")
         if QUESTION_PLACEHOLDER not in self.prompt_template:
             raise ValueError(f"{self.name}: prompt_template must contain {QUESTION_PLACEHOLDER!r}")
 
@@ -189,6 +210,9 @@ class SyntheticArithmetic(MathTask):
 
     def _generate(self, seed: int, count: int, exclude: frozenset[str]) -> list[dict[str, Any]]:
         rng = random.Random(seed)
+        names = [k for k, w in self.styles.items() if w > 0]
+        weights = [self.styles[k] for k in names]
+        multi = len(names) > 1
         seen = set(exclude)
         records: list[dict[str, Any]] = []
         max_attempts = 50 * count + 1000
@@ -196,15 +220,30 @@ class SyntheticArithmetic(MathTask):
             if len(records) == count:
                 break
             record = generate_problem(rng, rng.choice(self.steps))
-            if record["question"] not in seen:
-                seen.add(record["question"])
-                records.append(record)
+            if record["question"] in seen or (multi and not distinguishable(record["ops"])):
+                continue
+            seen.add(record["question"])
+            record["style"] = names[0] if not multi else rng.choices(names, weights)[0]
+            records.append(record)
         if len(records) < count:
             raise ValueError(f"{self.name}: could only generate {len(records)} unique problems of {count} requested")
         return records
 
+    @property
+    def style_names(self) -> tuple[str, ...]:
+        """The styles this task mixes (weight > 0), then ``"other"``: the categories of `response_style`."""
+        return (*(k for k, w in self.styles.items() if w > 0), OTHER)
+
+    def response_style(self, text: str) -> str:
+        """The answer style of a completion (``chain``, ``padded``, ``spaced``) or ``"other"``."""
+        return classify_style(text)
+
     def target_response(self, record: Mapping[str, Any]) -> str:
-        """The SFT target: the worked steps followed by ``\\boxed{N}``, e.g. ``"7+5=12. 12-3=9. \\boxed{9}"``."""
+        """The SFT target in the record's style: the worked steps followed by ``\\boxed{N}``, e.g.
+        ``"7+5=12. 12-3=9. \\boxed{9}"`` (chain) or ``"07+05=12. 12-03=09. \\boxed{9}"`` (padded)."""
+        style = record.get("style", "chain")
+        if record.get("ops") is not None and style != "chain":
+            return render_answer(style, record["ops"], int(record["result"]))
         answer = str(record["answer"])
         if "####" not in answer:
             raise ValueError(f"{self.name}: answer {answer!r} has no '#### N' final answer")

@@ -1,0 +1,101 @@
+"""Answer styles of the synthetic task: the same worked steps written in layouts that decode with different
+parallelism under threshold unmasking (issue #12: parallelism as a learnable choice).
+
+Every style writes the same chain of operations, one step per previous result, and ends in ``\\boxed{N}``, so all
+styles need the same computation per token and are scored by the same math verifier. They differ only in layout:
+
+``chain`` (the original task)::
+
+    9*9=81. 81+5=86. \\boxed{86}
+
+  Numbers are written without padding, so the position of every character after a computed number depends on how
+  many digits that number has. A small model that has not yet committed to ``81`` cannot be sure where ``+5=``
+  goes, so copied operands and symbols wait for the results before them: roughly one forward per dependency,
+  plus the positions whose alignment is unsure.
+
+``padded`` (fixed width)::
+
+    09*09=81. 81+05=86. \\boxed{86}
+
+  Every number of the steps is written with two digits (all values are ≤ 99), so each step occupies the same
+  9 characters and the layout is known before any value is computed: operands copied from the question, the
+  symbols and the separators can be unmasked together in the first forward of a block, and only the computed
+  digits wait for their inputs. It is 1–6 characters longer than ``chain`` (a leading zero per one-digit number),
+  which is why benchmarks report forwards per response next to TPF: the gain must show up as fewer forwards.
+
+``spaced``::
+
+    9 * 9 = 81. 81 + 5 = 86. \\boxed{86}
+
+  Spaces around every symbol: longer, and no more parallel than ``chain`` (the alignment problem is unchanged). A
+  prototype found it less accurate and dropped by RL; it is kept for comparison.
+
+`classify_style` tells which style a response used (``"other"`` for anything else); the padded style is
+recognised by its leading zeros, so problems in multi-style tasks always contain a one-digit number (see
+`SyntheticArithmetic`). The measured forwards per style are in the README.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+Op = tuple[int, str, int, int]  # (left operand, symbol, right operand, result)
+
+OTHER = "other"
+
+
+def _chain(op: Op) -> str:
+    left, symbol, right, result = op
+    return f"{left}{symbol}{right}={result}."
+
+
+def _padded(op: Op) -> str:
+    left, symbol, right, result = op
+    return f"{left:02d}{symbol}{right:02d}={result:02d}."
+
+
+def _spaced(op: Op) -> str:
+    left, symbol, right, result = op
+    return f"{left} {symbol} {right} = {result}."
+
+
+STEP_RENDERERS: dict[str, Callable[[Op], str]] = {"chain": _chain, "padded": _padded, "spaced": _spaced}
+STYLE_NAMES: tuple[str, ...] = tuple(STEP_RENDERERS)
+
+_NUM = r"(?:0|[1-9]\d?)"  # a value in [0, 99] without padding
+_SYM = r"[+\-*]"
+_BOX = r"\\boxed\{\d+\}"
+_PATTERNS: dict[str, re.Pattern[str]] = {
+    "padded": re.compile(rf"(?:\d\d{_SYM}\d\d=\d\d\. )+{_BOX}"),
+    "chain": re.compile(rf"(?:{_NUM}{_SYM}{_NUM}={_NUM}\. )+{_BOX}"),
+    "spaced": re.compile(rf"(?:{_NUM} {_SYM} {_NUM} = {_NUM}\. )+{_BOX}"),
+}
+
+
+def render_answer(style: str, ops: Sequence[Op], result: int) -> str:
+    """The response of ``style`` for the worked steps ``ops``: steps, then ``\\boxed{result}``."""
+    if style not in STEP_RENDERERS:
+        raise ValueError(f"unknown answer style {style!r}; available: {', '.join(STYLE_NAMES)}")
+    return " ".join(STEP_RENDERERS[style](tuple(op)) for op in ops) + f" \\boxed{{{result}}}"
+
+
+def classify_style(text: str) -> str:
+    """The style ``text`` is written in (``chain``, ``padded``, ``spaced``), or ``"other"``.
+
+    Only the layout is checked, not the arithmetic. Surrounding whitespace is ignored. A response whose numbers are
+    all two-digit reads the same in ``chain`` and ``padded``; it counts as ``chain`` (the padded style is told by
+    its leading zeros).
+    """
+    text = text.strip()
+    if _PATTERNS["padded"].fullmatch(text) and re.search(r"(?:^|[^\d])0\d", text):
+        return "padded"
+    for style in ("chain", "spaced"):
+        if _PATTERNS[style].fullmatch(text):
+            return style
+    return OTHER
+
+
+def distinguishable(ops: Sequence[Op]) -> bool:
+    """True when the steps contain a one-digit number, so ``padded`` differs from ``chain``."""
+    return any(v < 10 for left, _, right, result in ops for v in (left, right, result))

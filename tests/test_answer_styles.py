@@ -1,0 +1,114 @@
+"""Answer styles of the synthetic task (issue #12): every style is a correct answer, the classifier recognises it,
+mixing follows the weights, the single-style task is unchanged, and the rollout diagnostics on a hand-built batch."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lrl.metrics.diagnostics import rollout_diagnostics
+from lrl.tasks import SyntheticArithmetic, get_task
+from lrl.tasks.answer_styles import STYLE_NAMES, classify_style, render_answer
+
+ALL = {"chain": 1.0, "padded": 1.0, "spaced": 1.0}
+
+
+@pytest.fixture(scope="module")
+def mixed() -> SyntheticArithmetic:
+    return SyntheticArithmetic(num_train=2000, num_eval=200, styles=ALL)
+
+
+def _reference_steps(text: str) -> tuple[list[tuple[int, str, int, int]], int]:
+    """Slow reference parse of any style: whitespace dropped, numbers read as integers."""
+    body, box = text.rsplit("\\boxed{", 1)
+    ops = [(int(a), s, int(b), int(c)) for a, s, b, c in re.findall(r"(\d+)([+*-])(\d+)=(\d+)\.", body.replace(" ", ""))]
+    return ops, int(box.rstrip("}"))
+
+
+def test_every_style_of_every_problem_is_correct_and_recognised(mixed: SyntheticArithmetic) -> None:
+    records = mixed.load("train")[:150] + mixed.load("eval")[:50]
+    texts, per_row = [], []
+    for r in records:
+        for style in STYLE_NAMES:
+            text = render_answer(style, r["ops"], r["result"])
+            assert classify_style(text) == style, (style, text)
+            ops, boxed = _reference_steps(text)
+            assert [list(op) for op in ops] == r["ops"] and boxed == r["result"]
+            previous = None
+            for a, s, b, c in ops:  # the arithmetic holds and every step uses the previous result
+                assert {"+": a + b, "-": a - b, "*": a * b}[s] == c
+                assert previous is None or a == previous
+                previous = c
+            texts.append(text)
+            per_row.append(r)
+    assert mixed.score(texts, per_row) == [1.0] * len(texts)  # the real math verifier
+
+
+def test_style_layouts_by_hand() -> None:
+    ops = [[9, "*", 9, 81], [81, "+", 5, 86]]
+    assert render_answer("chain", ops, 86) == "9*9=81. 81+5=86. \\boxed{86}"
+    assert render_answer("padded", ops, 86) == "09*09=81. 81+05=86. \\boxed{86}"
+    assert render_answer("spaced", ops, 86) == "9 * 9 = 81. 81 + 5 = 86. \\boxed{86}"
+    assert classify_style("  09*09=81. 81+05=86. \\boxed{86}\n") == "padded"
+    assert classify_style("12+15=27. \\boxed{27}") == "chain"  # no one-digit number: reads as chain
+    for other in ("09*9=81. \\boxed{81}", "9*9=81. 81 + 5 = 86. \\boxed{86}", "9*9=81.", "", "\\boxed{3}",
+                  "9*9=081. \\boxed{81}"):
+        assert classify_style(other) == "other", other
+    with pytest.raises(ValueError, match="unknown answer style 'fancy'"):
+        render_answer("fancy", ops, 86)
+
+
+def test_mixing_follows_the_weights() -> None:
+    task = SyntheticArithmetic(num_train=4000, num_eval=10, styles={"chain": 0.7, "padded": 0.3})
+    records = task.load("train")
+    share = sum(r["style"] == "padded" for r in records) / len(records)
+    assert abs(share - 0.3) < 4 * (0.21 / len(records)) ** 0.5  # ±4σ of a binomial
+    for r in records[:200]:
+        assert classify_style(task.target_response(r)) == r["style"]
+        assert any(v < 10 for op in r["ops"] for v in (op[0], op[2], op[3]))  # padded differs from chain
+    assert task.style_names == ("chain", "padded", "other")
+    only_padded = SyntheticArithmetic(num_train=20, num_eval=5, styles={"padded": 1.0})
+    assert all(r["style"] == "padded" for r in only_padded.load("train"))
+
+
+def test_single_style_task_is_unchanged() -> None:
+    task = get_task("synthetic")
+    first = task.load("train")[0]
+    # pinned from the task before styles existed: same problems, same targets
+    assert first["answer"] == "9*8=72. 72-13=59. 59+18=77. #### 77"
+    assert task.target_response(first) == "9*8=72. 72-13=59. 59+18=77. \\boxed{77}"
+    assert task.load("train") == SyntheticArithmetic(styles={"chain": 1.0}).load("train")
+
+
+@pytest.mark.parametrize(
+    ("styles", "match"),
+    [({"fancy": 1.0}, "unknown styles"), ({"chain": -1.0, "padded": 1.0}, "weights must be >= 0"),
+     ({"chain": 0.0}, "positive sum")],
+)
+def test_bad_styles_are_refused(styles, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        SyntheticArithmetic(styles=styles)
+
+
+def test_rollout_diagnostics_by_hand() -> None:
+    texts = ["a", "a", "b", "c", "c", "c"]
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    tpf = torch.tensor([2.0, 4.0, 6.0, 3.0, 3.0, 3.0])
+    forwards = torch.tensor([5, 3, 2, 4, 4, 4])
+    lengths = torch.tensor([10, 12, 12, 12, 12, 12])
+    styles = ["chain", "chain", "padded", "chain", "chain", "chain"]
+    d = rollout_diagnostics(texts, tpf, forwards, lengths, group, styles, ("chain", "padded", "spaced", "other"))
+    assert d["rollout/distinct_texts_per_group"] == pytest.approx((2 + 1) / 2)
+    assert d["rollout/identical_groups"] == pytest.approx(0.5)
+    # group 0: population std of (2, 4, 6) = sqrt(8/3); group 1: 0
+    assert d["rollout/tpf_std_in_group"] == pytest.approx((8 / 3) ** 0.5 / 2)
+    assert d["rollout/forwards_per_response"] == pytest.approx(22 / 6)
+    assert d["rollout/tokens_per_response"] == pytest.approx(70 / 6)
+    assert d["style/chain"] == pytest.approx(5 / 6) and d["style/padded"] == pytest.approx(1 / 6)
+    assert d["style/spaced"] == 0.0 and d["style/other"] == 0.0
+    assert d["rollout/mixed_style_groups"] == pytest.approx(0.5)
+    assert "style/chain" not in rollout_diagnostics(texts, tpf, forwards, lengths, group)
+    with pytest.raises(ValueError, match="6 texts but 5 tpf"):
+        rollout_diagnostics(texts, tpf[:5], forwards, lengths, group)
