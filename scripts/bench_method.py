@@ -34,11 +34,11 @@ METHODS: dict[str, list[str]] = {
     "LightningRL": [],
 }
 ABLATIONS: dict[str, list[str]] = {
-    "LightningRL, joint norm.": ["--data.init_args.joint_normalization=true"],
-    "LightningRL, no NLL": ["--model.init_args.nll_weight=0.0"],
-    "LightningRL, no TPF filter": ["--trainer.callbacks.init_args.tpf_range_threshold=null"],
-    "LightningRL, single-pass": ["--model.init_args.estimator=single_pass"],
     "LightningRL, no TPF reward": ["--data.init_args.tpf_reward=none", "--data.init_args.tpf_coefficient=0.0"],
+    "LightningRL, single-pass": ["--model.init_args.estimator=single_pass"],
+    "LightningRL, no NLL": ["--model.init_args.nll_weight=0.0"],
+    "LightningRL, joint norm.": ["--data.init_args.joint_normalization=true"],
+    "LightningRL, no TPF filter": ["--trainer.callbacks.init_args.tpf_range_threshold=null"],
 }
 
 
@@ -333,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
             timings.setdefault(name, []).append(time.perf_counter() - start)
             curves.setdefault(name, []).append(run_curves(run_dir))
             print(f"[{name} seed {seed}] {results[name][-1]} ({timings[name][-1]:.0f} s)", flush=True)
+            done = {k: v for k, v in results.items() if len(v) == len(results["SFT base"])}
+            write_outputs({"results": done, "timings_s": timings, "curves": curves,  # partial results survive
+                           "seeds": args.seeds[: len(done["SFT base"])], "select_threshold": select,
+                           "configs": configs, "fit_args": args.fit_arg}, out / "partial")
     table = write_outputs({"results": results, "timings_s": timings, "curves": curves, "seeds": args.seeds,
                            "select_threshold": select, "configs": configs, "fit_args": args.fit_arg}, out)
     print(table)
