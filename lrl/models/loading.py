@@ -79,7 +79,8 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     with _quiet_transformers():  # AutoTokenizer reads config.json and warns about the unknown model_type "sdar"
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # trust_remote_code=False: an SDAR config.json's auto_map would otherwise make transformers ask on stdin
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 
 def load_checkpoint(
