@@ -14,6 +14,7 @@ not the model's quality.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from importlib import resources
@@ -87,6 +88,19 @@ def qwen_bpe_file() -> Path:
     return path
 
 
+@functools.cache
+def _converted_qwen_bpe() -> str:
+    """The converted BPE (tokenizers JSON), once per process: the conversion walks all 151,643 ranks (seconds)."""
+    from tokenizers import normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    backend = TikTokenConverter(vocab_file=str(qwen_bpe_file()), pattern=QWEN_PATTERN).converted()
+    backend.normalizer = normalizers.NFC()  # Qwen normalises to NFC before splitting
+    if backend.get_vocab_size() != NUM_BPE_RANKS:
+        raise ValueError(f"expected {NUM_BPE_RANKS} Qwen BPE ranks, got {backend.get_vocab_size()}")
+    return backend.to_str()
+
+
 def build_qwen3_tokenizer(*, mask_token_attr: bool = False):
     """A `PreTrainedTokenizerFast` with Qwen3's vocabulary, added tokens, ``<|MASK|>`` and chat template.
 
@@ -94,14 +108,10 @@ def build_qwen3_tokenizer(*, mask_token_attr: bool = False):
         mask_token_attr: also declare ``<|MASK|>`` as the tokenizer's ``mask_token``. Off by default: lrl must
             find the mask by its string, as with checkpoints whose tokenizer declares no mask token.
     """
-    from tokenizers import AddedToken, normalizers
+    from tokenizers import AddedToken, Tokenizer
     from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    backend = TikTokenConverter(vocab_file=str(qwen_bpe_file()), pattern=QWEN_PATTERN).converted()
-    backend.normalizer = normalizers.NFC()  # Qwen normalises to NFC before splitting
-    if backend.get_vocab_size() != NUM_BPE_RANKS:
-        raise ValueError(f"expected {NUM_BPE_RANKS} Qwen BPE ranks, got {backend.get_vocab_size()}")
+    backend = Tokenizer.from_str(_converted_qwen_bpe())
     added = list(QWEN3_ADDED_TOKENS) + [(MASK_TOKEN, True)]
     backend.add_tokens([AddedToken(t, special=s, normalized=False) for t, s in added])
     tok = PreTrainedTokenizerFast(
