@@ -189,3 +189,22 @@ def test_save_and_reload_keeps_identity_tokenizer_and_template(sdar_like_checkpo
 def test_builder_rejects_bad_shapes(tmp_path):
     with pytest.raises(ValueError, match="num_heads"):
         build_sdar_like_checkpoint(tmp_path / "x", hidden_size=30, num_heads=4)
+
+
+def test_datamodule_chat_template_and_stop_token_settings(sdar_like_checkpoint, tiny_checkpoint):
+    from datamodules import RolloutDataModule
+
+    kw = dict(task="synthetic", task_kwargs={"num_train": 4, "num_eval": 2}, group_size=2, block_size=4,
+              max_new_tokens=8)
+    dm = RolloutDataModule(str(sdar_like_checkpoint), **kw)
+    dm.setup("fit")
+    assert dm.stop_ids == (151643, 151645)
+    assert all(dm.task.prompt(r).startswith("<|im_start|>user\n") for r in dm.train_records)
+    dm = RolloutDataModule(str(sdar_like_checkpoint), chat_template=False, stop_token_ids=[151645], **kw)
+    dm.setup("fit")
+    assert dm.stop_ids == (151645,) and dm.task.prompt(dm.train_records[0]).startswith("Q: ")
+    tiny = RolloutDataModule(str(tiny_checkpoint), **kw)
+    tiny.setup("fit")  # no chat template: the task's template string
+    assert tiny.task.prompt(tiny.train_records[0]).startswith("Q: ")
+    with pytest.raises(ValueError, match="data.chat_template=true"):
+        RolloutDataModule(str(tiny_checkpoint), chat_template=True, **kw).setup("fit")
