@@ -115,3 +115,29 @@ def test_response_logprobs_gradients_equal_the_plain_logits_path(tiny_checkpoint
     torch.testing.assert_close(ent, ref_ent.detach(), rtol=1e-4, atol=1e-5)
     for a, r in zip(g_new, g_ref):
         torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
+
+
+def test_restricted_support_equals_the_plain_masked_path():
+    """A top-k support (the sampler's rule is passed in the same way): the target is always kept, the rest of the
+    vocabulary outside the support gets probability 0, values/entropy/gradients equal masking full logits."""
+    hidden, weight, _, tokens = _inputs(m=6, h=5, v=11)
+
+    def top3(z):
+        return z >= z.topk(3, dim=-1).values[:, -1:]
+
+    z = (hidden @ weight.t()) / 0.8
+    keep = top3(z.detach())
+    keep[torch.arange(6), tokens] = True
+    assert not bool(top3(z.detach())[torch.arange(6), tokens].all())  # some targets lie outside the top 3
+    zm = z.masked_fill(~keep, float("-inf"))
+    ref = zm.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
+    p = zm.softmax(-1)
+    ref_ent = -torch.where(p > 0, p * zm.log_softmax(-1), torch.zeros_like(p)).sum(-1)
+    rg = torch.autograd.grad(ref.sum(), [hidden, weight])
+    got, ent = token_logprobs(hidden, weight, tokens, temperature=0.8, chunk_size=4, with_entropy=True,
+                              support=top3)
+    gg = torch.autograd.grad(got.sum(), [hidden, weight])
+    torch.testing.assert_close(got, ref)
+    torch.testing.assert_close(ent, ref_ent.detach())
+    for a, r in zip(gg, rg):
+        torch.testing.assert_close(a, r)

@@ -29,24 +29,36 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return z / temperature if temperature != 1.0 else z
 
 
+def _restrict(z: torch.Tensor, tokens: torch.Tensor, support) -> torch.Tensor:
+    """z outside ``support(z)`` (e.g. the sampler's top-k / top-p set; the target always kept) set to −inf."""
+    if support is None:
+        return z
+    keep = support(z)
+    if keep is None:
+        return z
+    keep[torch.arange(len(tokens), device=z.device), tokens] = True
+    return z.masked_fill_(~keep, float("-inf"))
+
+
 class _ChunkedTokenLogprob(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk_size, with_entropy):
+    def forward(ctx, hidden, weight, bias, tokens, temperature, chunk_size, with_entropy, support):
         m = hidden.shape[0]
         logp = torch.empty(m, dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         lse = torch.empty_like(logp)
         ent = torch.empty_like(logp) if with_entropy else None
         for s in range(0, m, chunk_size):
-            z = _chunk_logits(hidden[s : s + chunk_size], weight, bias, temperature)
+            z = _restrict(_chunk_logits(hidden[s : s + chunk_size], weight, bias, temperature),
+                          tokens[s : s + chunk_size], support)
             lse_c = z.logsumexp(-1)
             lse[s : s + chunk_size] = lse_c
             logp[s : s + chunk_size] = z.gather(-1, tokens[s : s + chunk_size, None]).squeeze(-1) - lse_c
             if ent is not None:
                 p = (z - lse_c[:, None]).exp_()
-                ent[s : s + chunk_size] = lse_c - (p * z).sum(-1)
+                ent[s : s + chunk_size] = lse_c - torch.where(p > 0, p * z, 0.0).sum(-1)
             del z
         ctx.save_for_backward(hidden, weight, bias, tokens, lse)
-        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.temperature, ctx.chunk_size, ctx.support = temperature, chunk_size, support
         if ent is not None:
             ctx.mark_non_differentiable(ent)
         return logp, ent
@@ -63,7 +75,7 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
         grad_b = torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if need_b else None
         for s in range(0, hidden.shape[0], cs):
             h = hidden[s : s + cs]
-            z = _chunk_logits(h, weight, bias, t)
+            z = _restrict(_chunk_logits(h, weight, bias, t), tokens[s : s + cs], ctx.support)
             g = (z - lse[s : s + cs, None]).exp_()  # softmax, in place
             del z
             g.neg_().scatter_add_(-1, tokens[s : s + cs, None], torch.ones_like(g[:, :1]))  # onehot − p
@@ -84,6 +96,7 @@ class _ChunkedTokenLogprob(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -96,6 +109,7 @@ def token_logprobs(
     temperature: float = 1.0,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     with_entropy: bool = False,
+    support=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(tokens) under softmax((hidden·Wᵀ + bias) / temperature), chunked over rows (module docstring).
 
@@ -106,6 +120,9 @@ def token_logprobs(
         temperature: softmax temperature (> 0); the rollout's, so old and new log-probs match the sampler's.
         chunk_size: target rows whose logits are live at once (memory knob; results do not depend on it).
         with_entropy: also return the entropy of each distribution (no gradient).
+        support: optional ``(C, V) tempered logits → (C, V) bool or None``, the tokens the distribution is
+            restricted to (e.g. the sampler's top-k / top-p rule); the target token is always kept. Called on each
+            chunk in the forward and again in the backward, so it must be deterministic.
     Returns:
         logp (M,) float32 with gradient, and entropy (M,) float32 or None.
     """
@@ -117,4 +134,4 @@ def token_logprobs(
         raise ValueError(f"token_logprobs: shapes hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
                          f"tokens {tuple(tokens.shape)} do not fit (M, H), (V, H), (M,)")
     return _ChunkedTokenLogprob.apply(hidden, weight, bias, tokens.long(), float(temperature), int(chunk_size),
-                                      bool(with_entropy))
+                                      bool(with_entropy), support)
