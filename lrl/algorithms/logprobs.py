@@ -196,7 +196,7 @@ def response_logprobs(
     return logp, (torch.cat(ents)[order] if with_entropy else None)
 
 
-def _head_logprobs(states, head, *, tokens, temperature, with_entropy):
+def _head_logprobs(states, head, *, tokens, temperature, with_entropy, support=None):
     """Run inside the model's forward: log-probs of ``tokens`` from the final states and the output layer."""
     return token_logprobs(states, head.weight, tokens, bias=head.bias, temperature=temperature,
-                          with_entropy=with_entropy)
+                          with_entropy=with_entropy, support=support)
