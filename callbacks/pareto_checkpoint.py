@@ -66,7 +66,8 @@ class ParetoFrontierCheckpoint(Callback):
     def _evaluate(self, trainer, pl_module, at_start: bool = False) -> None:
         dm = trainer.datamodule
         records = dm.eval_records[: self.eval_size] if self.eval_size else dm.eval_records
-        result = pl_module.run_pareto(dm.task, records, thresholds=self.thresholds)
+        result = pl_module.run_pareto(dm.task, records, thresholds=self.thresholds,
+                                      stop_token_ids=getattr(dm, "stop_ids", None))
         step = int(pl_module.rl_step)
         metrics = {"pareto/aup": result.aup}
         sel = result.point(self.select_threshold) or result.points[-1]

@@ -100,6 +100,11 @@ class RolloutDataModule(LightningDataModule):
         steps_per_epoch: RL steps per epoch (default: enough steps to visit every training prompt once).
         seed: seed of prompt order and rollout sampling.
         rollout: the rollout backend.
+        chat_template: render prompts with the checkpoint's chat template (``tokenizer.apply_chat_template``,
+            the task template's user turn, generation prompt on). None: whenever the tokenizer has one; False: the
+            task's template string as is (the tiny demo models have no chat template).
+        stop_token_ids: token ids that end a response. None: the checkpoint's (generation_config.json's eos ids
+            plus the tokenizer's eos, e.g. ``<|im_end|>`` and ``<|endoftext|>`` for SDAR).
     """
 
     def __init__(
@@ -138,6 +143,8 @@ class RolloutDataModule(LightningDataModule):
         steps_per_epoch: int | None = None,
         seed: int = 0,
         rollout: RolloutBackend | None = None,
+        chat_template: bool | None = None,
+        stop_token_ids: list[int] | None = None,
     ):
         super().__init__()
         if group_size < 2:
@@ -170,6 +177,7 @@ class RolloutDataModule(LightningDataModule):
         self._order: list[int] | None = None
         self.skipped_long = 0
         self._steps_per_epoch = steps_per_epoch
+        self.stop_ids: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:
@@ -182,6 +190,7 @@ class RolloutDataModule(LightningDataModule):
                 kwargs["eval_seed"] = self.hparams.eval_seed
             self.task = get_task(self.hparams.task, **kwargs)
             self.tokenizer = load_tokenizer(self.checkpoint)
+            self._use_checkpoint_generation_settings()
         if stage in (None, "fit") and not self.train_records:
             self.train_records = self._fit_prompts(self.task.load(self.hparams.train_split))
             if not self.train_records:
@@ -192,6 +201,17 @@ class RolloutDataModule(LightningDataModule):
             except ValueError:
                 recs = []
             self.eval_records = recs[: self.hparams.eval_size] if self.hparams.eval_size else recs
+
+    def _use_checkpoint_generation_settings(self) -> None:
+        """Chat template and stop tokens from the checkpoint unless the config says otherwise."""
+        from lrl.models.generation import checkpoint_stop_ids, has_chat_template
+
+        chat = self.hparams.chat_template
+        if chat and not has_chat_template(self.tokenizer):
+            raise ValueError(f"data.chat_template=true but the tokenizer of {self.checkpoint} has no chat template")
+        if chat or (chat is None and has_chat_template(self.tokenizer)):
+            self.task.use_chat_template(self.tokenizer)
+        self.stop_ids = checkpoint_stop_ids(self.checkpoint, self.tokenizer, self.hparams.stop_token_ids)
 
     def _fit_prompts(self, records: list[dict]) -> list[dict]:
         limit = self.hparams.max_prompt_tokens
@@ -222,7 +242,7 @@ class RolloutDataModule(LightningDataModule):
             top_p=hp.top_p,
             greedy=False,
             max_new_tokens=hp.max_new_tokens,
-            stop_token_ids=(self.tokenizer.eos_token_id,),
+            stop_token_ids=self.stop_ids,
             samples_per_prompt=hp.group_size,
             seed=seed,
             eos_policy=hp.eos_policy,
@@ -424,7 +444,8 @@ class RolloutDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if not self.eval_records:
             raise ValueError(f"task {self.hparams.task!r} has no records in split {self.hparams.eval_split!r}")
-        return DataLoader([{"task": self.task, "records": self.eval_records}], batch_size=None, collate_fn=_identity)
+        batch = {"task": self.task, "records": self.eval_records, "stop_token_ids": self.stop_ids}
+        return DataLoader([batch], batch_size=None, collate_fn=_identity)
 
     test_dataloader = val_dataloader
 

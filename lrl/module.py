@@ -426,8 +426,8 @@ class LightningRLModule(LightningModule):
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch, batch_idx: int = 0):
-        """``batch`` = {"task": Task, "records": [...]}: a Pareto sweep of the current policy."""
-        result = self.run_pareto(batch["task"], batch["records"])
+        """``batch`` = {"task": Task, "records": [...], "stop_token_ids": ...}: a Pareto sweep of the current policy."""
+        result = self.run_pareto(batch["task"], batch["records"], stop_token_ids=batch.get("stop_token_ids"))
         metrics = {"val/aup": result.aup}
         for p in result.points:
             key = "static" if p.threshold is None else f"{p.threshold:g}"
@@ -456,11 +456,13 @@ class LightningRLModule(LightningModule):
     test_step = validation_step
 
     @torch.no_grad()
-    def run_pareto(self, task, records, *, thresholds=None, y_max: float | None = None):
+    def run_pareto(self, task, records, *, thresholds=None, y_max: float | None = None, stop_token_ids=None):
         from lrl.evaluation import run_pareto_sweep
+        from lrl.models.generation import checkpoint_stop_ids
         from lrl.rollout.engine import NativeEngine
 
         hp = self.hparams
+        stop = checkpoint_stop_ids(hp.checkpoint, self.tokenizer, stop_token_ids)
         was_training = self.policy.training
         self.policy.eval()
         try:
@@ -473,7 +475,7 @@ class LightningRLModule(LightningModule):
                     thresholds=list(thresholds or hp.eval_thresholds),
                     block_size=self.rollout_block_size,
                     max_new_tokens=hp.eval_max_new_tokens,
-                    stop_token_ids=(self.tokenizer.eos_token_id,),
+                    stop_token_ids=stop,
                     static_anchor=hp.eval_static_anchor,
                     y_max=y_max,
                 )

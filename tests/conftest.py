@@ -51,3 +51,13 @@ def peaky_checkpoint(tmp_path_factory, tiny_tokenizer):
     path = tmp_path_factory.mktemp("peaky") / "tiny"
     save_checkpoint(lm, path, tokenizer=tiny_tokenizer)
     return path
+
+
+@pytest.fixture(scope="session")
+def sdar_like_checkpoint(tmp_path_factory):
+    """An SDAR-format checkpoint with the real Qwen3 vocabulary (151,936 rows) and a tiny random network, as
+    `scripts/make_sdar_like.py` writes it: no block_size / mask_token_id in config.json (official layout)."""
+    from lrl.models.sdar_like import build_sdar_like_checkpoint
+
+    return build_sdar_like_checkpoint(tmp_path_factory.mktemp("sdar") / "sdar_like", hidden_size=32, num_layers=1,
+                                      num_heads=4, num_kv_heads=2, max_position_embeddings=1024)

@@ -164,8 +164,21 @@ def test_missing_or_conflicting_mask_token_is_a_clear_error(tiny_checkpoint, tmp
     tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
     tok_cfg.pop("mask_token", None)
     (d / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    # no declared mask token, but a <|MASK|> token in the vocabulary (as SDAR's tokenizers): that is the mask
+    lm, tok = load_checkpoint(d)
+    assert tok.mask_token_id is None and lm.bd.mask_token_id == tok.convert_tokens_to_ids("<|MASK|>") == 2
+
+    class NoMask:
+        mask_token_id = None
+
+        def get_vocab(self):
+            return {"a": 0, "<|MASK|>x": 1}
+
+        def __len__(self):
+            return 2
+
     with pytest.raises(ValueError, match="no mask token"):
-        load_checkpoint(d)
+        resolve_block_diffusion_config({"vocab_size": 100}, NoMask())
 
     class Tok:
         mask_token, mask_token_id = "<m>", 5

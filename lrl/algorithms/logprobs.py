@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 
+from lrl.algorithms.token_logprobs import token_logprobs
 from lrl.models.block_lm import BlockDiffusionLM
 
 Estimator = Literal["trajectory", "single_pass"]
@@ -175,18 +177,15 @@ def response_logprobs(
             padding = out if padding is None else padding + out
     for s in range(0, n, rows_per_forward):
         sl = slice(s, s + rows_per_forward)
-        logits = lm(packed.input_ids[sl], packed.noisy[sl], packed.lengths[sl], block_size=bs)
-        b_idx, k_idx, l_idx = packed.noisy[sl].nonzero(as_tuple=True)
-        is_target = packed.targets[sl][b_idx, k_idx, l_idx]
-        logits = logits[is_target].float()
-        b_idx, l_idx = b_idx[is_target], l_idx[is_target]
+        b_idx, _, l_idx = packed.targets[sl].nonzero(as_tuple=True)
         tok = packed.input_ids[sl][b_idx, l_idx]
-        lse = logits.logsumexp(-1)
-        vals.append(logits.gather(-1, tok[:, None]).squeeze(-1) - lse)
+        # chunked over targets, recomputed in backward: memory does not grow with targets × vocabulary
+        head = partial(_head_logprobs, tokens=tok, temperature=1.0, with_entropy=with_entropy)
+        lp, ent = lm(packed.input_ids[sl], packed.noisy[sl], packed.lengths[sl], block_size=bs,
+                     select=packed.targets[sl], head=head)
+        vals.append(lp)
         if with_entropy:
-            with torch.no_grad():
-                p = (logits - lse[:, None]).exp()
-                ents.append(lse - (p * logits).sum(-1))
+            ents.append(ent)
         keys.append(packed.sample[sl][b_idx] * (1 << 32) + l_idx)
     logp, key = torch.cat(vals), torch.cat(keys)
     order = torch.argsort(key)
@@ -195,3 +194,9 @@ def response_logprobs(
         raise RuntimeError(f"log-prob count {logp.numel()} != response tokens {expected} (bad step map?)")
     logp = logp[order] if padding is None else logp[order] + padding
     return logp, (torch.cat(ents)[order] if with_entropy else None)
+
+
+def _head_logprobs(states, head, *, tokens, temperature, with_entropy, support=None):
+    """Run inside the model's forward: log-probs of ``tokens`` from the final states and the output layer."""
+    return token_logprobs(states, head.weight, tokens, bias=head.bias, temperature=temperature,
+                          with_entropy=with_entropy, support=support)

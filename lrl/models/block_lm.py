@@ -137,17 +137,23 @@ class BlockDiffusionLM(nn.Module):
                 return self._decoder(packed, pos, mask), starts, width
         return self._decoder(packed, pos, dense_block_diffusion_mask(copy, block, valid)), starts, width
 
-    def diffusion_logits(
-        self, input_ids: torch.Tensor, noisy_masks: torch.Tensor, lengths: torch.Tensor, block_size: int | None = None
+    def diffusion_states(
+        self,
+        input_ids: torch.Tensor,
+        noisy_masks: torch.Tensor,
+        lengths: torch.Tensor,
+        block_size: int | None = None,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits predicting the masked tokens, (M, V), in the order of ``noisy_masks.nonzero()`` (b, k, l).
+        """Final hidden states predicting the masked tokens, (M, H), in the order of ``select.nonzero()`` (b, k, l).
 
-        Without logit shift, position l of a noisy copy predicts token l. With a shift (AR-adapted models), token l
-        is predicted at l − 1 of the same copy when l − 1 is in the same block, else at l − 1 of the clean copy
-        (the last token of the previous, already-known block).
+        ``select`` (B, K, L) bool ⊆ ``noisy_masks`` picks the positions (default: every masked one). Without logit
+        shift, position l of a noisy copy predicts token l. With a shift (AR-adapted models), token l is predicted
+        at l − 1 of the same copy when l − 1 is in the same block, else at l − 1 of the clean copy (the last token
+        of the previous, already-known block).
         """
         hidden, starts, width = self.diffusion_hidden(input_ids, noisy_masks, lengths, block_size)
-        b_idx, k_idx, l_idx = noisy_masks.nonzero(as_tuple=True)
+        b_idx, k_idx, l_idx = (noisy_masks if select is None else select).nonzero(as_tuple=True)
         k = noisy_masks.shape[1]
         src = k_idx * width + (l_idx - starts[b_idx])
         if self.bd.logit_shift:
@@ -156,13 +162,34 @@ class BlockDiffusionLM(nn.Module):
                 raise ValueError("with logit_shift, position 0 cannot be masked (nothing precedes it)")
             same_block = (l_idx % bs) != 0
             src = torch.where(same_block, src - 1, k * width + l_idx - 1)
-        return self.logits(hidden[b_idx, src])
+        return hidden[b_idx, src]
 
-    def forward(
+    def diffusion_logits(
         self, input_ids: torch.Tensor, noisy_masks: torch.Tensor, lengths: torch.Tensor, block_size: int | None = None
     ) -> torch.Tensor:
-        """The training forward, `diffusion_logits`: sharding wrappers (FSDP) gather parameters around it."""
-        return self.diffusion_logits(input_ids, noisy_masks, lengths, block_size)
+        """Logits predicting the masked tokens, (M, V), in the order of ``noisy_masks.nonzero()`` (b, k, l)."""
+        return self.logits(self.diffusion_states(input_ids, noisy_masks, lengths, block_size))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        noisy_masks: torch.Tensor,
+        lengths: torch.Tensor,
+        block_size: int | None = None,
+        *,
+        select: torch.Tensor | None = None,
+        head=None,
+    ):
+        """The training forward; sharding wrappers (FSDP) gather parameters around it.
+
+        Default: `diffusion_logits`. With ``head``, returns ``head(states, output_layer)`` for the states of
+        `diffusion_states` (positions ``select``), so a caller can score tokens without (M × V) logits (e.g.
+        `lrl.algorithms.token_logprobs`) while the output layer's parameters are gathered.
+        """
+        if head is None and select is None:
+            return self.diffusion_logits(input_ids, noisy_masks, lengths, block_size)
+        states = self.diffusion_states(input_ids, noisy_masks, lengths, block_size, select)
+        return self.logits(states) if head is None else head(states, self.model.get_output_embeddings())
 
     # ------------------------------------------------------------------ inference primitives
     def new_cache(self, rows: int, max_len: int) -> BlockKVCache:

@@ -13,6 +13,8 @@ from typing import Any
 
 # SDAR's modeling code falls back to block 4 when config.json has no block_size (spec §1.1).
 SDAR_DEFAULT_BLOCK_SIZE = 4
+# SDAR's mask token: its tokenizers list it as an added token but need not declare it as ``mask_token``.
+SDAR_MASK_TOKEN = "<|MASK|>"
 # model_type → whether position i predicts token i+1 (AR-adapted diffusion, e.g. Fast-dLLM-v2).
 SHIFTED_MODEL_TYPES = {"fast_dllm_v2", "fast_dllm_qwen", "fast_dllm"}
 
@@ -39,6 +41,17 @@ class BlockDiffusionConfig:
             raise ValueError(f"BlockDiffusionConfig.mask_token_id must be >= 0, got {self.mask_token_id}")
 
 
+def tokenizer_mask_id(tokenizer: Any | None) -> int | None:
+    """The tokenizer's mask id: its declared ``mask_token``, else SDAR's ``<|MASK|>`` if it is in the vocabulary."""
+    if tokenizer is None:
+        return None
+    declared = getattr(tokenizer, "mask_token_id", None)
+    if declared is not None:
+        return int(declared)
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return int(vocab[SDAR_MASK_TOKEN]) if SDAR_MASK_TOKEN in vocab else None
+
+
 def resolve_block_diffusion_config(
     model_config: Any,
     tokenizer: Any | None = None,
@@ -49,7 +62,8 @@ def resolve_block_diffusion_config(
 ) -> BlockDiffusionConfig:
     """Combine explicit overrides, the checkpoint config and the tokenizer into one `BlockDiffusionConfig`.
 
-    Precedence: explicit argument > checkpoint config > tokenizer (mask id) > SDAR fallback (block size 4).
+    Precedence: explicit argument > checkpoint config > tokenizer (mask id: its ``mask_token``, else a
+    ``<|MASK|>`` token) > SDAR fallback (block size 4).
     Errors: no mask token anywhere; tokenizer and config disagree on the mask id; the mask id is outside the
     embedding table or unknown to the tokenizer.
     """
@@ -59,11 +73,11 @@ def resolve_block_diffusion_config(
         else (lambda k: getattr(model_config, k, None))
     )
     cfg_mask = get("mask_token_id")
-    tok_mask = getattr(tokenizer, "mask_token_id", None) if tokenizer is not None else None
+    tok_mask = tokenizer_mask_id(tokenizer)
     if cfg_mask is not None and tok_mask is not None and int(cfg_mask) != int(tok_mask) and mask_token_id is None:
         raise ValueError(
             f"mask token mismatch: checkpoint config.json has mask_token_id={cfg_mask} but the tokenizer's mask token "
-            f"{getattr(tokenizer, 'mask_token', None)!r} has id {tok_mask}; fix one of them"
+            f"{getattr(tokenizer, 'mask_token', None) or SDAR_MASK_TOKEN!r} has id {tok_mask}; fix one of them"
         )
     mask = mask_token_id if mask_token_id is not None else (cfg_mask if cfg_mask is not None else tok_mask)
     if mask is None:
@@ -75,7 +89,7 @@ def resolve_block_diffusion_config(
     if tok_mask is not None and mask != int(tok_mask):
         raise ValueError(
             f"mask token mismatch: mask_token_id={mask} was requested but the tokenizer's mask token "
-            f"{getattr(tokenizer, 'mask_token', None)!r} has id {tok_mask}"
+            f"{getattr(tokenizer, 'mask_token', None) or SDAR_MASK_TOKEN!r} has id {tok_mask}"
         )
     vocab = get("vocab_size")
     if vocab is not None and mask >= int(vocab):

@@ -10,6 +10,7 @@ SGLang decides from ``architectures`` whether to serve a checkpoint as a diffusi
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -76,10 +77,21 @@ def read_config(path: str | os.PathLike) -> dict:
 
 
 def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's tokenizer. Loaded once per process and directory version, then shared (read-only): a
+    151k-token BPE takes seconds to load, and the datamodule, the module and the engines all ask for it."""
+    path = Path(path).resolve()
+    files = sorted(f for f in path.glob("*") if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges",
+                                                                     "chat_template", "added_tokens")))
+    return _load_tokenizer(str(path), tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(path: str, _version: tuple):
     from transformers import AutoTokenizer
 
     with _quiet_transformers():  # AutoTokenizer reads config.json and warns about the unknown model_type "sdar"
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # trust_remote_code=False: an SDAR config.json's auto_map would otherwise make transformers ask on stdin
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
 
 
 def load_checkpoint(

@@ -153,13 +153,10 @@ class ServeState:
         self.lock = threading.Lock()
         self.bracket_open = False
         self.groups: dict[str, Any] = {}
-        tok = engine.tokenizer
-        cfg = engine.lm.hf_config
-        eos = getattr(cfg, "eos_token_id", None)
-        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if tok.eos_token_id is not None:
-            eos_ids.add(tok.eos_token_id)
-        self.eos_ids = tuple(sorted(int(e) for e in eos_ids))
+        from lrl.models.generation import checkpoint_stop_ids
+
+        # generation_config.json's eos ids (SDAR: <|im_end|> and <|endoftext|>) plus the tokenizer's eos
+        self.eos_ids = checkpoint_stop_ids(model_path, engine.tokenizer, hf_config=engine.lm.hf_config)
         self.vocab_size = int(engine.lm.model.get_output_embeddings().weight.shape[0])
 
     def model_info(self) -> dict:

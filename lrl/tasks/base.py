@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 TaskKind = Literal["math", "code"]
@@ -33,6 +33,9 @@ QWEN_STDIO_TEMPLATE = (
 PLAIN_TEMPLATE = "Q: {question}\nA: "
 
 QUESTION_PLACEHOLDER = "{question}"
+# The Qwen chat frame of the spec §6.1 templates: what a checkpoint's own chat template re-creates.
+QWEN_USER_OPEN = "<|im_start|>user\n"
+QWEN_USER_CLOSE = "<|im_end|>\n<|im_start|>assistant\n"
 
 
 def render_prompt(template: str, question: str) -> str:
@@ -43,6 +46,14 @@ def render_prompt(template: str, question: str) -> str:
     if QUESTION_PLACEHOLDER not in template:
         raise ValueError(f"prompt template must contain {QUESTION_PLACEHOLDER!r}, got {template!r}")
     return template.replace(QUESTION_PLACEHOLDER, question)
+
+
+def user_message_template(template: str) -> str:
+    """The user turn of a prompt template: the text inside the Qwen chat frame for the spec §6.1 templates, the
+    whole template for chat-free ones (e.g. ``"Q: {question}\\nA: "``)."""
+    if template.startswith(QWEN_USER_OPEN) and template.endswith(QWEN_USER_CLOSE):
+        return template[len(QWEN_USER_OPEN) : -len(QWEN_USER_CLOSE)]
+    return template
 
 
 def require_field(row: Mapping[str, Any], field: str, index: int, task: str) -> Any:
@@ -75,14 +86,29 @@ class Task(ABC):
 
     name: str = "task"
     prompt_template: str = PLAIN_TEMPLATE
+    _chat_tokenizer: Any = field(default=None, init=False, repr=False, compare=False)
 
     @abstractmethod
     def load(self, split: str) -> list[dict[str, Any]]:
         """Records of ``split`` (``"train"``, ``"eval"`` or ``"test"``), each with ``question`` and ``answer``."""
 
+    def use_chat_template(self, tokenizer: Any | None) -> None:
+        """Render prompts with ``tokenizer.apply_chat_template`` (one user turn, generation prompt on) from now on;
+        None goes back to the template string. The user turn is the template's text inside the Qwen chat frame."""
+        self._chat_tokenizer = tokenizer
+
+    def render(self, question: str) -> str:
+        """The prompt of ``question``: through the checkpoint's chat template when one is in use, else the
+        template string."""
+        tok = self._chat_tokenizer
+        if tok is None:
+            return render_prompt(self.prompt_template, question)
+        user = render_prompt(user_message_template(self.prompt_template), question)
+        return tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+
     def prompt(self, record: Mapping[str, Any]) -> str:
         """The prompt string fed to the model for ``record``."""
-        return render_prompt(self.prompt_template, record["question"])
+        return self.render(record["question"])
 
     @abstractmethod
     def ground_truth(self, record: Mapping[str, Any]) -> str:

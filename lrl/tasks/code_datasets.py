@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-from lrl.tasks.base import QWEN_CODE_TEMPLATE, QWEN_STDIO_TEMPLATE, Task, TaskKind, render_prompt, require_field
+from lrl.tasks.base import QWEN_CODE_TEMPLATE, QWEN_STDIO_TEMPLATE, Task, TaskKind, require_field
 from lrl.tasks.sources import DEFAULT_SPLITS, load_task_records
 
 TestMethod = Literal["function", "stdio"]
@@ -121,7 +121,7 @@ class CodeTask(Task):
 
     def prompt(self, record: Mapping[str, Any]) -> str:
         """The template with the question, followed by the record's code ``prefix`` (spec §6.1)."""
-        return render_prompt(self.prompt_template, record["question"]) + record.get("prefix", "")
+        return self.render(record["question"]) + record.get("prefix", "")
 
     def ground_truth(self, record: Mapping[str, Any]) -> str:
         """The reference solution ("" when the dataset has none); scoring uses the tests, not this."""
