@@ -182,3 +182,15 @@ def test_rl_runs_count_rl_steps_in_the_progress_bar(tiny_checkpoint, tmp_path, m
     sft = cli_main(["--config", str(ROOT / "configs" / "sft_tiny.yaml"), *common], run=False)
     assert sft.trainer.progress_bar_callback is not None
     assert not isinstance(sft.trainer.progress_bar_callback, RLProgressBar)
+
+
+def test_aup_all_points_column_keeps_points_past_the_drop_line():
+    """d3LLM's AUP drops a point > 5 points below the 1-token point; the extra column keeps it (hand numbers)."""
+    from bench_method import summarize
+
+    pts = [{"setting": "static_1tok", "threshold": None, "accuracy": 50.0, "tpf": 1.0},
+           {"setting": "dynamic@0.9", "threshold": 0.9, "accuracy": 40.0, "tpf": 2.0}]
+    s = summarize({"SFT base": [pts]}, 0.9)["SFT base"]
+    assert s["aup"] == [pytest.approx(50.0)]  # only the first point survives the rule
+    # 50 + ½·(2 − 1)·(50 + 40·e^{−3·(1 − 40/50)}) = 50 + ½·(50 + 21.9525) = 85.976
+    assert s["aup_all_points"] == [pytest.approx(85.976, abs=1e-3)]
