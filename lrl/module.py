@@ -78,6 +78,11 @@ class LightningRLModule(LightningModule):
         gradient_checkpointing: trade compute for memory in the decoder.
         attention: training attention: ``sdpa`` (dense boolean mask, any device) or ``flex`` (block-sparse
             flex_attention BlockMask on CUDA; CPU falls back to sdpa because flex has no CPU backward).
+        tis_cap: truncated importance sampling (verl's TIS): weight each token's policy term by
+            min(π_old/π_rollout, tis_cap), π_rollout being the engine's recorded sampling probability. Off (None) by
+            default: the native engine samples from the training distribution (mismatch ≈ 0). Turn it on (2.0 is
+            verl's usual cap) when ``rollout/logprob_abs_diff/mean`` is well above 0, e.g. SGLang rollouts in
+            bf16 on another GPU.
         max_skipped_steps: stop with an error after this many optimizer steps skipped for a non-finite loss.
         max_rl_steps: stop after this many RL steps (rollout batches). Lightning's ``trainer.max_steps`` counts
             optimizer steps, which is ``minibatches × ppo_epochs`` per RL step and 0 for a step whose groups were
@@ -117,6 +122,7 @@ class LightningRLModule(LightningModule):
         rows_per_forward: int = 8,
         gradient_checkpointing: bool = False,
         attention: Literal["sdpa", "flex"] = "sdpa",
+        tis_cap: float | None = None,
         max_skipped_steps: int = 3,
         max_rl_steps: int | None = None,
         eval_thresholds: list[float] = (0.95, 0.9, 0.8, 0.7, 0.5),
@@ -238,6 +244,8 @@ class LightningRLModule(LightningModule):
     # ------------------------------------------------------------------ log-probs
     def _logprobs(self, lm: BlockDiffusionLM, batch: RolloutBatch, rows: list[int], with_entropy: bool = False):
         hp = self.hparams
+        sp = batch.sampling
+        sampled = sp is not None and not sp.greedy  # greedy (or unknown) rollouts: the plain log-softmax
         return response_logprobs(
             lm,
             [batch.prompt_ids[i] for i in rows],
@@ -250,6 +258,11 @@ class LightningRLModule(LightningModule):
             rows_per_forward=hp.rows_per_forward,
             with_entropy=with_entropy,
             sync_forwards=self._forward_sync_for(lm),
+            tail_ids=[batch.tail_ids[i] for i in rows],
+            tail_step_maps=[batch.tail_step_maps[i] for i in rows],
+            temperature=sp.temperature if sampled else 1.0,
+            top_k=sp.top_k if sampled else 0,
+            top_p=sp.top_p if sampled else 1.0,
         )
 
     @torch.no_grad()
@@ -295,6 +308,11 @@ class LightningRLModule(LightningModule):
         else:
             correct = batch.rewards["total"] >= 0
         adv = batch.advantages.float() if n else torch.zeros(0)
+        rollout_lp = batch.sampling_logprobs
+        if hp.tis_cap is not None and n and rollout_lp is None:
+            raise ValueError(f"model.tis_cap={hp.tis_cap} needs the rollout's sampling log-probs, but the rollout "
+                             "generator returned none (RolloutBatch.sampling_logprobs is None)")
+        mismatch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (old, rollout) log-probs of the same tokens
         world = self.trainer.world_size if self.trainer is not None else 1
         total_stats: LossStats | None = None
         grad_norms: list[float] = []
@@ -327,9 +345,17 @@ class LightningRLModule(LightningModule):
                     lengths = torch.tensor([len(batch.response_ids[i]) for i in rows])
                     logp, ent = self._logprobs(self.policy, batch, rows, with_entropy=epoch == 0)
                     dev = logp.device
+                    # single step: the detached current log-probs ARE the old ones (no separate pass)
+                    old_logp = logp.detach() if old is None else torch.cat([old[i] for i in rows]).to(dev)
+                    roll = None
+                    if rollout_lp is not None:
+                        roll = torch.tensor([x for i in rows for x in rollout_lp[i]], dtype=torch.float32,
+                                            device=dev)
+                        if epoch == 0:
+                            mismatch.append((old_logp.float().cpu(), roll.cpu()))
                     out = lightningrl_loss(
                         logp,
-                        logp.detach() if old is None else torch.cat([old[i] for i in rows]).to(dev),
+                        old_logp,
                         torch.repeat_interleave(adv[rows], lengths).to(dev),
                         torch.repeat_interleave(torch.tensor(local), lengths).to(dev),
                         norm,
@@ -343,6 +369,7 @@ class LightningRLModule(LightningModule):
                         policy_reduction=hp.policy_reduction,
                         kl_reduction=hp.kl_reduction,
                         nll_reduction=hp.nll_reduction,
+                        is_weights=tis_weights(old_logp, roll, hp.tis_cap) if hp.tis_cap is not None else None,
                     )
                     if ent is not None:
                         entropy_sum += float(ent.sum())
@@ -379,6 +406,7 @@ class LightningRLModule(LightningModule):
         extra = {"train/skipped_steps": float(self.skipped_steps), "train/optimizer_steps": float(n_opt)}
         if grad_norms:
             extra["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        extra.update(mismatch_metrics(mismatch, hp.tis_cap))
         self._log_step(
             batch, total_stats, entropy_sum / max(entropy_count, 1), time.perf_counter() - t0, max(n_opt, 1), extra
         )
@@ -481,3 +509,26 @@ class LightningRLModule(LightningModule):
                 )
         finally:
             self.policy.train(was_training)
+
+
+def tis_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
+    """(T,) truncated importance weights min(π_old/π_rollout, cap), detached (verl's TIS)."""
+    return torch.exp(old_logp.detach().float() - rollout_logp.float()).clamp(max=cap)
+
+
+def mismatch_metrics(pairs: list[tuple[torch.Tensor, torch.Tensor]], tis_cap: float | None) -> dict[str, float]:
+    """Train–rollout agreement of one step's tokens: ``rollout/logprob_abs_diff/{mean,max}``, ``rollout/logprob_corr``
+    (Pearson, over tokens; left out when either side is constant) and, with TIS, ``rollout/tis_clip_frac``."""
+    if not pairs:
+        return {}
+    old = torch.cat([p[0] for p in pairs]).double()
+    roll = torch.cat([p[1] for p in pairs]).double()
+    if not old.numel():
+        return {}
+    diff = (old - roll).abs()
+    out = {"rollout/logprob_abs_diff/mean": float(diff.mean()), "rollout/logprob_abs_diff/max": float(diff.max())}
+    if old.numel() > 1 and float(old.std()) > 0 and float(roll.std()) > 0:
+        out["rollout/logprob_corr"] = float(torch.corrcoef(torch.stack([old, roll]))[0, 1])
+    if tis_cap is not None:
+        out["rollout/tis_clip_frac"] = float((torch.exp(old - roll) > tis_cap).double().mean())
+    return out

@@ -11,6 +11,16 @@ reference log-probs of the same samples line up element by element.
   than one per step. The attention block size must equal the rollout block size.
 * ``single_pass`` (released code): every response token masked at once in one noisy copy, with the model's
   configured block size (4 for unmodified SDAR configs).
+
+Same distribution as the rollout: tokens are scored under the rollout's processed distribution (logits /
+temperature in `token_logprobs`, restricted to the top-k / top-p support of `sampling_support`, the sampler's
+own `support_mask`), so at the rollout weights the old log-probs equal the engine's ``sampling_logprobs``. The
+sampled token is always kept in the support: once the policy (or the reference) has moved, a token that left the
+top-k/top-p set gets a finite log-prob instead of −inf.
+
+Exact terminal block: a rollout that stopped mid-block (``eos_policy="truncate"``) passes the rest of its final
+block as ``tail_ids`` / ``tail_step_maps``. Both estimators put those positions back into the sequence with the
+visibility they had during decoding (masked until their step), and never score them.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import torch
 
 from lrl.algorithms.token_logprobs import token_logprobs
 from lrl.models.block_lm import BlockDiffusionLM
+from lrl.rollout.unmasking import support_mask
 
 Estimator = Literal["trajectory", "single_pass"]
 
@@ -44,17 +55,22 @@ class PackedRows:
     sample: torch.Tensor
 
 
-def trajectory_rounds(prompt_len: int, step_map: list[int], block_size: int) -> list[tuple[list[int], list[int]]]:
+def trajectory_rounds(
+    prompt_len: int, step_map: list[int], block_size: int, tail_steps: list[int] = ()
+) -> list[tuple[list[int], list[int]]]:
     """The denoising rounds of one response as (masked positions, target positions), absolute positions.
 
     Round r packs the r-th step of every block. A step id of 0 (a token never sampled, e.g. a forced token)
-    would be treated as known from the start.
+    would be treated as known from the start. ``tail_steps``: step ids of the final block's positions after the
+    response (truncated at a stop token); they are masked in every round whose step they had not reached yet,
+    never targets, and add no round of their own.
     """
     by_block: dict[int, list[tuple[int, int]]] = {}
-    for i, s in enumerate(step_map):
+    for i, s in enumerate(list(step_map) + list(tail_steps)):
         pos = prompt_len + i
         by_block.setdefault(pos // block_size, []).append((pos, s))
-    per_block = {b: sorted({s for _, s in items if s > 0}) for b, items in by_block.items()}
+    end = prompt_len + len(step_map)
+    per_block = {b: sorted({s for p, s in items if s > 0 and p < end}) for b, items in by_block.items()}
     rounds = max((len(v) for v in per_block.values()), default=0)
     out = []
     for r in range(rounds):
@@ -65,7 +81,7 @@ def trajectory_rounds(prompt_len: int, step_map: list[int], block_size: int) -> 
                 continue
             s_r = steps[r]
             masked += [p for p, s in items if s >= s_r]
-            targets += [p for p, s in items if s == s_r]
+            targets += [p for p, s in items if s == s_r and p < end]
         out.append((masked, targets))
     return out
 
@@ -80,18 +96,23 @@ def pack_samples(
     pad_id: int,
     max_copies: int = 8,
     device: torch.device | str = "cpu",
+    tail_ids: list[list[int]] | None = None,
+    tail_step_maps: list[list[int]] | None = None,
 ) -> PackedRows:
     """Build the training rows of a set of responses for one estimator (see module docstring)."""
     rows = []  # (sample, ids, [(masked, targets), ...])
-    for j, (p, r, sm) in enumerate(zip(prompt_ids, response_ids, step_maps)):
-        ids = list(p) + list(r)
-        resp = list(range(len(p), len(ids)))
+    n = len(response_ids)
+    tails = tail_ids if tail_ids is not None else [[]] * n
+    tail_steps = tail_step_maps if tail_step_maps is not None else [[]] * n
+    for j, (p, r, sm, t, ts) in enumerate(zip(prompt_ids, response_ids, step_maps, tails, tail_steps)):
+        ids = list(p) + list(r) + list(t)
+        resp = list(range(len(p), len(p) + len(r)))
         if not resp:
             continue
         if estimator == "single_pass":
-            copies = [(resp, resp)]
+            copies = [(list(range(len(p), len(ids))), resp)]
         elif estimator == "trajectory":
-            copies = trajectory_rounds(len(p), sm, block_size)
+            copies = trajectory_rounds(len(p), sm, block_size, ts)
         else:
             raise ValueError(f"unknown log-prob estimator {estimator!r} (expected 'trajectory' or 'single_pass')")
         for c in range(0, len(copies), max_copies):
@@ -133,6 +154,11 @@ def response_logprobs(
     rows_per_forward: int = 8,
     with_entropy: bool = False,
     sync_forwards: Callable[[int], int] | None = None,
+    tail_ids: list[list[int]] | None = None,
+    tail_step_maps: list[list[int]] | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ):
     """Log-prob of every response token under ``lm`` (grad flows if enabled by the caller).
 
@@ -148,6 +174,10 @@ def response_logprobs(
         sync_forwards: maps this rank's number of forward passes to the number to run (FSDP: the maximum over
             ranks, since every forward of a sharded model is a collective); the extra passes rerun the first
             packed row and are added to the result with weight 0, so their backward runs too.
+        tail_ids, tail_step_maps: per response, the final block's positions after a mid-block stop and their
+            step ids (`RolloutBatch.tail_ids`); replayed, never scored. None: no tails.
+        temperature, top_k, top_p: the rollout's sampling distribution (see `sampling_support`); greedy rollouts
+            pass 1, 0, 1.
     Returns:
         logp (T,) with T = Σ response lengths, response-major; and entropy (T,) or None.
     """
@@ -166,6 +196,8 @@ def response_logprobs(
         pad_id=pad_id,
         max_copies=max_copies,
         device=lm.device,
+        tail_ids=tail_ids,
+        tail_step_maps=tail_step_maps,
     )
     vals, ents, keys = [], [], []
     n = packed.input_ids.shape[0]
@@ -180,7 +212,8 @@ def response_logprobs(
         b_idx, _, l_idx = packed.targets[sl].nonzero(as_tuple=True)
         tok = packed.input_ids[sl][b_idx, l_idx]
         # chunked over targets, recomputed in backward: memory does not grow with targets × vocabulary
-        head = partial(_head_logprobs, tokens=tok, temperature=1.0, with_entropy=with_entropy)
+        head = partial(_head_logprobs, tokens=tok, temperature=temperature, with_entropy=with_entropy,
+                       support=sampling_support(top_k, top_p))
         lp, ent = lm(packed.input_ids[sl], packed.noisy[sl], packed.lengths[sl], block_size=bs,
                      select=packed.targets[sl], head=head)
         vals.append(lp)
@@ -200,3 +233,15 @@ def _head_logprobs(states, head, *, tokens, temperature, with_entropy, support=N
     """Run inside the model's forward: log-probs of ``tokens`` from the final states and the output layer."""
     return token_logprobs(states, head.weight, tokens, bias=head.bias, temperature=temperature,
                           with_entropy=with_entropy, support=support)
+
+
+def sampling_support(top_k: int = 0, top_p: float = 1.0):
+    """The rollout's top-k / top-p support as `token_logprobs`' ``support`` callable (None when both are off).
+
+    It is the sampler's own rule (`lrl.rollout.unmasking.support_mask`) applied to the tempered logits, so training
+    scores tokens under the distribution they were drawn from; `token_logprobs` always keeps the target token, so a
+    token that left the support once the policy (or the reference) moved still gets a finite log-prob.
+    """
+    if not top_k and top_p >= 1.0:
+        return None
+    return partial(support_mask, top_k=top_k, top_p=top_p)

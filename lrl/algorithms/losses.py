@@ -336,6 +336,7 @@ def lightningrl_loss(
     policy_reduction: Reduction = "sequence",
     kl_reduction: Reduction = "token",
     nll_reduction: Reduction = "token",
+    is_weights: Tensor | None = None,
 ) -> LossOutput:
     """One micro-batch's share of the LightningRL loss L = L_pol + β·L_KL + μ·L_NLL (spec §4.3, §3.6, §9).
 
@@ -363,6 +364,8 @@ def lightningrl_loss(
         policy_reduction: ``"token"`` or ``"sequence"`` for L_pol.
         kl_reduction: ``"token"`` or ``"sequence"`` for L_KL.
         nll_reduction: ``"token"`` or ``"sequence"`` for L_NLL (over correct tokens / correct sequences).
+        is_weights: ``(T,)`` detached per-token weights of the policy term, e.g. truncated importance sampling
+            min(π_old/π_rollout, C) when rollouts came from another engine (verl's TIS); None = 1.
 
     Returns:
         :class:`LossOutput` with the differentiable ``loss`` and detached ``stats``.
@@ -378,6 +381,9 @@ def lightningrl_loss(
         raise ValueError(f"lightningrl_loss: nll_weight={nll_weight} > 0 needs correct_tokens")
 
     surr, ratio, clipped_low, clipped_high = policy_surrogate(logp, old_logp, advantages, eps_low, eps_high)
+    if is_weights is not None:
+        _check_same_shape(logp=logp, is_weights=is_weights)
+        surr = surr * is_weights.detach().to(surr.dtype)
     policy = -reduce(surr, seq_index, policy_reduction, norm)
 
     zero = logp.sum() * 0.0  # keeps every term in the graph, so each micro-batch backpropagates into the model

@@ -16,6 +16,11 @@ context for every query head (transformers' masked ``sdpa`` does).
 Counting (spec §2.5): ``step_map[i]`` is the 1-based denoising forward that unmasked generated token i; store
 passes are not counted. ``num_forwards`` = number of distinct step ids among the returned tokens (the reference's
 ``len(set(step_map))``); TPF = returned tokens ÷ num_forwards.
+
+Training records: ``sampling_logprobs[i]`` is the log-probability generated token i was drawn with (the processed
+distribution of `sample_tokens`). Under ``eos_policy="truncate"`` a stop token mid-block still lets the whole block
+decode; the positions after it (``tail_ids``, ``tail_step_maps``) are returned for training only, so the final
+block can be replayed exactly as it was decoded.
 """
 
 from __future__ import annotations
@@ -139,7 +144,7 @@ class NativeEngine(RolloutGenerator):
             cache.repeat_interleave(g)
             out = _Outputs.start(prompts, g, slots, sp.max_new_tokens, self.pad_id, dev)
             self._decode(_LiveRows.start(cache, out, bsz, lm.bd.mask_token_id), cache, out, sp, gen, bar)
-        return self._collect(prompts, g, out)
+        return self._collect(prompts, g, out, sp)
 
     def _decode(self, st: _LiveRows, cache, out: _Outputs, sp: SamplingParams, gen, bar) -> None:
         """The engine loop: one batched forward per iteration over the live rows, until every row has finished."""
@@ -158,15 +163,17 @@ class NativeEngine(RolloutGenerator):
             masked = st.masked
             sel = masked.nonzero(as_tuple=True)
             if sel[0].numel():
-                tok, c = sample_tokens(logits[sel], greedy=sp.greedy, temperature=sp.temperature, top_k=sp.top_k,
-                                       top_p=sp.top_p, generator=gen)
+                tok, c, lp = sample_tokens(logits[sel], greedy=sp.greedy, temperature=sp.temperature,
+                                           top_k=sp.top_k, top_p=sp.top_p, generator=gen, with_logprobs=True)
                 conf = torch.zeros(masked.shape, dtype=c.dtype, device=c.device).index_put_(sel, c)
+                drawn_lp = torch.zeros(masked.shape, dtype=lp.dtype, device=lp.device).index_put_(sel, lp)
                 drawn = st.cur.index_put(sel, tok)
                 chosen = select_unmask(conf, masked, strategy=sp.remasking_strategy, threshold=sp.threshold, k=k)
                 progressed = chosen.any(1)
                 st.steps += progressed
                 st.cur = torch.where(chosen, drawn, st.cur)
                 st.step = torch.where(chosen, st.steps[:, None], st.step)
+                st.logp = torch.where(chosen, drawn_lp, st.logp)
                 st.masked = masked = masked & ~chosen
                 done = progressed & ~masked.any(1)  # blocks completed by this forward
             else:
@@ -179,6 +186,7 @@ class NativeEngine(RolloutGenerator):
                 st.cur = torch.where(st.storing[:, None], fresh, st.cur)
                 st.masked = st.masked | new
                 st.step = st.step.masked_fill(st.storing[:, None], 0)
+                st.logp = st.logp.masked_fill(st.storing[:, None], 0.0)
             st.storing = done
             storing_any = bool(done.any())
             if not storing_any:
@@ -188,6 +196,7 @@ class NativeEngine(RolloutGenerator):
             rows = st.live[:, None]
             out.tokens[rows, pos] = torch.where(done[:, None], st.cur, out.tokens[rows, pos])
             out.step_map[rows, pos] = torch.where(done[:, None], st.step, out.step_map[rows, pos])
+            out.logp[rows, pos] = torch.where(done[:, None], st.logp, out.logp[rows, pos])
             gen_pos = (pos >= st.plen[:, None]) & in_budget  # positions past the budget are never generated
             hit = (st.cur[..., None] == stop_ids).any(-1) & gen_pos
             has_stop = done & hit.any(1)
@@ -209,13 +218,19 @@ class NativeEngine(RolloutGenerator):
             st.keep(~fin, cache)
             storing_any = bool(st.storing.any())
 
-    def _collect(self, prompts: list[list[int]], g: int, out: _Outputs) -> RolloutBatch:
-        tokens, step_map = out.tokens.cpu(), out.step_map.cpu()  # one transfer, then cheap slices
-        resp_ids, smaps, nfwd = [], [], []
+    def _collect(self, prompts: list[list[int]], g: int, out: _Outputs, sp: SamplingParams) -> RolloutBatch:
+        tokens, step_map, logp = out.tokens.cpu(), out.step_map.cpu(), out.logp.cpu()  # one transfer each
+        resp_ids, smaps, lps, tail_ids, tail_steps, nfwd = [], [], [], [], [], []
+        bsz = sp.block_size
         for r, (a, b) in enumerate(zip(out.plen.tolist(), out.end.tolist())):
             resp_ids.append(tokens[r, a:b].tolist())
             smaps.append(step_map[r, a:b].tolist())
+            lps.append(logp[r, a:b].tolist())
             nfwd.append(len(set(smaps[-1])))
+            # truncate stopped mid-block: the rest of the final block, for an exact replay in training only
+            tail_end = min(-(-b // bsz) * bsz, a + sp.max_new_tokens)
+            tail_ids.append(tokens[r, b:tail_end].tolist())
+            tail_steps.append(step_map[r, b:tail_end].tolist())
         return RolloutBatch(
             prompt_ids=[list(prompts[r // g]) for r in range(len(resp_ids))],
             response_ids=resp_ids,
@@ -226,6 +241,10 @@ class NativeEngine(RolloutGenerator):
             finish_reasons=out.finish,
             group_index=torch.arange(len(prompts)).repeat_interleave(g),
             weight_version=self.weight_version,
+            sampling_logprobs=lps,
+            tail_ids=tail_ids,
+            tail_step_maps=tail_steps,
+            sampling=sp,
         )
 
 
@@ -243,6 +262,7 @@ class _Outputs:
 
     tokens: torch.Tensor  # (N, slots) prompt, then generated ids as their blocks complete (pad elsewhere)
     step_map: torch.Tensor  # (N, slots) step id of each generated position
+    logp: torch.Tensor  # (N, slots) float, sampling log-prob of each generated position
     plen: torch.Tensor  # (N,) prompt length
     end: torch.Tensor  # (N,) exclusive end of the returned response
     stores: torch.Tensor  # (N,) store passes
@@ -255,7 +275,7 @@ class _Outputs:
         for i, p in enumerate(prompts):
             tokens[i * g : (i + 1) * g, : len(p)] = torch.tensor(p, device=dev)
         plen = torch.tensor([len(p) for p in prompts], device=dev).repeat_interleave(g)
-        return cls(tokens, torch.zeros_like(tokens), plen, plen + max_new,
+        return cls(tokens, torch.zeros_like(tokens), torch.zeros(tokens.shape, device=dev), plen, plen + max_new,
                    torch.zeros(rows, dtype=torch.long, device=dev), [""] * rows)
 
 
@@ -269,6 +289,7 @@ class _LiveRows:
     cur: torch.Tensor  # (A, B) tokens of the current block, MASK where still masked
     masked: torch.Tensor  # (A, B) bool, positions of the current block still to be generated
     step: torch.Tensor  # (A, B) step id that unmasked each position (0: prompt or still masked)
+    logp: torch.Tensor  # (A, B) float, sampling log-prob of the token unmasked at each position
     steps: torch.Tensor  # (A,) denoising forwards so far
     stores: torch.Tensor  # (A,) store passes so far
     storing: torch.Tensor  # (A,) bool, the next forward is this row's store pass
@@ -282,7 +303,7 @@ class _LiveRows:
         cur = torch.where(masked, mask_id, out.tokens.gather(1, pos))
         zeros = torch.zeros(rows, dtype=torch.long, device=dev)
         return cls(torch.arange(rows, device=dev), out.plen.clone(), out.end.clone(), cur, masked,
-                   torch.zeros_like(cur), zeros, zeros.clone(), zeros.bool())
+                   torch.zeros_like(cur), torch.zeros(cur.shape, device=dev), zeros, zeros.clone(), zeros.bool())
 
     def keep(self, keep: torch.Tensor, cache) -> None:
         """Drop finished rows from the state and from the cache (one copy now instead of a gather per forward)."""

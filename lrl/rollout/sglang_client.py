@@ -3,8 +3,9 @@
 The servers run in their own environment (SGLang pins its own torch/transformers; see docs/sglang.md); the trainer
 only speaks JSON over HTTP with ``httpx``. Generation sends ``input_ids`` with SGLang ``sampling_params`` and reads
 ``output_ids`` and ``meta_info`` (``finish_reason``, ``weight_version`` and, from the ``lrl_dllm`` plugin or
-``lrl serve``, ``dllm_step_map`` / ``dllm_nfe`` / ``dllm_store_passes``) into the same `RolloutBatch` the native
-engine builds. The decoding rule itself (block size, strategy, threshold) is fixed by the server
+``lrl serve``, ``dllm_step_map`` / ``dllm_nfe`` / ``dllm_store_passes`` / ``dllm_sampling_logprobs``; from
+``lrl serve`` only, the final-block tail ``dllm_tail_ids`` / ``dllm_tail_step_map``) into the same `RolloutBatch`
+the native engine builds. A batch carries sampling log-probs only when every answer had them. The decoding rule itself (block size, strategy, threshold) is fixed by the server
 (``--dllm-algorithm-config`` or ``lrl serve`` flags); against ``lrl serve`` the client checks it matches
 `SamplingParams`.
 
@@ -35,6 +36,7 @@ from lrl.rollout.types import RolloutBatch, SamplingParams
 logger = logging.getLogger(__name__)
 
 STEP_MAP_KEY, NFE_KEY, STORE_KEY = "dllm_step_map", "dllm_nfe", "dllm_store_passes"
+LOGPROB_KEY, TAIL_IDS_KEY, TAIL_STEPS_KEY = "dllm_sampling_logprobs", "dllm_tail_ids", "dllm_tail_step_map"
 
 
 class RolloutServerError(RuntimeError):
@@ -332,7 +334,24 @@ class SGLangRolloutGenerator(RolloutGenerator):
             out["custom_params"] = {"lrl_eos_policy": sp.eos_policy}
         return out
 
-    def _parse_item(self, url: str, item: Any) -> tuple[list[int], list[int], str, int, int]:
+    def _parse_item(self, url: str, item: Any) -> tuple:
+        """One answer → (ids, step map, finish reason, forwards, store passes, sampling log-probs or None,
+        tail ids, tail step ids)."""
+        ids, sm, kind, nfe, stores = self._parse_core(url, item)
+        meta = item["meta_info"]
+        lp = meta.get(LOGPROB_KEY)
+        if lp is not None and (not isinstance(lp, list) or len(lp) != len(ids)
+                               or not all(isinstance(x, (int, float)) for x in lp)):
+            raise RolloutServerError(f"{url}: {LOGPROB_KEY} has {len(lp) if isinstance(lp, list) else lp!r} "
+                                     f"entries for {len(ids)} output ids")
+        tail, tail_sm = meta.get(TAIL_IDS_KEY) or [], meta.get(TAIL_STEPS_KEY) or []
+        if (not isinstance(tail, list) or not isinstance(tail_sm, list) or len(tail) != len(tail_sm)
+                or not all(isinstance(t, int) for t in tail + tail_sm)):
+            raise RolloutServerError(f"{url}: {TAIL_IDS_KEY} / {TAIL_STEPS_KEY} are malformed or of different "
+                                     "lengths")
+        return ids, sm, kind, nfe, stores, (None if lp is None else [float(x) for x in lp]), tail, tail_sm
+
+    def _parse_core(self, url: str, item: Any) -> tuple[list[int], list[int], str, int, int]:
         if not isinstance(item, dict):
             raise RolloutServerError(f"{url}/generate answered malformed JSON: expected an object, got {item!r:.200}")
         ids, meta = item.get("output_ids"), item.get("meta_info")
@@ -401,6 +420,7 @@ class SGLangRolloutGenerator(RolloutGenerator):
                 f.cancel()
             raise
         resp = [r[0] for r in results]
+        lps = [r[5] for r in results]
         return RolloutBatch(
             prompt_ids=[list(p) for p in rows],
             response_ids=resp,
@@ -411,6 +431,10 @@ class SGLangRolloutGenerator(RolloutGenerator):
             finish_reasons=[r[2] for r in results],
             group_index=torch.arange(len(ids)).repeat_interleave(g),
             weight_version=self.weight_version,
+            sampling_logprobs=None if any(x is None for x in lps) else lps,
+            tail_ids=[r[6] for r in results],
+            tail_step_maps=[r[7] for r in results],
+            sampling=sampling,
         )
 
     # ------------------------------------------------------------------ weight sync

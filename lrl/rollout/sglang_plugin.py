@@ -13,6 +13,10 @@ plugin, loaded by SGLang's plugin framework through the ``sglang.srt.plugins`` e
   ``output_ids`` (stop truncation included), so the client receives ``meta_info["dllm_step_map"]`` aligned with
   ``output_ids``. ``dllm_nfe`` and ``dllm_store_passes`` travel the same way as per-token *cumulative* counters
   (``customized_info`` is token-sliced in 0.5.23); the request's value is the last element.
+  ``dllm_sampling_logprobs`` travels the same way, one float per token: the log-probability the token was drawn
+  with (`sample_tokens`' processed distribution), which the trainer compares with its own log-probs. SGLang
+  truncates at the stop token, so the final block's positions after it are not reported (no exact terminal-block
+  replay for SGLang rollouts; ``lrl serve`` reports them).
 
 Launch: ``SGLANG_PLUGINS=lrl_dllm python -m sglang.launch_server --dllm-algorithm LRLLowConfidence
 --dllm-algorithm-config cfg.yaml ...`` (see ``scripts/launch_sglang.sh``). Algorithm config keys: ``block_size``,
@@ -51,6 +55,7 @@ ALGORITHM_NAME = "LRLLowConfidence"
 STEP_MAP_KEY = "dllm_step_map"
 NFE_KEY = "dllm_nfe"
 STORE_KEY = "dllm_store_passes"
+LOGPROB_KEY = "dllm_sampling_logprobs"
 HOOK_TARGET = "sglang.srt.dllm.mixin.scheduler.SchedulerDllmMixin.process_batch_result_dllm"
 _RECORD_KEY = "lrl_dllm_block_records"  # private key on logits_output.customized_info (algorithm → hook)
 _COUNTERS_ATTR = "_lrl_dllm_counters"  # per-request running counters, kept on the SGLang Req object
@@ -129,15 +134,21 @@ class BlockStepState:
 
     Attributes:
         step_map: block-local 1-based step id of each block position (0: prompt position or still masked).
+        logprobs: sampling log-prob of the token unmasked at each block position (0.0 until unmasked).
         steps: denoising forwards of this block that unmasked at least one position.
         forwards: forwards this block has cost so far (denoising forwards plus the final KV-commit forward).
         finished: the block was reported done (its record has been exported).
     """
 
     step_map: list[int]
+    logprobs: list[float] | None = None  # None: zeros, one per position (set in __post_init__)
     steps: int = 0
     forwards: int = 0
     finished: bool = False
+
+    def __post_init__(self) -> None:
+        if self.logprobs is None:
+            self.logprobs = [0.0] * len(self.step_map)
 
     @classmethod
     def new(cls, block_size: int) -> BlockStepState:
@@ -151,6 +162,7 @@ class BlockRecord:
     step_map: tuple[int, ...]
     steps: int
     forwards: int
+    logprobs: tuple[float, ...] = ()
 
 
 def plugin_block_step(
@@ -187,6 +199,7 @@ def plugin_block_step(
     done = ~masked.any(1)
     conf = torch.zeros(b, t, dtype=torch.float32, device=logits.device)
     drawn = torch.zeros(b, t, dtype=torch.long, device=logits.device)
+    drawn_lp = torch.zeros(b, t, dtype=torch.float32, device=logits.device)
     # Rows with equal settings are sampled in one call, in row order; with a single group this consumes the
     # generator exactly like the native engine's batched call over masked positions.
     groups: dict[RowSampling, list[int]] = {}
@@ -197,14 +210,14 @@ def plugin_block_step(
         in_group = torch.zeros(b, 1, dtype=torch.bool, device=logits.device)
         in_group[rows] = True
         sel = (masked & in_group).nonzero(as_tuple=True)  # row-major, gathers only the (M, V) rows needed
-        tok, c = sample_tokens(logits[sel], greedy=sp.greedy, temperature=sp.temperature, top_k=sp.top_k,
-                               top_p=sp.top_p, generator=generator)
-        conf[sel], drawn[sel] = c.float(), tok
+        tok, c, lp = sample_tokens(logits[sel], greedy=sp.greedy, temperature=sp.temperature, top_k=sp.top_k,
+                                   top_p=sp.top_p, generator=generator, with_logprobs=True)
+        conf[sel], drawn[sel], drawn_lp[sel] = c.float(), tok, lp.float()
     chosen = select_unmask(conf, masked, strategy=algo_cfg.strategy, threshold=float(algo_cfg.threshold),
                            k=algo_cfg.tokens_per_step(t))
     new_tokens = torch.where(chosen, drawn, block_tokens)
 
-    chosen_cpu, done_cpu = chosen.cpu(), done.cpu().tolist()
+    chosen_cpu, done_cpu, lp_cpu = chosen.cpu(), done.cpu().tolist(), drawn_lp.cpu()
     records: list[BlockRecord | None] = [None] * b
     for i in range(b):
         st = states[i]
@@ -212,13 +225,15 @@ def plugin_block_step(
         if done_cpu[i]:
             if not st.finished:
                 st.finished = True
-                records[i] = BlockRecord(step_map=tuple(st.step_map), steps=st.steps, forwards=st.forwards)
+                records[i] = BlockRecord(step_map=tuple(st.step_map), steps=st.steps, forwards=st.forwards,
+                                         logprobs=tuple(st.logprobs))
             continue
         cols = chosen_cpu[i].nonzero().flatten().tolist()
         if cols:
             st.steps += 1
             for j in cols:
                 st.step_map[j] = st.steps
+                st.logprobs[j] = float(lp_cpu[i, j])
     return new_tokens, done_cpu, records
 
 
@@ -255,6 +270,8 @@ def apply_block_record(req: Any, record: BlockRecord) -> int:
     info.setdefault(STEP_MAP_KEY, []).extend(global_ids)
     info.setdefault(NFE_KEY, []).extend([counters.steps] * n)
     info.setdefault(STORE_KEY, []).extend([counters.stores] * n)
+    if record.logprobs:
+        info.setdefault(LOGPROB_KEY, []).extend(lp for s, lp in zip(record.step_map, record.logprobs) if s > 0)
     return n
 
 

@@ -103,6 +103,14 @@ class RolloutBatch:
         finish_reasons: N strings, ``"stop"`` or ``"length"``.
         group_index: (N,) long, index of the prompt (group) each response belongs to, 0..num_groups-1.
         weight_version: version of the weights that produced the rollout.
+        sampling_logprobs: N lists aligned with ``response_ids``: the log-probability each token was drawn with
+            (softmax of logits / T restricted to the top-k / top-p support; greedy: plain log-softmax), or None
+            when the generator cannot report them.
+        tail_ids, tail_step_maps: N lists (empty unless ``eos_policy="truncate"`` stopped mid-block): the final
+            block's positions after the stop token, as the rollout decoded them, and their step ids. Training only
+            (exact replay of the final block); texts, rewards, lengths and TPF ignore them.
+        sampling: the `SamplingParams` of the rollout (training scores tokens under the same temperature, top-k
+            and top-p); None when unknown.
     Training fields (filled by rewards/filters, spec §3):
         correct: (N,) bool verifier outcome; accuracy: (N,) float (bool or code pass rate);
         rewards: name -> (N,) float, raw and normalized rewards; advantages: (N,) float.
@@ -119,6 +127,10 @@ class RolloutBatch:
     finish_reasons: list[str]
     group_index: torch.Tensor
     weight_version: int = 0
+    sampling_logprobs: list[list[float]] | None = None
+    tail_ids: list[list[int]] = field(default_factory=list)
+    tail_step_maps: list[list[int]] = field(default_factory=list)
+    sampling: SamplingParams | None = None
     correct: torch.Tensor | None = None
     accuracy: torch.Tensor | None = None
     rewards: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -129,7 +141,9 @@ class RolloutBatch:
 
     def __post_init__(self) -> None:
         n = len(self.response_ids)
-        for name in ("prompt_ids", "texts", "step_maps", "finish_reasons"):
+        if not self.tail_ids and not self.tail_step_maps:
+            self.tail_ids, self.tail_step_maps = [[] for _ in range(n)], [[] for _ in range(n)]
+        for name in ("prompt_ids", "texts", "step_maps", "finish_reasons", "tail_ids", "tail_step_maps"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"RolloutBatch.{name} has {len(getattr(self, name))} entries, expected {n}")
         for name in ("num_forwards", "num_store_passes", "group_index"):
@@ -138,6 +152,16 @@ class RolloutBatch:
         for i, (ids, sm) in enumerate(zip(self.response_ids, self.step_maps)):
             if len(ids) != len(sm):
                 raise ValueError(f"RolloutBatch response {i}: {len(ids)} ids but {len(sm)} step-map entries")
+        for i, (ids, sm) in enumerate(zip(self.tail_ids, self.tail_step_maps)):
+            if len(ids) != len(sm):
+                raise ValueError(f"RolloutBatch response {i}: {len(ids)} tail ids but {len(sm)} tail step ids")
+        if self.sampling_logprobs is not None:
+            if len(self.sampling_logprobs) != n:
+                raise ValueError(f"RolloutBatch.sampling_logprobs has {len(self.sampling_logprobs)} entries, "
+                                 f"expected {n}")
+            for i, (ids, lp) in enumerate(zip(self.response_ids, self.sampling_logprobs)):
+                if len(ids) != len(lp):
+                    raise ValueError(f"RolloutBatch response {i}: {len(ids)} ids but {len(lp)} sampling log-probs")
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -177,7 +201,7 @@ class RolloutBatch:
         out = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.name in ("prompts", "ground_truths", "weight_version", "stats"):
+            if f.name in ("prompts", "ground_truths", "weight_version", "stats", "sampling"):
                 out[f.name] = v
             elif isinstance(v, torch.Tensor):
                 out[f.name] = v[idx]
@@ -219,8 +243,10 @@ class RolloutBatch:
                 out[f.name] = min(vals)
             elif f.name == "stats":
                 out[f.name] = {k: v for d in vals for k, v in d.items()}
-            elif f.name in ("prompts", "ground_truths"):
+            elif f.name in ("prompts", "ground_truths", "sampling_logprobs"):
                 out[f.name] = None if any(v is None for v in vals) else [x for v in vals for x in v]
+            elif f.name == "sampling":
+                out[f.name] = _common_sampling(vals)
             elif isinstance(vals[0], torch.Tensor):
                 out[f.name] = torch.cat(vals)
             elif vals[0] is None:
@@ -231,3 +257,14 @@ class RolloutBatch:
             else:
                 out[f.name] = [x for v in vals for x in v]
         return RolloutBatch(**out)
+
+
+def _common_sampling(vals: list[SamplingParams | None]) -> SamplingParams | None:
+    """The sampling params of concatenated batches: they must share the distribution training scores under."""
+    if any(v is None for v in vals):
+        return None
+    dist = {(v.greedy, v.temperature, v.top_k, v.top_p) for v in vals}
+    if len(dist) > 1:
+        raise ValueError(f"RolloutBatch.concat: batches sampled with different (greedy, temperature, top_k, top_p) "
+                         f"{sorted(dist)} cannot be trained as one batch")
+    return vals[0]

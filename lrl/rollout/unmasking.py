@@ -9,6 +9,31 @@ from __future__ import annotations
 import torch
 
 
+def support_mask(scaled: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor | None:
+    """Tokens kept by top-k, then top-p (nucleus), of tempered logits; None when neither is on.
+
+    Shared by sampling and by the training log-probs (`lrl.algorithms.logprobs`), so both use one support.
+
+    Args:
+        scaled: (M, V) logits already divided by the temperature.
+        top_k: keep the k largest (0 = off); top_p: keep the smallest prefix of mass >= top_p (1 = off).
+    Returns:
+        (M, V) bool or None.
+    """
+    keep = None
+    if top_k and top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, top_k, dim=-1).values[..., -1:]
+        keep = scaled >= kth
+    if top_p < 1.0:
+        filtered = scaled if keep is None else scaled.masked_fill(~keep, float("-inf"))
+        sorted_logits, order = torch.sort(filtered, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= top_p  # keep the smallest prefix reaching mass top_p
+        nucleus = torch.empty_like(drop).scatter_(-1, order, ~drop)
+        keep = nucleus if keep is None else keep & nucleus
+    return keep
+
+
 def sample_tokens(
     logits: torch.Tensor,
     *,
@@ -17,7 +42,8 @@ def sample_tokens(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    with_logprobs: bool = False,
+):
     """Draw one token per position and its confidence.
 
     Args:
@@ -25,31 +51,29 @@ def sample_tokens(
         greedy: argmax decoding; the confidence is then the softmax probability at T = 1 (lmdeploy forces T = 1).
         temperature, top_k, top_p: sampling controls (top_k 0 and top_p 1 switch them off).
         generator: random source (seeded by the caller for reproducibility).
+        with_logprobs: also return the sampling log-probability of each drawn token.
     Returns:
         tokens (M,) long, confidence (M,) float: probability of the drawn token under softmax(logits / T), before
-        top-k/top-p truncation (spec §2.3).
+        top-k/top-p truncation (spec §2.3); with ``with_logprobs`` a third (M,) float: the log-probability the
+        token was drawn with (tempered, top-k/top-p renormalised; greedy: the plain log-softmax at T = 1).
     """
     logits = logits.float()
     if greedy:
-        probs = logits.softmax(-1)
-        conf, tokens = probs.max(-1)
-        return tokens, conf
+        conf, tokens = logits.softmax(-1).max(-1)
+        if not with_logprobs:
+            return tokens, conf
+        return tokens, conf, logits.log_softmax(-1).gather(-1, tokens[:, None]).squeeze(-1)
     scaled = logits / temperature
     probs = scaled.softmax(-1)
-    filtered = scaled
-    if top_k and top_k < filtered.shape[-1]:
-        kth = torch.topk(filtered, top_k, dim=-1).values[..., -1:]
-        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(filtered, descending=True, dim=-1)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching mass top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        filtered = torch.full_like(filtered, float("-inf")).scatter(-1, order, sorted_logits)
-    sample_probs = filtered.softmax(-1) if filtered is not scaled else probs
+    keep = support_mask(scaled, top_k=top_k, top_p=top_p)
+    filtered = scaled if keep is None else scaled.masked_fill(~keep, float("-inf"))
+    sample_probs = probs if keep is None else filtered.softmax(-1)
     tokens = torch.multinomial(sample_probs, 1, generator=generator).squeeze(-1)
     conf = probs.gather(-1, tokens[:, None]).squeeze(-1)
-    return tokens, conf
+    if not with_logprobs:
+        return tokens, conf
+    logp = filtered.gather(-1, tokens[:, None]).squeeze(-1) - filtered.logsumexp(-1)
+    return tokens, conf, logp
 
 
 def select_unmask(

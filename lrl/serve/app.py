@@ -10,7 +10,8 @@ Endpoints (JSON; errors are ``{"success": false, "message", "error": {...}}`` wi
   ``/get_server_info``, ``/get_weight_version``;
 * ``POST /generate``: ``text`` or ``input_ids`` (single or batch), ``sampling_params`` (dict or list); returns
   ``{"text", "output_ids", "meta_info": {"id", "finish_reason": {"type"}, "prompt_tokens", "completion_tokens",
-  "weight_version", "dllm_step_map", "dllm_nfe", "dllm_store_passes", ...}}`` (a list for batches). Block size,
+  "weight_version", "dllm_step_map", "dllm_nfe", "dllm_store_passes", "dllm_sampling_logprobs", "dllm_tail_ids",
+  "dllm_tail_step_map", ...}}`` (a list for batches). Block size,
   strategy and threshold are server flags (like SGLang's ``--dllm-algorithm-config``); temperature / top-k / top-p
   / max_new_tokens / stop ids come per request, with SGLang's semantics (temperature 0 = greedy; the model's eos
   stops unless ``ignore_eos``);
@@ -280,6 +281,11 @@ def run_generate(state: ServeState, req: GenerateRequest) -> Any:
                         "dllm_step_map": res.step_maps[j],
                         "dllm_nfe": int(res.num_forwards[j]),
                         "dllm_store_passes": int(res.num_store_passes[j]),
+                        # training records: sampling log-probs (as the lrl_dllm SGLang plugin reports them) and
+                        # the final block's positions after a mid-block stop, for an exact replay
+                        "dllm_sampling_logprobs": res.sampling_logprobs[j],
+                        "dllm_tail_ids": res.tail_ids[j],
+                        "dllm_tail_step_map": res.tail_step_maps[j],
                         "e2e_latency": time.perf_counter() - t0,
                     },
                 }
