@@ -99,9 +99,14 @@ def test_fit_changes_parameters_and_logs_documented_keys(straight_run, peaky_che
         "weight_version",
         "adv/collapse@0.1",
         "reward/frac_zero_std",
+        "rollout/logprob_abs_diff/mean",
+        "rollout/logprob_abs_diff/max",
+        "rollout/logprob_corr",
     ):
         assert key in keys, f"{key} not logged; got {sorted(keys)}"
     assert cli.trainer.logged_metrics["weight_version"] == 4.0
+    # native rollouts score under the training distribution: the last step's mismatch is ~0
+    assert float(cli.trainer.logged_metrics["rollout/logprob_abs_diff/max"]) < 1e-4
     assert glob.glob(str(out / "**" / "events.out.tfevents.*"), recursive=True)
 
 

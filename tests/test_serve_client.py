@@ -63,6 +63,10 @@ def _same(a, b) -> None:
     assert torch.equal(a.num_forwards, b.num_forwards)
     assert torch.equal(a.group_index, b.group_index)
     assert a.prompt_ids == b.prompt_ids
+    # training records travel too: sampling log-probs (JSON floats) and the final block's tail
+    assert a.tail_ids == b.tail_ids and a.tail_step_maps == b.tail_step_maps
+    for x, y in zip(a.sampling_logprobs, b.sampling_logprobs):
+        torch.testing.assert_close(torch.tensor(x), torch.tensor(y), rtol=0, atol=1e-6)
 
 
 def test_greedy_equals_native_engine(server, tiny_checkpoint, engines):
@@ -77,11 +81,17 @@ def test_greedy_equals_native_engine(server, tiny_checkpoint, engines):
         _same(client.generate(ids, sp), eng_a.generate(ids, sp))
         # a stop id the greedy rollout surely emits mid-block, so both eos policies matter
         stop = (eng_a.tokenizer.eos_token_id, ref.response_ids[0][2])
+        # and a token whose first occurrence is mid-block (not a block's last position): a truncate tail
+        mid = next(t for p, r in zip(ref.prompt_ids, ref.response_ids) for i, t in enumerate(r)
+                   if r.index(t) == i and (len(p) + i) % 4 != 3)
+        stop = (*stop, mid)
         for policy in ("truncate", "keep_final_block"):
             sp = _greedy(eng_a.tokenizer, eos_policy=policy, stop_token_ids=stop)
             got, want = client.generate(PROMPTS, sp), eng_a.generate(PROMPTS, sp)
             _same(got, want)
             assert "stop" in got.finish_reasons
+            if policy == "truncate":
+                assert any(got.tail_ids)  # a stop mid-block: the rest of the block came back for training
     finally:
         client.close()
 
@@ -264,6 +274,10 @@ class _BadServer(http.server.BaseHTTPRequestHandler):
     (b'[{"output_ids": [1], "meta_info": {"finish_reason": {"type": "abort", "message": "x"}}}]', "aborted"),
     (b'[{"output_ids": [1], "meta_info": {"finish_reason": {"type": "length"}, "dllm_step_map": [1, 2]}}]',
      "2 entries for 1 output ids"),
+    (b'[{"output_ids": [1], "meta_info": {"finish_reason": {"type": "length"}, "dllm_step_map": [1], '
+     b'"dllm_sampling_logprobs": [-1.0, -2.0]}}]', "dllm_sampling_logprobs has 2 entries for 1 output ids"),
+    (b'[{"output_ids": [1], "meta_info": {"finish_reason": {"type": "stop"}, "dllm_step_map": [1], '
+     b'"dllm_tail_ids": [5, 6], "dllm_tail_step_map": [1]}}]', "dllm_tail_ids / dllm_tail_step_map"),
 ])
 def test_malformed_server_answers_name_the_url(tiny_checkpoint, body, match):
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BadServer)
@@ -330,3 +344,32 @@ def test_config_fragment_matches_the_client_signature():
 
 def test_last_int_normalizes_counters():
     assert _last_int(None) == 0 and _last_int(7) == 7 and _last_int([1, 1, 3, None]) == 3 and _last_int([]) == 0
+
+
+def _answering(body: bytes):
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BadServer)
+    srv.body = body
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}"
+
+
+@pytest.mark.parametrize("with_logprobs", [True, False])
+def test_plugin_shaped_answer_gives_sampling_logprobs(tiny_checkpoint, with_logprobs):
+    """What the lrl_dllm SGLang plugin streams (token-sliced customized_info: step ids, cumulative counters and one
+    sampling log-prob per token) becomes `RolloutBatch.sampling_logprobs`; without them the batch has None."""
+    meta = {"finish_reason": {"type": "stop", "matched": 7}, "weight_version": "default",
+            "dllm_step_map": [1, 1, 2], "dllm_nfe": [2, 2, 2], "dllm_store_passes": [1, 1, 1]}
+    if with_logprobs:
+        meta["dllm_sampling_logprobs"] = [-0.25, -1.5, -3.0]
+    srv, url = _answering(json.dumps([{"output_ids": [5, 6, 7], "meta_info": meta}]).encode())
+    client = SGLangRolloutGenerator(url, str(tiny_checkpoint), timeout_s=5, health_timeout_s=5)
+    try:
+        sp = SamplingParams(block_size=4, max_new_tokens=4, temperature=0.7, top_k=5)
+        batch = client.generate(["a"], sp)
+        assert batch.sampling_logprobs == ([[-0.25, -1.5, -3.0]] if with_logprobs else None)
+        assert batch.tail_ids == [[]] and batch.step_maps == [[1, 1, 2]] and batch.num_forwards.tolist() == [2]
+        assert batch.sampling is sp  # training scores under the temperature / top-k the client asked for
+    finally:
+        client.close()
+        srv.shutdown()
+        srv.server_close()

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import math
+
 import contextlib
 import shutil
 import subprocess
@@ -53,13 +55,15 @@ def _algo_cfg(sp: SamplingParams) -> PluginAlgoConfig:
 
 
 @torch.no_grad()
-def drive_plugin(lm, prompt: list[int], sp: SamplingParams, generator, pad_id: int) -> tuple[list[int], list[int]]:
-    """Decode one prompt with `plugin_block_step` the way SGLang drives a block (commit forward included)."""
+def drive_plugin(lm, prompt: list[int], sp: SamplingParams, generator, pad_id: int,
+                 logprobs: list | None = None) -> tuple[list[int], list[int]]:
+    """Decode one prompt with `plugin_block_step` the way SGLang drives a block (commit forward included); the
+    streamed sampling log-probs are appended to ``logprobs`` when given."""
     with _engine_attention(lm):
-        return _drive(lm, prompt, sp, generator, pad_id)
+        return _drive(lm, prompt, sp, generator, pad_id, logprobs)
 
 
-def _drive(lm, prompt, sp, generator, pad_id):
+def _drive(lm, prompt, sp, generator, pad_id, logprobs=None):
     bsz, mask = sp.block_size, lm.bd.mask_token_id
     plen, budget = len(prompt), len(prompt) + sp.max_new_tokens
     full = plen // bsz * bsz
@@ -94,6 +98,8 @@ def _drive(lm, prompt, sp, generator, pad_id):
             end = sp.max_new_tokens
             break
         start += bsz
+    if logprobs is not None:
+        logprobs.extend(req.customized_info[sp_mod.LOGPROB_KEY][:end])
     return req.output_ids[:end], req.customized_info[STEP_MAP_KEY][:end]
 
 
@@ -119,9 +125,11 @@ def test_plugin_step_equals_native_sampled(tiny_lm, tiny_tokenizer, top_k, top_p
         ids = tiny_tokenizer(prompt, add_special_tokens=False).input_ids
         ref = engine.generate([ids], sp)
         gen = torch.Generator().manual_seed(sp.seed)
-        got_ids, got_steps = drive_plugin(tiny_lm, ids, sp, gen, engine.pad_id)
+        lps = []
+        got_ids, got_steps = drive_plugin(tiny_lm, ids, sp, gen, engine.pad_id, lps)
         assert got_ids == ref.response_ids[0]
         assert got_steps == ref.step_maps[0]
+        torch.testing.assert_close(torch.tensor(lps), torch.tensor(ref.sampling_logprobs[0]))  # meta_info's
 
 
 def _stock_low_confidence(logits: torch.Tensor, tokens: torch.Tensor, mask_id: int, threshold: float) -> torch.Tensor:
@@ -173,10 +181,14 @@ def test_step_records_and_done_semantics():
     new, done, recs = plugin_block_step(logits, new, 5, states, [RowSampling()] * 2, cfg, None, prompt_mask)
     assert done == [True, True] and recs[0].step_map == (0, 1, 1, 1) and recs[0].steps == 1
     assert recs[0].forwards == 2 and recs[1] is None  # exported once
+    # greedy: the plain log-softmax of the chosen token, 10 − log(e^10 + 5)
+    lp = 10.0 - math.log(math.exp(10.0) + 5.0)
+    assert recs[0].logprobs[1:] == pytest.approx((lp, lp, lp), abs=1e-6)
     req = SimpleNamespace(customized_info=None)
     assert apply_block_record(req, recs[0]) == 3
     assert apply_block_record(req, sp_mod.BlockRecord(step_map=(2, 1, 0, 0), steps=2, forwards=3)) == 2
     assert req.customized_info[STEP_MAP_KEY] == [1, 1, 1, 3, 2]
+    assert req.customized_info[sp_mod.LOGPROB_KEY] == pytest.approx([lp] * 3, abs=1e-6)  # prompt slot left out
     assert req.customized_info[sp_mod.NFE_KEY] == [1, 1, 1, 3, 3]
     assert req.customized_info[sp_mod.STORE_KEY] == [1, 1, 1, 2, 2]
 
