@@ -11,22 +11,48 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
-def test_quickstart_smoke_one_step(tiny_checkpoint, tmp_path, monkeypatch):
-    """configs/quickstart.yaml with its own callbacks (filter, sync, logger, Pareto checkpoint) for one RL step."""
-    from lrl.cli import cli_main
+def test_demo_writes_its_artefacts(tiny_checkpoint, tmp_path, monkeypatch):
+    """`scripts/demo.py` end to end on the tiny checkpoint: configs/quickstart.yaml as shipped (its callbacks
+    included) for one RL step, sized down by command-line overrides, then the files the demo writes: the
+    before/after table, pareto.json (after and base curves), the plot and timings.json, all consistent."""
+    import json
+    import shutil
 
-    monkeypatch.chdir(tmp_path)
-    cli = cli_main([
-        "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--checkpoint", str(tiny_checkpoint),
-        "--block_size", "4", "--data.init_args.prompts_per_step=2", "--data.init_args.group_size=2",
-        "--data.init_args.max_new_tokens=8", "--data.init_args.task_kwargs={num_train: 20, num_eval: 4}",
-        "--data.init_args.eval_size=4", "--data.init_args.max_refill_rounds=1",
-        "--model.init_args.eval_max_new_tokens=8", "--model.init_args.eval_thresholds=[0.5]",
-        "--model.init_args.max_rl_steps=1", "--trainer.enable_progress_bar=false",
-    ])
-    assert cli.model.rl_step == 1
-    # the Pareto callback evaluates every 10 RL steps; the ModelCheckpoint dir is the shipped fixed one
-    assert (tmp_path / "outputs" / "quickstart" / "main").exists() or (tmp_path / "outputs" / "quickstart").exists()
+    import demo
+
+    import lrl.cli
+
+    monkeypatch.chdir(tmp_path)  # the shipped config's relative paths (base, logs, checkpoints) land here
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    shutil.copytree(tiny_checkpoint, tmp_path / "outputs" / "base" / "sft_tiny")
+    monkeypatch.setattr(demo, "BASE", tmp_path / "outputs" / "base" / "sft_tiny")
+    monkeypatch.setattr(demo, "RUN", tmp_path / "outputs" / "quickstart")
+    real_cli = lrl.cli.cli_main
+    small = ["--data.init_args.prompts_per_step=2", "--data.init_args.group_size=2",
+             "--data.init_args.max_new_tokens=8", "--data.init_args.task_kwargs={num_train: 20, num_eval: 4}",
+             "--data.init_args.eval_size=4", "--data.init_args.max_refill_rounds=1",
+             "--model.init_args.eval_max_new_tokens=8", "--model.init_args.eval_thresholds=[0.5]",
+             "--trainer.enable_progress_bar=false"]
+    fits = []
+    monkeypatch.setattr(lrl.cli, "cli_main", lambda args: fits.append(args) or real_cli(args + small))
+    assert demo.main(["--rl-steps", "1", "--eval-size", "3"]) == 0
+    assert len(fits) == 1 and fits[0][:3] == ["fit", "--config", "configs/quickstart.yaml"]
+
+    out = tmp_path / "outputs" / "quickstart" / "demo"
+    pareto = json.loads((out / "pareto.json").read_text())
+    timings = json.loads((out / "timings.json").read_text())
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert timings["aup_after"] == pareto["aup"] and timings["aup_before"] == pareto["base"]["aup"]
+    assert timings["rl_s"] > 0 and timings["total_s"] >= timings["rl_s"]
+    # the sweep's thresholds are the shipped config's (0.9 ... 0.3) plus the 1-token anchor, on 3 problems
+    settings = [p["setting"] for p in pareto["points"]]
+    assert settings == [p["setting"] for p in pareto["base"]["points"]] and "dynamic@0.9" in settings
+    assert all(p["num_responses"] == 3 for p in pareto["points"] + pareto["base"]["points"])
+    table = (out / "before_after.md").read_text()
+    after9 = next(p for p in pareto["points"] if p["threshold"] == 0.9)
+    before9 = next(p for p in pareto["base"]["points"] if p["threshold"] == 0.9)
+    assert f"| TPF @ φ=0.9 | {before9['tpf']:.2f} | {after9['tpf']:.2f} |" in table
+    assert f"| AUP over the sweep | {pareto['base']['aup']:.1f} | {pareto['aup']:.1f} |" in table
 
 
 def _pts(acc_static, tpf9, acc9, acc5, tpf5):
