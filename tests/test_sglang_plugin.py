@@ -9,9 +9,8 @@
 
 from __future__ import annotations
 
-import math
-
 import contextlib
+import math
 import shutil
 import subprocess
 import sys

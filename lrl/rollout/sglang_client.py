@@ -5,9 +5,9 @@ only speaks JSON over HTTP with ``httpx``. Generation sends ``input_ids`` with S
 ``output_ids`` and ``meta_info`` (``finish_reason``, ``weight_version`` and, from the ``lrl_dllm`` plugin or
 ``lrl serve``, ``dllm_step_map`` / ``dllm_nfe`` / ``dllm_store_passes`` / ``dllm_sampling_logprobs``; from
 ``lrl serve`` only, the final-block tail ``dllm_tail_ids`` / ``dllm_tail_step_map``) into the same `RolloutBatch`
-the native engine builds. A batch carries sampling log-probs only when every answer had them. The decoding rule itself (block size, strategy, threshold) is fixed by the server
-(``--dllm-algorithm-config`` or ``lrl serve`` flags); against ``lrl serve`` the client checks it matches
-`SamplingParams`.
+the native engine builds. A batch carries sampling log-probs only when every answer had them. The decoding rule
+itself (block size, strategy, threshold) is fixed by the server (``--dllm-algorithm-config`` or ``lrl serve``
+flags); against ``lrl serve`` the client checks it matches `SamplingParams`.
 
 Robustness: every call has a timeout; connection failures are retried ``max_retries`` times with exponential
 backoff; a dead server, an HTTP error or a malformed answer raises `RolloutServerError` naming the URL; an answer
