@@ -146,6 +146,8 @@ class LightningRLModule(LightningModule):
             raise ValueError(f"model.kl_beta and model.nll_weight must be >= 0, got {kl_beta}, {nll_weight}")
         if block_size is not None and block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {block_size}")
+        if tis_cap is not None and tis_cap <= 0:
+            raise ValueError(f"model.tis_cap must be > 0 (or null: off), got {tis_cap}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.policy: BlockDiffusionLM | None = None

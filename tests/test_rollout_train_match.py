@@ -213,6 +213,10 @@ def test_mismatch_metrics_and_tis_against_a_shifted_rollout_engine(module, tiny_
 
 
 def test_tis_needs_sampling_logprobs(module, tiny_checkpoint):
+    from lrl.module import LightningRLModule
+
+    with pytest.raises(ValueError, match="model.tis_cap must be > 0"):
+        LightningRLModule(str(tiny_checkpoint), tis_cap=0.0)
     batch = _fixed_batch(module)
     batch.sampling_logprobs = None
     with pytest.raises(ValueError, match="model.tis_cap"):
