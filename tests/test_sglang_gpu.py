@@ -118,6 +118,10 @@ def test_step_maps_and_sampling(sglang_server):
         assert float(greedy.batch_tpf) >= 1.0
         sampled = client.generate(PROMPTS, _sp(client.tokenizer, block, temperature=1.0))
         assert len({tuple(r) for r in sampled.response_ids[:4]}) > 1, "sampling is ignored: plugin not active?"
+        # the plugin streams one sampling log-prob per token (meta_info.dllm_sampling_logprobs)
+        assert sampled.sampling_logprobs is not None
+        assert all(len(lp) == len(r) and all(x <= 0 for x in lp)
+                   for lp, r in zip(sampled.sampling_logprobs, sampled.response_ids))
         print("greedy TPF", greedy.batch_tpf, "sampled TPF", sampled.batch_tpf, greedy.texts[0][:200])
     finally:
         client.close()
