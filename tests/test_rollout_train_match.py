@@ -11,7 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrl.algorithms.logprobs import response_logprobs, score_logits, trajectory_rounds
+from lrl.algorithms.logprobs import response_logprobs, sampling_support, trajectory_rounds
+from lrl.algorithms.token_logprobs import token_logprobs
 from lrl.rollout import NativeEngine, SamplingParams
 from lrl.rollout.unmasking import sample_tokens
 
@@ -113,21 +114,28 @@ def test_trajectory_rounds_with_tail_by_hand():
     assert rounds == [([2, 3, 4, 6, 7], [2, 3, 4])]
 
 
-def test_score_logits_is_the_sampling_distribution():
+def _score(logits, tokens, *, temperature=1.0, top_k=0, top_p=1.0, with_entropy=False):
+    """Training's head on given logits: hidden = logits, output layer = identity."""
+    eye = torch.eye(logits.shape[1])
+    return token_logprobs(logits, eye, tokens, temperature=temperature, with_entropy=with_entropy,
+                          support=sampling_support(top_k, top_p))
+
+
+def test_training_head_scores_the_sampling_distribution():
     logits = torch.randn(64, 30, generator=torch.Generator().manual_seed(0)) * 3
     for t, k, p in [(1.0, 0, 1.0), (0.7, 5, 1.0), (0.5, 0, 0.8), (1.3, 7, 0.6)]:
         tok, _, lp = sample_tokens(logits, greedy=False, temperature=t, top_k=k, top_p=p,
                                    generator=torch.Generator().manual_seed(1), with_logprobs=True)
-        mine, _ = score_logits(logits, tok, temperature=t, top_k=k, top_p=p)
+        mine, _ = _score(logits, tok, temperature=t, top_k=k, top_p=p)
         torch.testing.assert_close(mine, lp)
+    assert sampling_support(0, 1.0) is None
     # by hand: logits [2, 1, 0] at T = 0.5 with top-k 2: log(e^4 / (e^4 + e^2))
-    lp, ent = score_logits(torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([0]), temperature=0.5, top_k=2,
-                           with_entropy=True)
+    lp, ent = _score(torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([0]), temperature=0.5, top_k=2, with_entropy=True)
     assert lp.item() == pytest.approx(-torch.log1p(torch.exp(torch.tensor(-2.0))).item(), abs=1e-6)
     q = torch.tensor([4.0, 2.0]).softmax(0)
     assert ent.item() == pytest.approx(float(-(q * q.log()).sum()), abs=1e-6)
     # a target outside the support keeps a finite log-prob: support {0, 1} plus the target 2
-    lp, _ = score_logits(torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([2]), top_k=2)
+    lp, _ = _score(torch.tensor([[2.0, 1.0, 0.0]]), torch.tensor([2]), top_k=2)
     assert lp.item() == pytest.approx(float(torch.tensor([2.0, 1.0, 0.0]).log_softmax(0)[2]), abs=1e-6)
     # greedy rollouts record the plain log-softmax
     tok, _, lp = sample_tokens(logits, greedy=True, temperature=0.3, top_k=2, with_logprobs=True)
