@@ -55,13 +55,15 @@ class LRLCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        """Refuse a resume that would silently start over (Lightning only warns when `last` is not found)."""
-        ckpt = self.config[self.subcommand].get("ckpt_path")
-        if ckpt != "last":
+        """Resolve ``--ckpt_path last`` ourselves: ``last.ckpt`` if it loads, else (with a warning naming it) the
+        newest checkpoint that does; an error rather than Lightning's silent fresh start when there is none."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
             return
-        from pathlib import Path
-
         from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from callbacks.checkpoint import resolve_last
 
         dirs = [cb.dirpath for cb in self.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
         if not dirs or any(d is None for d in dirs):
@@ -69,8 +71,16 @@ class LRLCLI(LightningCLI):
                 "--ckpt_path last needs a ModelCheckpoint with a fixed `dirpath` (trainer.callbacks); otherwise "
                 "Lightning looks in a new logger version folder and silently starts from scratch"
             )
-        if not any((Path(d) / "last.ckpt").exists() for d in dirs):
-            raise FileNotFoundError(f"--ckpt_path last: no last.ckpt in {dirs}; nothing to resume from")
+        path, broken = resolve_last(dirs)
+        if path is None:
+            what = f"none of {[str(b) for b in broken]} loads" if broken else "no checkpoint there"
+            raise FileNotFoundError(f"--ckpt_path last: {what} in {dirs}; nothing to resume from")
+        if broken:
+            rank_zero_warn(f"--ckpt_path last: {', '.join(map(str, broken))} does not load (truncated?); "
+                           f"resuming from {path}, the newest checkpoint that loads")
+        elif not path.name.startswith("last"):
+            rank_zero_warn(f"--ckpt_path last: resuming from {path}, newer than last.ckpt (a save was interrupted)")
+        config["ckpt_path"] = str(path)
 
 
 # Lightning warnings that our design triggers on purpose (the training step pulls its own batch so rollouts stay
@@ -132,7 +142,28 @@ def main(argv: list[str] | None = None) -> None:
 
         serve_main(args[1:])
         return
-    cli_main(argv)  # None: LightningCLI reads sys.argv itself
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    try:
+        cli_main(argv)  # None: LightningCLI reads sys.argv itself
+    except SIGTERMException:
+        sys.exit(_preempted_exit())
+
+
+def _preempted_exit() -> int:
+    """Report a preemption (SIGTERM / SIGUSR1) and return its exit code, 128 + the signal number."""
+    import signal
+
+    from callbacks.checkpoint import PREEMPTION
+
+    signum = int(PREEMPTION.get("signal", signal.SIGTERM))
+    name = signal.Signals(signum).name
+    if PREEMPTION.get("path"):
+        print(f"lrl: stopped by {name} after RL step {PREEMPTION.get('rl_step')}; saved {PREEMPTION['path']}; "
+              "continue with --ckpt_path last", file=sys.stderr)
+    else:
+        print(f"lrl: stopped by {name}; no RLCheckpoint callback saved the run", file=sys.stderr)
+    return 128 + signum
 
 
 if __name__ == "__main__":

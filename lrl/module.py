@@ -235,6 +235,15 @@ class LightningRLModule(LightningModule):
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.rl_step = int(state.get("rl_step", 0))
 
+    def on_train_start(self) -> None:
+        max_steps = self.hparams.max_rl_steps
+        if max_steps is not None and self.rl_step >= max_steps:  # a resumed run that had already finished
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"lrl: the run is already at RL step {self.rl_step} of model.max_rl_steps={max_steps}; "
+                           "nothing to train (raise model.init_args.max_rl_steps to continue)")
+            self.trainer.should_stop = True
+
     # ------------------------------------------------------------------ log-probs
     def _logprobs(self, lm: BlockDiffusionLM, batch: RolloutBatch, rows: list[int], with_entropy: bool = False):
         hp = self.hparams
