@@ -40,10 +40,36 @@ class LRLCLI(LightningCLI):
             parser.link_arguments(key, f"model.init_args.{key}")
             parser.link_arguments(key, f"data.init_args.{key}")
 
+    def before_instantiate_classes(self) -> None:
+        """Check the checkpoint directory before anything is built or written (a missing or truncated one would
+        otherwise surface deep inside transformers, after the output folder was created)."""
+        from lrl.cli_errors import check_checkpoint_dir
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model_args = (config.get("model") or {}).get("init_args") or {}
+        if config.get("checkpoint") and not model_args.get("init_tiny"):  # SFT from scratch exports there instead
+            check_checkpoint_dir(config["checkpoint"])
+
+    def _load_data_early(self) -> None:
+        """Read the dataset before the trainer starts, so bad files and rows fail before any output is written."""
+        from datamodules.rollout import RolloutDataModule
+
+        if isinstance(self.datamodule, RolloutDataModule):
+            self.datamodule.setup("fit" if self.subcommand == "fit" else None)
+
+    def before_validate(self) -> None:
+        self._load_data_early()
+
+    def before_test(self) -> None:
+        self._load_data_early()
+
     def instantiate_trainer(self, **kwargs):
         """RL runs get a progress bar counted in RL steps (`callbacks.RLProgressBar`) instead of Lightning's
         per-epoch batch count, unless the config brings its own bar or disables it."""
+        from lrl.cli_errors import RunStarted
+
         trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(RunStarted())  # errors before it fires are bad input: one line, exit 2
         from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
         if getattr(getattr(self.model, "hparams", None), "max_rl_steps", None) is not None:
@@ -55,6 +81,10 @@ class LRLCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
+        self._resolve_last()
+        self._load_data_early()
+
+    def _resolve_last(self) -> None:
         """Resolve ``--ckpt_path last`` ourselves: ``last.ckpt`` if it loads, else (with a warning naming it) the
         newest checkpoint that does; an error rather than Lightning's silent fresh start when there is none."""
         config = self.config_init[self.subcommand]
@@ -73,8 +103,8 @@ class LRLCLI(LightningCLI):
             )
         path, broken = resolve_last(dirs)
         if path is None:
-            what = f"none of {[str(b) for b in broken]} loads" if broken else "no checkpoint there"
-            raise FileNotFoundError(f"--ckpt_path last: {what} in {dirs}; nothing to resume from")
+            what = f"none of {[str(b) for b in broken]} loads" if broken else f"no checkpoint in {dirs}"
+            raise FileNotFoundError(f"--ckpt_path last: {what}; nothing to resume from")
         if broken:
             rank_zero_warn(f"--ckpt_path last: {', '.join(map(str, broken))} does not load (truncated?); "
                            f"resuming from {path}, the newest checkpoint that loads")
@@ -119,7 +149,9 @@ def merged_config(paths: list[str]) -> dict:
     return cfg
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> LRLCLI:
+def cli_main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> LRLCLI:
+    """The LightningCLI of `lrl`. ``exit_on_error=False`` raises parser errors (``argparse.ArgumentError``)
+    instead of printing the usage and exiting: `main` reports them in one short block."""
     import warnings
 
     for pattern in _EXPECTED_WARNINGS:
@@ -130,6 +162,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LRLCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": exit_on_error},
         args=args,
         run=run,
     )
@@ -144,10 +177,19 @@ def main(argv: list[str] | None = None) -> None:
         return
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+    from lrl import cli_errors
+
+    cli_errors.reset()
     try:
-        cli_main(argv)  # None: LightningCLI reads sys.argv itself
+        cli_main(argv, exit_on_error=cli_errors.debug_requested())  # None: LightningCLI reads sys.argv itself
     except SIGTERMException:
         sys.exit(_preempted_exit())
+    except Exception as exc:  # noqa: BLE001 - bad input gets one line; everything else keeps its traceback
+        if cli_errors.debug_requested() or not cli_errors.is_user_error(exc):
+            raise
+        given = list(sys.argv[1:] if argv is None else argv)
+        print(f"lrl: error: {cli_errors.user_message(exc, given)}", file=sys.stderr)
+        sys.exit(cli_errors.EXIT_USAGE)
 
 
 def _preempted_exit() -> int:

@@ -140,6 +140,12 @@ class LightningRLModule(LightningModule):
             raise ValueError(f"model.kl_beta and model.nll_weight must be >= 0, got {kl_beta}, {nll_weight}")
         if block_size is not None and block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {block_size}")
+        bad = [t for t in eval_thresholds if not 0.0 <= t <= 1.0]
+        if bad or not eval_thresholds:
+            raise ValueError(f"model.eval_thresholds must be a non-empty list of values in [0, 1], got {eval_thresholds}")
+        if eval_max_new_tokens <= 0 or (max_rl_steps is not None and max_rl_steps < 1):
+            raise ValueError(f"model.eval_max_new_tokens and model.max_rl_steps must be >= 1, got "
+                             f"{eval_max_new_tokens}, {max_rl_steps}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.policy: BlockDiffusionLM | None = None
