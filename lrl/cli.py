@@ -1,4 +1,4 @@
-"""The `lrl` command: LightningCLI for `fit` / `validate` / `test`, plus `lrl serve`.
+"""The `lrl` command: LightningCLI for `fit` / `validate` / `test` (no `predict`), plus `lrl serve`.
 
 Model and data are chosen by ``class_path`` in the YAML (LightningRL and SFT share the CLI). Values that several
 objects need have ONE source, given at the top level and linked into model and data with ``link_arguments``:
@@ -14,8 +14,24 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
 
+DESCRIPTION = (
+    "lrl: LightningRL post-training of block-wise diffusion language models (SDAR / TraDo style), raising tokens "
+    "per forward while keeping accuracy. Commands: `lrl fit` trains (LightningRL, GRPO or SFT, chosen by the "
+    "config); `lrl validate` / `lrl test` run the accuracy-TPF Pareto sweep of a checkpoint; `lrl serve` serves a "
+    "checkpoint over SGLang's HTTP API (`lrl serve --help`). Start with: lrl fit --config configs/quickstart.yaml"
+)
+
+
 class LRLCLI(LightningCLI):
     """LightningCLI with the project's shared arguments and links."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's, without ``predict`` (the policy has no ``forward``/``predict_step``; generation and scoring
+        are `lrl validate`)."""
+        commands = dict(LightningCLI.subcommands())
+        commands.pop("predict")
+        return commands
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -162,7 +178,7 @@ def cli_main(args: list[str] | None = None, run: bool = True, exit_on_error: boo
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": exit_on_error},
+        parser_kwargs={"exit_on_error": exit_on_error, "description": DESCRIPTION},
         args=args,
         run=run,
     )

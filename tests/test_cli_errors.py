@@ -135,3 +135,15 @@ def test_errors_after_setup_keep_their_traceback(monkeypatch):
     assert not cli_errors.is_user_error(ValueError("a bug during training"))
     cli_errors.reset()
     assert not cli_errors.is_user_error(RuntimeError("not input"))
+
+
+def test_help_says_what_lrl_is_and_predict_is_gone(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0
+    assert "LightningRL" in out and "lrl serve" in out and "{fit,validate,test}" in out and "predict" not in out
+    with pytest.raises(SystemExit) as info:
+        main(["predict", "--config", str(ROOT / "configs" / "quickstart.yaml")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "invalid choice: 'predict'" in err and "Traceback" not in err
