@@ -172,7 +172,13 @@ class RLCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = _rl_step(pl_module)
         due = self.every_n_rl_steps > 0 and step % self.every_n_rl_steps == 0
-        if due or (self.save_on_preemption and trainer.received_sigterm):
+        stop = self.save_on_preemption and trainer.received_sigterm
+        if self.save_on_preemption and trainer.world_size > 1:
+            # any rank signalled: all save now (saving is collective) and all stop after this step
+            stop = trainer.strategy.reduce_boolean_decision(bool(stop), all=False)
+            if stop:
+                trainer._signal_connector.received_sigterm = True
+        if due or stop:
             self._save_rl(trainer, pl_module, flush_step_metrics=True)
 
     @override

@@ -51,7 +51,9 @@ class PauseInCheckpointWrite(Callback):
             data = buf.getvalue()
             f.write(data[: len(data) // 2])
             f.flush()
-            Path(self.marker).write_text(str(f.name))
+            tmp = Path(self.marker + ".tmp")
+            tmp.write_text(str(f.name))
+            tmp.rename(self.marker)  # the test polls for the marker: it must appear complete
             time.sleep(600)
 
         ckpt_mod.torch = _TorchWithSave(torch, save)
@@ -66,3 +68,18 @@ class _TorchWithSave:
 
     def __getattr__(self, name):
         return getattr(self._torch, name)
+
+
+class SignalSelf(Callback):
+    """Send ``signum`` to this very process at the start of the RL step that starts at ``rl_step == at_step`` (an
+    in-process stand-in for a scheduler's signal)."""
+
+    def __init__(self, signum: int, at_step: int):
+        self.signum = signum
+        self.at_step = at_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import os
+
+        if pl_module.rl_step == self.at_step:
+            os.kill(os.getpid(), self.signum)

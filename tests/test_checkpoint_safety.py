@@ -94,15 +94,19 @@ def test_sigterm_saves_exits_143_and_resume_is_exact(straight, tmp_path):
     assert cli.datamodule.state_dict() == data_state
 
 
-def test_sigusr1_is_a_preemption_too(tmp_path):
+def test_sigusr1_is_a_preemption_too(tmp_path, capsys):
+    from callbacks.checkpoint import PREEMPTION
+    from lrl.cli import _preempted_exit
+
     out = tmp_path / "run"
-    proc = _spawn(out, 3, hooks=(_slow_start(tmp_path, 0),))
-    _wait_for(tmp_path / "step_start_0", proc)  # before RL step 1's rollout
-    proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGUSR1, err[-4000:]
-    assert "stopped by SIGUSR1 after RL step 1" in err, err[-2000:]
+    hook = f"{{class_path: crash_hooks.SignalSelf, init_args: {{signum: {int(signal.SIGUSR1)}, at_step: 0}}}}"
+    with pytest.raises(SystemExit):  # Lightning's SIGTERMException, raised once RL step 1 is complete
+        cli_main(_args(out, 3, hooks=(hook,)))
+    assert PREEMPTION["signal"] == signal.SIGUSR1 and PREEMPTION["rl_step"] == 1
     assert _rl_step(out / "ckpts" / "last.ckpt") == 1
+    assert _preempted_exit() == 128 + signal.SIGUSR1
+    assert "stopped by SIGUSR1 after RL step 1" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None)  # our handler is gone after the run
 
 
 def test_sigkill_during_a_checkpoint_write_leaves_a_resumable_run(straight, tmp_path):
