@@ -125,7 +125,9 @@ class RLCheckpoint(ModelCheckpoint):
                     f"RLCheckpoint.{key} is not supported: the cadence is every_n_rl_steps (RL steps)"
                 )
         if not isinstance(every_n_rl_steps, int) or every_n_rl_steps < 0:
-            raise MisconfigurationException(f"RLCheckpoint.every_n_rl_steps must be an int >= 0, got {every_n_rl_steps}")
+            raise MisconfigurationException(
+                f"RLCheckpoint.every_n_rl_steps must be an int >= 0, got {every_n_rl_steps}"
+            )
         if kwargs.get("filename") is None:  # the CLI passes None explicitly
             kwargs["filename"] = "{rl_step}" if kwargs.get("auto_insert_metric_name", True) else "rl_step={rl_step}"
         super().__init__(every_n_train_steps=0, every_n_epochs=0, save_on_train_epoch_end=False, **kwargs)

@@ -13,7 +13,6 @@ import sys
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-
 DESCRIPTION = (
     "lrl: LightningRL post-training of block-wise diffusion language models (SDAR / TraDo style), raising tokens "
     "per forward while keeping accuracy. Commands: `lrl fit` trains (LightningRL, GRPO or SFT, chosen by the "

@@ -44,9 +44,9 @@ def debug_requested() -> bool:
 
 
 def _user_error_types() -> tuple[type[BaseException], ...]:
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
     import argparse
+
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     types: list[type[BaseException]] = [
         ValueError, TypeError, OSError, KeyError, MisconfigurationException, argparse.ArgumentError,

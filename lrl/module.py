@@ -142,7 +142,9 @@ class LightningRLModule(LightningModule):
             raise ValueError(f"block_size must be > 0, got {block_size}")
         bad = [t for t in eval_thresholds if not 0.0 <= t <= 1.0]
         if bad or not eval_thresholds:
-            raise ValueError(f"model.eval_thresholds must be a non-empty list of values in [0, 1], got {eval_thresholds}")
+            raise ValueError(
+                f"model.eval_thresholds must be a non-empty list of values in [0, 1], got {eval_thresholds}"
+            )
         if eval_max_new_tokens <= 0 or (max_rl_steps is not None and max_rl_steps < 1):
             raise ValueError(f"model.eval_max_new_tokens and model.max_rl_steps must be >= 1, got "
                              f"{eval_max_new_tokens}, {max_rl_steps}")

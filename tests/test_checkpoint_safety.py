@@ -27,7 +27,7 @@ def _args(out: Path, steps: int, *extra: str, hooks: tuple[str, ...] = (), filt:
                  f"{{class_path: callbacks.RLCheckpoint, init_args: {{dirpath: {out}/ckpts, save_last: true, "
                  f"every_n_rl_steps: {every}, save_top_k: -1}}}}"]
     return [
-        "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--checkpoint", str(BASE),
+        "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--checkpoint", str(BASE), "--block_size=8",
         "--data.init_args.prompts_per_step=2", "--data.init_args.group_size=2",
         "--data.init_args.max_new_tokens=8", "--data.init_args.task_kwargs={num_train: 40, num_eval: 4}",
         "--data.init_args.eval_size=4", "--data.init_args.max_refill_rounds=1",
@@ -176,8 +176,10 @@ def test_atomic_save_and_resolve_last(tmp_path, monkeypatch):
     assert sorted(p.name for p in d.iterdir()) == ["last.ckpt"] and not list(other.iterdir())
     atomic_torch_save({"state_dict": {}, "n": 3}, d / "rl_step=3.ckpt")
     (d / "rl_step=4.ckpt").write_bytes(b"PK\x03\x04 truncated")
-    os.utime(d / "last.ckpt", (1, 1))
+    for age, name in enumerate(["rl_step=4.ckpt", "rl_step=3.ckpt", "last.ckpt"]):  # newest first
+        os.utime(d / name, ns=(10**18 - age * 10**9, 10**18 - age * 10**9))
     path, broken = resolve_last([d])
     assert path == d / "rl_step=3.ckpt" and broken == [d / "rl_step=4.ckpt"]
     (d / "rl_step=3.ckpt").write_bytes(b"")
+    os.utime(d / "rl_step=3.ckpt", ns=(2 * 10**18, 2 * 10**18))
     assert resolve_last([d]) == (d / "last.ckpt", [d / "rl_step=3.ckpt", d / "rl_step=4.ckpt"])

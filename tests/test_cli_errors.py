@@ -84,7 +84,7 @@ CASES = [
 
 
 def _base_args(out: Path) -> list[str]:
-    return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--checkpoint", str(BASE),
+    return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--checkpoint", str(BASE), "--block_size=8",
             f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
             "--model.init_args.max_rl_steps=1", "--trainer.enable_progress_bar=false"]
 

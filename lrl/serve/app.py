@@ -19,9 +19,10 @@ as SGLang does):
   stops unless ``ignore_eos``);
 * weight sync: ``/update_weights_from_disk`` (the directory must hold every parameter, with the model's shapes,
   floating-point and finite; anything else is refused with a 400 naming what is wrong and the weights stay as they
-  were; the swap happens under the engine lock, between requests); ``/begin_weight_update`` … ``/end_weight_update`` (required around
-  distributed updates, as in SGLang 0.5.23); ``/init_weights_update_group`` + ``/update_weights_from_distributed``
-  (this server joins the group as rank ``rank_offset`` and receives rank 0's broadcasts in a worker thread);
+  were; the swap happens under the engine lock, between requests); ``/begin_weight_update`` …
+  ``/end_weight_update`` (required around distributed updates, as in SGLang 0.5.23);
+  ``/init_weights_update_group`` + ``/update_weights_from_distributed`` (this server joins the group as rank
+  ``rank_offset`` and receives rank 0's broadcasts in a worker thread);
   ``/destroy_weights_update_group``; ``/update_weight_version``;
 * ``/flush_cache``, ``/release_memory_occupation``, ``/resume_memory_occupation``, ``/pause_generation``,
   ``/continue_generation``: acknowledged no-ops (there is no prefix cache or memory saver here).
