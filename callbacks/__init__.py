@@ -1,9 +1,18 @@
 """Callbacks of lrl: each one concern, validated in __init__, resumable through state_dict."""
 
+from callbacks.checkpoint import AtomicCheckpointIO, RLCheckpoint
 from callbacks.pareto_checkpoint import ParetoFrontierCheckpoint
 from callbacks.reward_logger import RewardNormalizationLogger
 from callbacks.rl_progress import RLProgressBar
 from callbacks.tpf_filter import TPFAwareFilter
 from callbacks.weight_sync import WeightSync
 
-__all__ = ["ParetoFrontierCheckpoint", "RewardNormalizationLogger", "RLProgressBar", "TPFAwareFilter", "WeightSync"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "ParetoFrontierCheckpoint",
+    "RLCheckpoint",
+    "RLProgressBar",
+    "RewardNormalizationLogger",
+    "TPFAwareFilter",
+    "WeightSync",
+]

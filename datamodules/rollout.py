@@ -160,6 +160,11 @@ class RolloutDataModule(LightningDataModule):
             raise ValueError(f"data.threshold must be in [0, 1], got {threshold}")
         if max_refill_rounds < 1:
             raise ValueError(f"data.max_refill_rounds must be >= 1, got {max_refill_rounds}")
+        from lrl.tasks.registry import check_task_args
+
+        check_task_args(task, dict(task_kwargs or {}))  # early: a task is built only in setup()
+        if eval_seed is not None:
+            check_task_args(task, {"eval_seed": eval_seed}, key="data.eval_seed (null for a fixed eval split)")
         self.save_hyperparameters(ignore=["rollout"])
         self.checkpoint = checkpoint
         self.block_size = block_size

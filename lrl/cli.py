@@ -1,4 +1,4 @@
-"""The `lrl` command: LightningCLI for `fit` / `validate` / `test`, plus `lrl serve`.
+"""The `lrl` command: LightningCLI for `fit` / `validate` / `test` (no `predict`), plus `lrl serve`.
 
 Model and data are chosen by ``class_path`` in the YAML (LightningRL and SFT share the CLI). Values that several
 objects need have ONE source, given at the top level and linked into model and data with ``link_arguments``:
@@ -13,9 +13,24 @@ import sys
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 
+DESCRIPTION = (
+    "lrl: LightningRL post-training of block-wise diffusion language models (SDAR / TraDo style), raising tokens "
+    "per forward while keeping accuracy. Commands: `lrl fit` trains (LightningRL, GRPO or SFT, chosen by the "
+    "config); `lrl validate` / `lrl test` run the accuracy-TPF Pareto sweep of a checkpoint; `lrl serve` serves a "
+    "checkpoint over SGLang's HTTP API (`lrl serve --help`). Start with: lrl fit --config configs/quickstart.yaml"
+)
+
 
 class LRLCLI(LightningCLI):
     """LightningCLI with the project's shared arguments and links."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Lightning's, without ``predict`` (the policy has no ``forward``/``predict_step``; generation and scoring
+        are `lrl validate`)."""
+        commands = dict(LightningCLI.subcommands())
+        commands.pop("predict")
+        return commands
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -40,10 +55,36 @@ class LRLCLI(LightningCLI):
             parser.link_arguments(key, f"model.init_args.{key}")
             parser.link_arguments(key, f"data.init_args.{key}")
 
+    def before_instantiate_classes(self) -> None:
+        """Check the checkpoint directory before anything is built or written (a missing or truncated one would
+        otherwise surface deep inside transformers, after the output folder was created)."""
+        from lrl.cli_errors import check_checkpoint_dir
+
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model_args = (config.get("model") or {}).get("init_args") or {}
+        if config.get("checkpoint") and not model_args.get("init_tiny"):  # SFT from scratch exports there instead
+            check_checkpoint_dir(config["checkpoint"])
+
+    def _load_data_early(self) -> None:
+        """Read the dataset before the trainer starts, so bad files and rows fail before any output is written."""
+        from datamodules.rollout import RolloutDataModule
+
+        if isinstance(self.datamodule, RolloutDataModule):
+            self.datamodule.setup("fit" if self.subcommand == "fit" else None)
+
+    def before_validate(self) -> None:
+        self._load_data_early()
+
+    def before_test(self) -> None:
+        self._load_data_early()
+
     def instantiate_trainer(self, **kwargs):
         """RL runs get a progress bar counted in RL steps (`callbacks.RLProgressBar`) instead of Lightning's
         per-epoch batch count, unless the config brings its own bar or disables it."""
+        from lrl.cli_errors import RunStarted
+
         trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(RunStarted())  # errors before it fires are bad input: one line, exit 2
         from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
         if getattr(getattr(self.model, "hparams", None), "max_rl_steps", None) is not None:
@@ -55,13 +96,19 @@ class LRLCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        """Refuse a resume that would silently start over (Lightning only warns when `last` is not found)."""
-        ckpt = self.config[self.subcommand].get("ckpt_path")
-        if ckpt != "last":
-            return
-        from pathlib import Path
+        self._resolve_last()
+        self._load_data_early()
 
+    def _resolve_last(self) -> None:
+        """Resolve ``--ckpt_path last`` ourselves: ``last.ckpt`` if it loads, else (with a warning naming it) the
+        newest checkpoint that does; an error rather than Lightning's silent fresh start when there is none."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
         from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        from callbacks.checkpoint import resolve_last
 
         dirs = [cb.dirpath for cb in self.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
         if not dirs or any(d is None for d in dirs):
@@ -69,8 +116,16 @@ class LRLCLI(LightningCLI):
                 "--ckpt_path last needs a ModelCheckpoint with a fixed `dirpath` (trainer.callbacks); otherwise "
                 "Lightning looks in a new logger version folder and silently starts from scratch"
             )
-        if not any((Path(d) / "last.ckpt").exists() for d in dirs):
-            raise FileNotFoundError(f"--ckpt_path last: no last.ckpt in {dirs}; nothing to resume from")
+        path, broken = resolve_last(dirs)
+        if path is None:
+            what = f"none of {[str(b) for b in broken]} loads" if broken else f"no checkpoint in {dirs}"
+            raise FileNotFoundError(f"--ckpt_path last: {what}; nothing to resume from")
+        if broken:
+            rank_zero_warn(f"--ckpt_path last: {', '.join(map(str, broken))} does not load (truncated?); "
+                           f"resuming from {path}, the newest checkpoint that loads")
+        elif not path.name.startswith("last"):
+            rank_zero_warn(f"--ckpt_path last: resuming from {path}, newer than last.ckpt (a save was interrupted)")
+        config["ckpt_path"] = str(path)
 
 
 # Lightning warnings that our design triggers on purpose (the training step pulls its own batch so rollouts stay
@@ -109,7 +164,9 @@ def merged_config(paths: list[str]) -> dict:
     return cfg
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> LRLCLI:
+def cli_main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> LRLCLI:
+    """The LightningCLI of `lrl`. ``exit_on_error=False`` raises parser errors (``argparse.ArgumentError``)
+    instead of printing the usage and exiting: `main` reports them in one short block."""
     import warnings
 
     for pattern in _EXPECTED_WARNINGS:
@@ -120,6 +177,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> LRLCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": exit_on_error, "description": DESCRIPTION},
         args=args,
         run=run,
     )
@@ -132,7 +190,37 @@ def main(argv: list[str] | None = None) -> None:
 
         serve_main(args[1:])
         return
-    cli_main(argv)  # None: LightningCLI reads sys.argv itself
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from lrl import cli_errors
+
+    cli_errors.reset()
+    try:
+        cli_main(argv, exit_on_error=cli_errors.debug_requested())  # None: LightningCLI reads sys.argv itself
+    except SIGTERMException:
+        sys.exit(_preempted_exit())
+    except Exception as exc:  # noqa: BLE001 - bad input gets one line; everything else keeps its traceback
+        if cli_errors.debug_requested() or not cli_errors.is_user_error(exc):
+            raise
+        given = list(sys.argv[1:] if argv is None else argv)
+        print(f"lrl: error: {cli_errors.user_message(exc, given)}", file=sys.stderr)
+        sys.exit(cli_errors.EXIT_USAGE)
+
+
+def _preempted_exit() -> int:
+    """Report a preemption (SIGTERM / SIGUSR1) and return its exit code, 128 + the signal number."""
+    import signal
+
+    from callbacks.checkpoint import PREEMPTION
+
+    signum = int(PREEMPTION.get("signal", signal.SIGTERM))
+    name = signal.Signals(signum).name
+    if PREEMPTION.get("path"):
+        print(f"lrl: stopped by {name} after RL step {PREEMPTION.get('rl_step')}; saved {PREEMPTION['path']}; "
+              "continue with --ckpt_path last", file=sys.stderr)
+    else:
+        print(f"lrl: stopped by {name}; no RLCheckpoint callback saved the run", file=sys.stderr)
+    return 128 + signum
 
 
 if __name__ == "__main__":

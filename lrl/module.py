@@ -148,6 +148,14 @@ class LightningRLModule(LightningModule):
             raise ValueError(f"block_size must be > 0, got {block_size}")
         if tis_cap is not None and tis_cap <= 0:
             raise ValueError(f"model.tis_cap must be > 0 (or null: off), got {tis_cap}")
+        bad = [t for t in eval_thresholds if not 0.0 <= t <= 1.0]
+        if bad or not eval_thresholds:
+            raise ValueError(
+                f"model.eval_thresholds must be a non-empty list of values in [0, 1], got {eval_thresholds}"
+            )
+        if eval_max_new_tokens <= 0 or (max_rl_steps is not None and max_rl_steps < 1):
+            raise ValueError(f"model.eval_max_new_tokens and model.max_rl_steps must be >= 1, got "
+                             f"{eval_max_new_tokens}, {max_rl_steps}")
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.policy: BlockDiffusionLM | None = None
@@ -242,6 +250,15 @@ class LightningRLModule(LightningModule):
         state = checkpoint.get("lrl", {})
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.rl_step = int(state.get("rl_step", 0))
+
+    def on_train_start(self) -> None:
+        max_steps = self.hparams.max_rl_steps
+        if max_steps is not None and self.rl_step >= max_steps:  # a resumed run that had already finished
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"lrl: the run is already at RL step {self.rl_step} of model.max_rl_steps={max_steps}; "
+                           "nothing to train (raise model.init_args.max_rl_steps to continue)")
+            self.trainer.should_stop = True
 
     # ------------------------------------------------------------------ log-probs
     def _logprobs(self, lm: BlockDiffusionLM, batch: RolloutBatch, rows: list[int], with_entropy: bool = False):

@@ -57,6 +57,21 @@ def test_config_piece_composes(piece, tiny_checkpoint, tmp_path, monkeypatch):
     assert cli.model is not None and cli.datamodule is not None
 
 
+@pytest.mark.parametrize("experiment", EXPERIMENTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("piece", PIECES["data"], ids=lambda p: f"data/{p.name}")
+def test_every_experiment_composes_with_every_data_piece(experiment, piece, tiny_checkpoint, tmp_path, monkeypatch):
+    """`lrl fit --config <experiment> --config configs/data/<piece>` builds, with the piece's task arguments (a
+    synthetic experiment's num_train / eval_seed used to reach GSM8K and fail in setup)."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    cli = _instantiate(tiny_checkpoint, [experiment, piece], "--trainer.accelerator=cpu", "--trainer.devices=1",
+                       "--trainer.strategy=auto", "--trainer.precision=32-true")
+    want = yaml.safe_load(piece.read_text())["data"]["init_args"]
+    got = cli.datamodule.hparams
+    assert (got["task"], got["task_kwargs"], got["eval_seed"]) == (want["task"], want["task_kwargs"], want["eval_seed"])
+
+
 @pytest.mark.parametrize("piece", SFT_PIECES, ids=lambda p: f"sft/{p.name}")
 def test_sft_piece_composes(piece, tiny_checkpoint, tmp_path, monkeypatch):
     """An SFT overlay on configs/sft_tiny.yaml instantiates, and its merged view (what scripts read) agrees."""

@@ -22,8 +22,8 @@ def test_ddp_two_processes_gloo(tiny_checkpoint, tmp_path):
         "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
         "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}, "
         f"{{class_path: ddp_dump.DumpWeights, init_args: {{out: {out}/weights}}}}, "
-        f"{{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {{dirpath: {out}/ckpts, "
-        "save_last: true, every_n_train_steps: 1}}]",
+        f"{{class_path: callbacks.RLCheckpoint, init_args: {{dirpath: {out}/ckpts, "
+        "save_last: true, every_n_rl_steps: 1}}]",
     )
     ckpt = torch.load(out / "ckpts" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["global_step"] > 0

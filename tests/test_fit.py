@@ -47,8 +47,8 @@ def _callbacks_override(out: Path) -> list[str]:
         "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
         "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}, "
         "{class_path: callbacks.RewardNormalizationLogger}, "
-        f"{{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {{dirpath: {out}/ckpts, "
-        "save_last: true, every_n_train_steps: 1, save_top_k: -1}}]",
+        f"{{class_path: callbacks.RLCheckpoint, init_args: {{dirpath: {out}/ckpts, "
+        "save_last: true, every_n_rl_steps: 1, save_top_k: -1}}]",
     ]
 
 

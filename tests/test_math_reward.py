@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -119,7 +124,7 @@ def test_slow_verifier_is_killed():
         assert pool.call(mr._verify_in_worker, (r"\frac{1}{2}", "0.5"), 10.0) is True  # replaced worker
         idle = pool._idle[0]  # a worker that dies while idle is replaced without failing the next check
         idle.proc.kill()
-        idle.proc.join()
+        idle.proc.wait()
         assert pool.call(mr._verify_in_worker, ("x^2+2x+1", "(x+1)^2"), 10.0) is True
     finally:
         pool.close()
@@ -142,3 +147,78 @@ def test_malformed_input_raises_value_error():
         score_math(["a", "b"], ["1"])
     with pytest.raises(ValueError, match="n must be an int >= 1"):
         mr.set_max_workers(0)
+
+
+# --------------------------------------------------------------------------- callers with any kind of __main__
+ROOT = Path(__file__).resolve().parents[1]
+# needs math-verify (no plain-number fast path); the unguarded body appends one row per execution of __main__
+_CALLER = textwrap.dedent("""
+    import sys
+    from lrl.rewards.math import is_correct
+    with open(sys.argv[-1] if len(sys.argv) > 1 else ROWS, "a") as f:
+        f.write("row\\n")
+    def check():
+        print("RESULT", is_correct(r"\\boxed{\\frac{1}{2}}", "0.5"), is_correct(r"\\boxed{x^2+2x+2}", "(x+1)^2"))
+    GUARD
+""")
+
+
+@pytest.mark.parametrize("how", ["guarded", "unguarded", "stdin", "dash_c"])
+def test_same_answers_whatever_the_callers_main(how, tmp_path):
+    # spawn re-imported __main__: from stdin every math-verify answer was False, unguarded bodies ran per worker
+    rows = tmp_path / "rows.txt"
+    guard = 'if __name__ == "__main__":\n    check()' if how == "guarded" else "check()"
+    code = _CALLER.replace("ROWS", repr(str(rows))).replace("GUARD", guard)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    script = tmp_path / "caller.py"
+    script.write_text(code)
+    cmd = {"guarded": [sys.executable, str(script)], "unguarded": [sys.executable, str(script)],
+           "stdin": [sys.executable, "-"], "dash_c": [sys.executable, "-c", code]}[how]
+    proc = subprocess.run(cmd, input=code if how == "stdin" else None, capture_output=True, text=True,
+                          env=env, cwd=tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RESULT True False" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    assert rows.read_text() == "row\n"  # the caller's body ran once, never in a worker
+
+
+def test_worker_that_cannot_start_raises_instead_of_scoring_false(monkeypatch, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "math_verify.py").write_text("raise ImportError('math_verify is broken')\n")
+    monkeypatch.setattr(mr, "_worker_env", lambda: dict(os.environ, PYTHONPATH=f"{broken}{os.pathsep}{ROOT}"))
+    pool = mr.VerifierPool(1)
+    with pytest.raises(mr.VerifierUnavailableError, match="math_verify is broken"):
+        pool.call(mr._verify_in_worker, (r"\frac{1}{2}", "0.5"), 10.0)
+    monkeypatch.setattr(mr.sys, "executable", str(tmp_path / "no-python"))
+    with pytest.raises(mr.VerifierUnavailableError, match="could not be started"):
+        pool.call(mr._verify_in_worker, (r"\frac{1}{2}", "0.5"), 10.0)
+    assert pool._live == 0  # failed starts do not leak slots
+    mr.shutdown()  # the module-level pool: is_correct raises too instead of returning False
+    with pytest.raises(mr.VerifierUnavailableError):
+        is_correct(r"\boxed{\frac{1}{2}}", "0.5")
+    mr.shutdown()
+    assert is_correct(r"\boxed{2}", "2.0") is True  # the plain-number fast path needs no worker
+
+
+def _die(pred: str, gold: str) -> bool:
+    os._exit(3)
+
+
+def _die_once(marker: str, gold: str) -> bool:
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(3)
+    return True
+
+
+def test_worker_death_is_retried_once_then_raises(tmp_path):
+    pool = mr.VerifierPool(1)
+    try:
+        assert pool.call(_die_once, (str(tmp_path / "died"), "x"), 30.0) is True  # a fresh worker answered
+        with pytest.raises(mr.VerifierUnavailableError, match="died twice"):
+            pool.call(_die, ("1", "1"), 30.0)
+        assert pool._live == 0
+        with pytest.raises(ValueError, match="__main__"):
+            pool.call(type("F", (), {"__module__": "__main__", "__call__": lambda *a: True})(), ("1", "1"), 1.0)
+    finally:
+        pool.close()

@@ -15,11 +15,13 @@ Scoring rules (deliberate choices, all tested):
 
 math-verify's own timeout uses ``signal.alarm`` and raises outside the main thread, so it is disabled
 (``parsing_timeout=None``, ``timeout_seconds=None``) and the time limit is enforced here instead: every
-math-verify call runs in a small persistent pool of worker processes (``spawn`` start method, created lazily);
-when a call exceeds ``timeout_s`` its worker is killed (SIGKILL) and replaced, and the answer counts as wrong.
-Such abandoned checks (timeouts and crashed workers) are counted; log :func:`timeout_count` as
-``reward/timeouts``. ``spawn`` re-imports the caller's ``__main__`` module in each worker, so scripts must keep
-their entry point under ``if __name__ == "__main__":``.
+math-verify call runs in a small persistent pool of worker processes (created lazily), each a fresh
+``python -m lrl.rewards.math_worker`` that never imports the caller's ``__main__``: answers are the same from a
+guarded or unguarded script, stdin, ``python -c``, threads or a notebook. When a call exceeds ``timeout_s`` its
+worker is killed (SIGKILL) and replaced, and the answer counts as wrong; such timeouts are counted (log
+:func:`timeout_count` as ``reward/timeouts``). A verifier that cannot run never scores an answer: a worker that
+dies is replaced and the check retried once, and when no worker starts (or the retry dies too) the call raises
+:class:`VerifierUnavailableError`.
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal, InvalidOperation
+
+from lrl.rewards.math_worker import verify_equal
 
 logger = logging.getLogger(__name__)
 
@@ -99,56 +105,52 @@ def as_plain_number(text: str) -> Decimal | None:
         return None
 
 
-# ---------------------------------------------------------------------------------------------- worker side
-def _verify_in_worker(pred: str, gold: str) -> bool:
-    """math-verify equivalence of two answer strings (runs inside a worker process)."""
-    from math_verify import parse, verify
-
-    gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=None)
-    pred_parsed = parse("\\boxed{" + pred + "}", parsing_timeout=None)
-    if not gold_parsed or not pred_parsed:
-        return False
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
-
-
-def _worker_main(conn) -> None:
-    """Worker loop: import once, say ready, then answer ``(fn, args)`` requests until EOF or ``None``."""
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" warning is expected here
-    try:
-        _verify_in_worker("1", "1")  # warm the imports and sympy caches before the first timed request
-    except Exception:  # noqa: BLE001 - a broken install shows up as wrong answers plus the parent's log
-        logger.exception("math verifier warm-up failed")
-    conn.send("ready")
-    while True:
-        try:
-            request = conn.recv()
-        except (EOFError, OSError):
-            return
-        if request is None:
-            return
-        fn, args = request
-        try:
-            result = bool(fn(*args))
-        except Exception:  # noqa: BLE001 - any verifier error means "not shown equal"
-            result = False
-        conn.send(result)
-
-
 # ---------------------------------------------------------------------------------------------- parent side
+_verify_in_worker = verify_equal  # the check every worker runs (kept under its old name for callers)
+
+
+class VerifierUnavailableError(RuntimeError):
+    """The math verifier cannot run (its worker does not start, or dies twice on one check): no answer is given,
+    because scoring it False would be a silent lie."""
+
+
+def _worker_env() -> dict[str, str]:
+    # the worker imports exactly what this process can: lrl (installed or on PYTHONPATH) and the module of `fn`
+    paths = [p for p in sys.path if p and os.path.isdir(p)]
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(paths), OMP_NUM_THREADS="1")
+
+
 class _Worker:
-    def __init__(self, ctx) -> None:
-        self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_worker_main, args=(child,), daemon=True, name="lrl-math-verify")
-        self.proc.start()
-        child.close()
-        if not self.conn.poll(_STARTUP_TIMEOUT_S) or self.conn.recv() != "ready":
+    """One ``python -m lrl.rewards.math_worker`` process and its socket."""
+
+    def __init__(self) -> None:
+        self.conn, child = mp.Pipe(duplex=True)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lrl.rewards.math_worker", str(child.fileno())],
+                pass_fds=(child.fileno(),), env=_worker_env(), stdin=subprocess.DEVNULL,
+            )
+        except OSError as exc:
+            self.conn.close()
+            raise VerifierUnavailableError(f"math verifier worker could not be started: {exc}") from exc
+        finally:
+            child.close()
+        try:
+            ready = self.conn.poll(_STARTUP_TIMEOUT_S)
+            status, detail = self.conn.recv() if ready else ("error", f"not ready after {_STARTUP_TIMEOUT_S:.0f} s")
+        except (EOFError, OSError):
+            status, detail = "error", f"exited with code {self.proc.poll()} while starting"
+        if status != "ready":
             self.kill()
-            raise RuntimeError("math verifier worker did not start")
+            raise VerifierUnavailableError(f"math verifier worker did not start: {detail}")
 
     def kill(self) -> None:
-        if self.proc.is_alive():
+        if self.proc.poll() is None:
             self.proc.kill()
-        self.proc.join(timeout=5)
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
+            pass
         self.conn.close()
 
 
@@ -156,20 +158,17 @@ class VerifierPool:
     """At most ``max_workers`` persistent worker processes; a check that overruns its time limit kills its worker.
 
     Thread-safe: each call takes an idle worker (starting one if below the cap, else waiting), sends one request
-    and waits for the answer with ``Connection.poll(timeout)``.
+    and waits for the answer with ``Connection.poll(timeout)``. Workers are ``python -m lrl.rewards.math_worker``
+    processes, independent of the caller's ``__main__``.
 
     Args:
         max_workers: Cap on live worker processes.
-        start_method: ``spawn`` or ``forkserver`` (never ``fork``: the trainer holds threads and CUDA state).
     """
 
-    def __init__(self, max_workers: int, start_method: str = "spawn") -> None:
+    def __init__(self, max_workers: int) -> None:
         if max_workers < 1:
             raise ValueError(f"VerifierPool.max_workers must be >= 1, got {max_workers}")
-        if start_method not in ("spawn", "forkserver"):
-            raise ValueError(f"VerifierPool.start_method must be 'spawn' or 'forkserver', got {start_method!r}")
         self.max_workers = max_workers
-        self._ctx = mp.get_context(start_method)
         self._cond = threading.Condition()
         self._idle: list[_Worker] = []
         self._live = 0
@@ -180,7 +179,7 @@ class VerifierPool:
         with self._cond:
             while True:
                 if self._closed:
-                    raise RuntimeError("VerifierPool is closed")
+                    raise VerifierUnavailableError("VerifierPool is closed")
                 if self._idle:
                     return self._idle.pop()
                 if self._live < self.max_workers:
@@ -188,7 +187,7 @@ class VerifierPool:
                     break
                 self._cond.wait()
         try:  # start outside the lock: it takes a second or so
-            return _Worker(self._ctx)
+            return _Worker()
         except BaseException:
             self._discard(None)
             raise
@@ -209,27 +208,31 @@ class VerifierPool:
             self._cond.notify()
 
     def call(self, fn, args: tuple, timeout_s: float) -> bool | None:
-        """``fn(*args)`` in a worker; ``None`` when it timed out or the worker died (the worker is then killed)."""
-        try:
-            worker = self._acquire()
-        except (EOFError, OSError, RuntimeError) as exc:  # a worker that cannot start must not stop training
-            logger.warning("math verifier worker unavailable (%s); scoring this answer as not equal", exc)
-            return None
-        try:
+        """``fn(*args)`` in a worker; ``None`` when it ran past ``timeout_s`` (the worker is then killed).
+
+        ``fn`` must be importable by name (not defined in ``__main__``). A worker that dies is replaced and the
+        check retried once (it may have been killed for reasons unrelated to this input, e.g. the OOM killer).
+
+        Raises:
+            VerifierUnavailableError: no worker starts, or the check killed two workers in a row.
+        """
+        if getattr(fn, "__module__", None) == "__main__":
+            raise ValueError("VerifierPool.call: fn must live in an importable module, not __main__")
+        for attempt in range(2):
+            worker = self._acquire()  # VerifierUnavailableError propagates: no answer rather than a wrong one
             try:
                 worker.conn.send((fn, args))
-            except OSError:  # it died while idle (e.g. OOM-killed): not this input's fault, use a fresh one
-                self._discard(worker)
-                worker = self._acquire()
-                worker.conn.send((fn, args))
-            if worker.conn.poll(timeout_s):
+                if not worker.conn.poll(timeout_s):
+                    self._discard(worker)  # hung: kill it; the next call starts a fresh one
+                    return None
                 result = worker.conn.recv()
-                self._release(worker)
-                return bool(result)
-        except (EOFError, OSError):
-            pass
-        self._discard(worker)  # hung or dead: kill it; the next call starts a fresh one
-        return None
+            except (EOFError, OSError):  # died (idle or while checking): retry once in a fresh worker
+                self._discard(worker)
+                logger.warning("math verifier worker died (attempt %d of 2); restarting it", attempt + 1)
+                continue
+            self._release(worker)
+            return bool(result)
+        raise VerifierUnavailableError(f"math verifier workers died twice on one check of {args!r}")
 
     def close(self) -> None:
         """Stop every idle worker; busy ones are stopped when their call returns."""
@@ -252,8 +255,8 @@ _count_lock = threading.Lock()
 def _get_pool() -> VerifierPool:
     global _pool
     with _pool_lock:
-        # A forked child must not share its parent's pipes: it gets its own pool.
-        if _pool is None or _pool.pid != os.getpid():
+        # A forked child must not share its parent's pipes (nor a closed pool): it gets its own pool.
+        if _pool is None or _pool.pid != os.getpid() or _pool._closed:
             _pool = VerifierPool(_max_workers)
         return _pool
 
@@ -341,8 +344,8 @@ def is_correct(
 ) -> bool:
     """Whether the last boxed answer of ``completion`` equals ``ground_truth`` (spec §3.1; rules in the module doc).
 
-    Never hangs and never raises on odd answers: a check that takes longer than ``timeout_s`` (or crashes its
-    worker) returns ``False`` and is counted by :func:`timeout_count`. Safe to call from any thread.
+    Never hangs and never raises on odd answers: a check that takes longer than ``timeout_s`` returns ``False``
+    and is counted by :func:`timeout_count`. Safe to call from any thread and from any ``__main__``.
 
     Args:
         completion: Model output (may contain EOS markers and text after them).
@@ -353,6 +356,7 @@ def is_correct(
     Raises:
         ValueError: ``completion`` is not a str, ``ground_truth`` is not a str/number or holds no answer, or
             ``timeout_s`` is not positive. These are caller bugs, not wrong answers.
+        VerifierUnavailableError: math-verify could not run (no worker starts, or two died on this check).
     """
     completion = _check_str("completion", completion)
     ground_truth = _check_str("ground_truth", ground_truth, allow_numbers=True)
@@ -382,6 +386,7 @@ def score_math(
 
     Raises:
         ValueError: lengths differ, or an element is malformed (the message names its index).
+        VerifierUnavailableError: math-verify could not run (see :func:`is_correct`).
     """
     if len(completions) != len(ground_truths):
         raise ValueError(f"score_math: {len(completions)} completions but {len(ground_truths)} ground truths")

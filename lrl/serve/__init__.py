@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16 (default: float32 on CPU)")
     p.add_argument("--weight-version", default="default", help="initial weight_version string")
     p.add_argument("--group-timeout", type=float, default=600.0, help="seconds to wait for weight-update groups")
+    p.add_argument("--max-request-mb", type=float, default=16.0,
+                   help="largest request body in MiB; larger ones get HTTP 413 (default: %(default)s)")
     p.add_argument("--log-level", default="warning", help="uvicorn/python log level")
     return p
 
@@ -47,7 +49,7 @@ def build_app(args: argparse.Namespace):
                           threshold=args.threshold, denoising_steps=args.denoising_steps, eos_policy=args.eos_policy)
     engine = NativeEngine(lm, tokenizer, max_rows=args.max_rows)
     return create_app(engine, decode, model_path=str(args.model), weight_version=args.weight_version,
-                      group_timeout_s=args.group_timeout)
+                      group_timeout_s=args.group_timeout, max_request_bytes=max(1, int(args.max_request_mb * 2**20)))
 
 
 def main(argv: list[str] | None = None) -> int:

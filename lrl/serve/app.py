@@ -3,7 +3,10 @@
 It lets the SGLang rollout client, the weight-sync protocols and multi-server setups run (and be tested) without
 SGLang or a GPU, and serves models SGLang 0.5.23 cannot (Fast-dLLM-v2, any checkpoint `lrl.models` loads).
 
-Endpoints (JSON; errors are ``{"success": false, "message", "error": {...}}`` with a 4xx status for bad requests):
+Endpoints (JSON; errors are ``{"success": false, "message", "error": {...}}`` with a 4xx status for bad requests;
+bodies over ``max_request_bytes`` get 413; every sampling field is type- and range-checked (finite floats,
+integer ids and seeds, a non-negative seed); a request without ``sampling_seed`` samples with a fresh random seed,
+as SGLang does):
 
 * ``GET|POST /health``, ``/health_generate`` (runs a one-token generation), ``/get_model_info`` (alias
   ``/model_info``; includes ``weight_version`` and ``lrl_decode``, the server's decoding flags),
@@ -15,9 +18,12 @@ Endpoints (JSON; errors are ``{"success": false, "message", "error": {...}}`` wi
   strategy and threshold are server flags (like SGLang's ``--dllm-algorithm-config``); temperature / top-k / top-p
   / max_new_tokens / stop ids come per request, with SGLang's semantics (temperature 0 = greedy; the model's eos
   stops unless ``ignore_eos``);
-* weight sync: ``/update_weights_from_disk``; ``/begin_weight_update`` … ``/end_weight_update`` (required around
-  distributed updates, as in SGLang 0.5.23); ``/init_weights_update_group`` + ``/update_weights_from_distributed``
-  (this server joins the group as rank ``rank_offset`` and receives rank 0's broadcasts in a worker thread);
+* weight sync: ``/update_weights_from_disk`` (the directory must hold every parameter, with the model's shapes,
+  floating-point and finite; anything else is refused with a 400 naming what is wrong and the weights stay as they
+  were; the swap happens under the engine lock, between requests); ``/begin_weight_update`` …
+  ``/end_weight_update`` (required around distributed updates, as in SGLang 0.5.23);
+  ``/init_weights_update_group`` + ``/update_weights_from_distributed`` (this server joins the group as rank
+  ``rank_offset`` and receives rank 0's broadcasts in a worker thread);
   ``/destroy_weights_update_group``; ``/update_weight_version``;
 * ``/flush_cache``, ``/release_memory_occupation``, ``/resume_memory_occupation``, ``/pause_generation``,
   ``/continue_generation``: acknowledged no-ops (there is no prefix cache or memory saver here).
@@ -30,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -39,7 +46,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lrl.rollout.engine import NativeEngine
@@ -61,18 +68,18 @@ class SGLangSamplingParams(BaseModel):
     """The SGLang ``sampling_params`` keys ``lrl serve`` understands; unknown keys are rejected (typos)."""
 
     model_config = ConfigDict(extra="forbid")
-    max_new_tokens: int = Field(128, ge=1)
-    temperature: float = Field(1.0, ge=0.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = -1
+    max_new_tokens: StrictInt = Field(128, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=1e4, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: StrictInt = -1
     min_p: float = Field(0.0, ge=0.0, le=0.0, description="min-p sampling is not supported")
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[StrictInt] | None = None
     stop: str | list[str] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
-    sampling_seed: int | None = None
+    sampling_seed: StrictInt | None = Field(None, ge=0, lt=2**63, description="none: a fresh random seed")
     n: int = Field(1, ge=1, le=1, description="send one row per sample")
     min_new_tokens: int = Field(0, ge=0, le=0, description="min_new_tokens is not supported")
     frequency_penalty: float = Field(0.0, ge=0.0, le=0.0)
@@ -83,7 +90,7 @@ class SGLangSamplingParams(BaseModel):
 
 class GenerateRequest(_Model):
     text: str | list[str] | None = None
-    input_ids: list[int] | list[list[int]] | None = None
+    input_ids: list[StrictInt] | list[list[StrictInt]] | None = None  # strict: true / 1.0 are not token ids
     sampling_params: dict[str, Any] | list[dict[str, Any]] | None = None
     rid: str | list[str] | None = None
     stream: bool = False
@@ -228,7 +235,8 @@ def _sampling(raw: dict | None, state: ServeState) -> tuple[SamplingParams, SGLa
             denoising_steps=d.denoising_steps, temperature=1.0 if greedy else p.temperature,
             top_k=0 if greedy or p.top_k == -1 else p.top_k, top_p=1.0 if greedy else p.top_p, greedy=greedy,
             max_new_tokens=p.max_new_tokens, stop_token_ids=stop, samples_per_prompt=1,
-            seed=p.sampling_seed or 0, eos_policy=eos_policy,
+            seed=secrets.randbelow(2**63) if p.sampling_seed is None else p.sampling_seed,  # as SGLang: random
+            eos_policy=eos_policy,
         )
     except ValueError as exc:
         raise BadRequest(str(exc)) from exc
@@ -293,25 +301,43 @@ def run_generate(state: ServeState, req: GenerateRequest) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- weights
-def _check_fit(state: ServeState, named: list[tuple[str, torch.Tensor]]) -> None:
-    """Refuse the whole update before touching the model, so a bad request never leaves half-loaded weights."""
+def _check_fit(state: ServeState, named: list[tuple[str, torch.Tensor]], *, complete: bool = False) -> None:
+    """Refuse the whole update before touching the model, so a bad request never leaves half-loaded weights:
+    every name known, shapes equal, floating-point values for floating-point parameters (cast on load, as SGLang
+    does), all finite, and with ``complete`` every parameter of the model present (a tied one under any name)."""
     model = state.engine.lm.model
-    own = {n: t.shape for n, t in model.named_parameters()} | {n: t.shape for n, t in model.named_buffers()}
-    unknown, wrong = [], []
+    own = {n: t for n, t in model.named_parameters()} | {n: t for n, t in model.named_buffers()}
+    unknown, wrong, bad_dtype, nonfinite, given = [], [], [], [], set()
     for name, tensor in named:
         key = name.removeprefix("model.") if name not in own and name.startswith("model.model.") else name
         if key not in own:
             unknown.append(name)
-        elif tuple(own[key]) != tuple(tensor.shape):
-            wrong.append(f"{name}: got {tuple(tensor.shape)}, model has {tuple(own[key])}")
-    if unknown:
-        raise BadRequest(f"unknown parameter names {unknown[:5]}{' …' if len(unknown) > 5 else ''}")
-    if wrong:
-        raise BadRequest(f"shape mismatch: {'; '.join(wrong[:5])}")
+            continue
+        given.add(key)
+        if tuple(own[key].shape) != tuple(tensor.shape):
+            wrong.append(f"{name}: got {tuple(tensor.shape)}, model has {tuple(own[key].shape)}")
+        elif own[key].is_floating_point() and not tensor.is_floating_point():
+            bad_dtype.append(f"{name}: {tensor.dtype} for a {own[key].dtype} parameter")
+        elif tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            nonfinite.append(name)
+    problems = [
+        (unknown, "unknown parameter names"), (wrong, "shape mismatch"), (bad_dtype, "wrong dtype"),
+        (nonfinite, "non-finite values (NaN/inf) in"),
+    ]
+    if complete:
+        aliases: dict[int, list[str]] = {}
+        for n, t in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(t), []).append(n)
+        missing = [names[0] for names in aliases.values() if not given.intersection(names)]
+        problems.append((missing, f"incomplete: {len(missing)} of {len(aliases)} parameters missing, e.g."))
+    for items, what in problems:
+        if items:
+            raise BadRequest(f"{what} {items[:5]}{' …' if len(items) > 5 else ''}; the served weights are unchanged")
 
 
-def _load_named(state: ServeState, named: list[tuple[str, torch.Tensor]], version: str | None) -> None:
-    _check_fit(state, named)
+def _load_named(state: ServeState, named: list[tuple[str, torch.Tensor]], version: str | None,
+                complete: bool = False) -> None:
+    _check_fit(state, named, complete=complete)
     with state.lock:
         try:
             state.engine.update_weights(named)
@@ -330,9 +356,10 @@ def run_update_from_disk(state: ServeState, req: UpdateFromDiskRequest) -> None:
         raise BadRequest(f"load_format {req.load_format!r} is not supported (safetensors only)")
     try:
         weights = read_hf_weights(req.model_path)
-    except FileNotFoundError as exc:
-        raise BadRequest(f"cannot load weights from {req.model_path!r}: {exc}") from exc
-    _load_named(state, list(weights.items()), req.weight_version)
+    except Exception as exc:  # missing, truncated or foreign files are the request's fault: 400, never 500
+        raise BadRequest(f"cannot load weights from {req.model_path!r}: {type(exc).__name__}: {exc}") from exc
+    # a disk update replaces the whole model (SGLang reloads it): a partial directory would mix old and new weights
+    _load_named(state, list(weights.items()), req.weight_version, complete=True)
 
 
 def run_init_group(state: ServeState, req: InitGroupRequest, timeout_s: float) -> None:
@@ -381,13 +408,63 @@ def run_update_distributed(state: ServeState, req: DistributedUpdateRequest) -> 
     _load_named(state, list(zip(req.names, tensors)), req.weight_version)
 
 
+# ---------------------------------------------------------------------------------------------- request size
+class BodyTooLarge(StarletteHTTPException):
+    """A request body over the server's limit: HTTP 413 (an HTTPException, so FastAPI's body reader passes it on
+    instead of answering 400)."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes (lrl serve --max-request-mb)")
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse bodies over ``max_bytes`` from ``Content-Length`` before reading them, and stop
+    reading a chunked body once it passes the limit (JSON parsing of a body takes many times its size)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.max_bytes
+            except ValueError:
+                return await _error(400, f"invalid Content-Length {declared!r}")(scope, receive, send)
+            if too_big:
+                return await self._refuse(int(declared))(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message.get("type") == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, limited, send)
+
+    def _refuse(self, size: int) -> JSONResponse:
+        return _error(413, f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes "
+                           "(lrl serve --max-request-mb)", "PayloadTooLarge")
+
+
 # ---------------------------------------------------------------------------------------------- app
 def create_app(engine: NativeEngine, decode: DecodeConfig, *, model_path: str = "", weight_version: str = "default",
-               group_timeout_s: float = 600.0) -> FastAPI:
-    """The FastAPI application serving ``engine`` (see the module docstring for the endpoints)."""
+               group_timeout_s: float = 600.0, max_request_bytes: int = 16 << 20) -> FastAPI:
+    """The FastAPI application serving ``engine`` (see the module docstring for the endpoints); request bodies
+    over ``max_request_bytes`` get HTTP 413."""
+    if max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes must be >= 1, got {max_request_bytes}")
     state = ServeState(engine, decode, model_path=model_path, weight_version=weight_version)
     app = FastAPI(title="lrl serve", version="0.1")
     app.state.lrl = state
+    app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):

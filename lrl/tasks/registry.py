@@ -39,6 +39,24 @@ def available_tasks() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def check_task_args(name: str, kwargs: dict[str, Any], key: str = "data.task_kwargs") -> None:
+    """Raise ``ValueError`` naming the config key when ``name`` is not a task (``data.task``) or its factory does
+    not take ``kwargs`` (``key``); checked against the signature, so nothing is loaded."""
+    import inspect
+
+    if name not in _REGISTRY:
+        raise ValueError(f"data.task: unknown task {name!r}; available tasks: {', '.join(available_tasks())}")
+    try:
+        params = inspect.signature(_REGISTRY[name]).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(kwargs) - set(params))
+    if unknown:
+        raise ValueError(f"{key}: task {name!r} does not take {unknown}; it takes {sorted(params)}")
+
+
 def get_task(name: str, **kwargs: Any) -> Task:
     """Build the task registered as ``name`` with ``kwargs`` (its constructor arguments)."""
     if name not in _REGISTRY:

@@ -69,12 +69,34 @@ def load_rows(
         path = Path(source.replace("{split}", split)).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"dataset file not found: {path} (from source {source!r}, split {split!r})")
-        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+        if path.suffix == ".jsonl":
+            _check_jsonl(path)
+        try:
+            dataset = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache_dir)
+        except Exception as exc:  # noqa: BLE001 - datasets wraps parse errors in its own types; name the file
+            cause = exc.__cause__ or exc
+            raise ValueError(f"{path}: cannot be read as {builder} ({type(cause).__name__}: {cause})") from exc
     else:
         dataset = datasets.load_dataset(source, config, split=split, cache_dir=cache_dir)
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     return [dict(row) for row in dataset]
+
+
+def _check_jsonl(path: Path) -> None:
+    """Name the file and line of the first line that is not a JSON object (datasets reports it deep in pyarrow)."""
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}: line {n} is not valid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {n} is a JSON {type(row).__name__}, not an object")
 
 
 def load_task_records(task, split: str) -> list[dict]:
@@ -89,4 +111,11 @@ def load_task_records(task, split: str) -> list[dict]:
         cache_dir=task.cache_dir,
         limit=task.limit,
     )
-    return [task.to_record(row, i) for i, row in enumerate(rows)]
+    where = task.source.replace("{split}", split) if local_builder(task.source) else f"{task.source} [{split}]"
+    records = []
+    for i, row in enumerate(rows):
+        try:
+            records.append(task.to_record(row, i))
+        except (ValueError, KeyError, TypeError) as exc:  # name the file as well as the record and field
+            raise ValueError(f"{where}: {exc}") from exc
+    return records
