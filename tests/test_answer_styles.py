@@ -23,7 +23,8 @@ def mixed() -> SyntheticArithmetic:
 def _reference_steps(text: str) -> tuple[list[tuple[int, str, int, int]], int]:
     """Slow reference parse of any style: whitespace dropped, numbers read as integers."""
     body, box = text.rsplit("\\boxed{", 1)
-    ops = [(int(a), s, int(b), int(c)) for a, s, b, c in re.findall(r"(\d+)([+*-])(\d+)=(\d+)\.", body.replace(" ", ""))]
+    steps = re.findall(r"(\d+)([+*-])(\d+)=(\d+)\.", body.replace(" ", ""))
+    ops = [(int(a), s, int(b), int(c)) for a, s, b, c in steps]
     return ops, int(box.rstrip("}"))
 
 
