@@ -11,6 +11,9 @@ adds what makes it a block-diffusion model (spec §1.2–§1.3):
 
 Attention: SDPA with a dense boolean 4-D mask (CPU and default); flex_attention with a BlockMask for training on
 CUDA when ``attention="flex"`` (flex has no backward on CPU; transformers' eager path mishandles bool masks).
+The one-block forwards of decoding use per-row key lengths instead of a dense mask on CUDA
+(``decode_attention``, see `lrl.models.decode_attention`): SDPA without a mask (flash) when all rows read the
+same keys.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import inspect
 import torch
 from torch import nn
 
+from lrl.models import decode_attention as kvl
 from lrl.models.config import BlockDiffusionConfig
 from lrl.models.kv_cache import BlockKVCache
 from lrl.models.masks import (
@@ -40,14 +44,22 @@ class BlockDiffusionLM(nn.Module):
         identity: config.json keys that make the checkpoint a diffusion model for other tools (model_type,
             architectures, auto_map, …); written back by ``save_pretrained`` (see `lrl.models.loading`).
         attention: ``"sdpa"`` (dense bool mask, works everywhere) or ``"flex"`` (BlockMask, CUDA training).
+        decode_attention: attention of the one-block forwards of decoding: ``"dense"`` (the boolean mask),
+            ``"lengths"`` (per-row key lengths: SDPA with no mask when all rows read the same keys, else a
+            key-padding mask), ``"flex"`` (lengths; a flex_attention BlockMask when they differ) or ``"auto"``
+            (``lengths`` on CUDA, ``dense`` elsewhere). Prefill always uses the dense mask.
     """
 
     def __init__(
-        self, model: nn.Module, bd_config: BlockDiffusionConfig, identity: dict | None = None, attention: str = "sdpa"
+        self, model: nn.Module, bd_config: BlockDiffusionConfig, identity: dict | None = None, attention: str = "sdpa",
+        decode_attention: str = "auto",
     ):
         super().__init__()
         if attention not in ("sdpa", "flex"):
             raise ValueError(f"attention must be 'sdpa' or 'flex', got {attention!r}")
+        if decode_attention not in kvl.KERNELS:
+            raise ValueError(f"decode_attention must be one of {kvl.KERNELS}, got {decode_attention!r}")
+        self.decode_attention = decode_attention
         self.model = model
         self.bd = bd_config
         self.identity = dict(identity or {})
@@ -229,9 +241,26 @@ class BlockDiffusionLM(nn.Module):
         device = input_ids.device
         starts = cache.lengths if rows is None else cache.lengths[rows]
         slots = starts[:, None] + torch.arange(t, device=device)
-        kv_len = int(starts.max()) + t
         if key_valid is None:
             key_valid = torch.ones(a, t, dtype=torch.bool, device=device)
+        kernel = self.decode_attention
+        if kernel == "auto":
+            kernel = "lengths" if device.type == "cuda" else "dense"
+        lengths = None
+        if kernel != "dense" and t == block_size:
+            kv_lens = kvl.block_kv_lengths(starts, key_valid, block_size)
+            max_start, min_len = torch.stack([starts.max(), kv_lens.min()]).tolist()  # one host sync, as before
+            kv_len = max_start + t
+            if min_len >= 1:  # every row's pattern is a key length
+                lengths = kvl.KVLengths(kv_lens, uniform=min_len == kv_len, kernel=kernel)
+        else:
+            kv_len = int(starts.max()) + t
+        if lengths is not None:
+            kvl.register()
+            cache.bind(rows, slots, kv_len)
+            with self._attn_impl(kvl.LENGTHS_IMPL):
+                hidden = self._decoder(input_ids, slots, lengths, cache=cache)
+            return self._chunk_outputs(cache, hidden, rows, store)
         kslot = torch.arange(kv_len, device=device)
         rel = kslot[None, :] - starts[:, None]  # (A, kv_len) key slot relative to the chunk start
         in_chunk = (rel >= 0) & (rel < t)
@@ -243,6 +272,11 @@ class BlockDiffusionLM(nn.Module):
         mask = mask | (kslot[None, None, :] == slots[:, :, None])
         cache.bind(rows, slots, kv_len)
         hidden = self._decoder(input_ids, slots, mask.unsqueeze(1), cache=cache)
+        return self._chunk_outputs(cache, hidden, rows, store)
+
+    def _chunk_outputs(self, cache: BlockKVCache, hidden: torch.Tensor, rows, store) -> torch.Tensor:
+        """Logits of a chunk's hidden states (with the logit shift) and its store pass (see `forward_chunk`)."""
+        a, device = hidden.shape[0], hidden.device
         if self.bd.logit_shift:
             prev = cache.last_hidden if rows is None or cache.last_hidden is None else cache.last_hidden[rows]
             if prev is None:
