@@ -95,19 +95,24 @@ def _flex(query, key, value, block_mask, scale):
 
 
 def kv_lengths_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """transformers attention function for `KVLengths` masks: query (A, Hq, T, D), key/value (A, Hkv, S, D)."""
+    """transformers attention function for `KVLengths` masks: query (A, Hq, T, D), key/value (A, Hkv, S, D).
+
+    Grouped-query heads are folded into the query axis, (A, Hkv, groups·T, D), instead of passing ``enable_gqa``:
+    every query of a row sees the same keys, so the (A, 1, 1, S) mask still broadcasts, K/V are never repeated,
+    and the call is a plain multi-head one that every SDPA backend accepts (not all of them take ``enable_gqa``).
+    """
     m = attention_mask
     if not isinstance(m, KVLengths):
         raise TypeError(f"{LENGTHS_IMPL} attention needs a KVLengths mask, got {type(m).__name__}")
-    gqa = query.shape[1] != key.shape[1]
-    if m.uniform:
-        out = _sdpa(query, key, value, scale=scaling, enable_gqa=gqa)
-    elif m.kernel == "flex":
-        out = _flex(query, key, value, m.block_mask(query.shape[2], key.shape[2]), scaling)
-    else:
-        out = _sdpa(query, key, value, attn_mask=m.pad_mask(key.shape[2]), scale=scaling,
-                                             enable_gqa=gqa)
-    return out.transpose(1, 2).contiguous(), None
+    a, hq, t, d = query.shape
+    hkv = key.shape[1]
+    if not m.uniform and m.kernel == "flex":
+        out = _flex(query, key, value, m.block_mask(t, key.shape[2]), scaling)
+        return out.transpose(1, 2).contiguous(), None
+    q = query.reshape(a, hkv, (hq // hkv) * t, d)
+    mask = None if m.uniform else m.pad_mask(key.shape[2])
+    out = _sdpa(q, key, value, attn_mask=mask, scale=scaling)
+    return out.reshape(a, hq, t, d).transpose(1, 2).contiguous(), None
 
 
 def register() -> None:
