@@ -54,12 +54,20 @@ def floors(lm, rows: int, block_size: int, bandwidth_gbs: float, peak_tflops: fl
     }
 
 
-def block_forward_ms(lm, rows: int, plen: int, bs: int, device, warmup: int, repeats: int) -> float:
+def block_forward_ms(lm, rows: int, plen: int, bs: int, device, warmup: int, repeats: int, mixed: bool = False):
+    """Median ms of one block forward over ``rows`` rows with ``plen`` cached tokens each (``mixed``: cache
+    lengths spread evenly over whole blocks from bs to plen, the RL case where rows sit at different positions)."""
     vocab = lm.hf_config.vocab_size
     g = torch.Generator(device=device).manual_seed(rows)
     prompt = torch.randint(0, vocab - 1, (rows, plen), device=device, generator=g)
     cache = lm.new_cache(rows, plen + bs)
-    lm.forward_chunk(cache, prompt, block_size=bs, store=torch.full((rows,), plen, device=device))
+    full = torch.full((rows,), plen, device=device)
+    if mixed and plen > bs:
+        full = (bs + torch.arange(rows, device=device) * (plen - bs) // max(rows - 1, 1)) // bs * bs
+    kernel, lm.decode_attention = lm.decode_attention, "dense"  # the same prefill for every kernel
+    valid = torch.arange(plen, device=device)[None] < full[:, None]
+    lm.forward_chunk(cache, prompt, block_size=bs, key_valid=valid, store=full)
+    lm.decode_attention = kernel
     block = torch.full((rows, bs), lm.bd.mask_token_id, device=device)
     return timed(lambda: lm.forward_chunk(cache, block, block_size=bs), device, warmup, repeats)
 
@@ -96,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--decode-attention", choices=["dense", "lengths", "flex", "auto"], default="auto",
                     help="attention of the block forwards (BlockDiffusionLM.decode_attention)")
+    ap.add_argument("--compare", nargs="*", default=["dense"], choices=["dense", "lengths", "flex"],
+                    help="also time the block forward with these decode_attention kernels, equal and mixed rows")
     ap.add_argument("--bandwidth-gbs", type=float, default=4800.0, help="memory bandwidth, GB/s (H200: 4800)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak, TFLOP/s (H200 bf16: 989)")
     ap.add_argument("--tpf", type=int, default=4, help="fixed tokens per forward of the static-strategy run")
@@ -127,10 +137,22 @@ def main(argv: list[str] | None = None) -> dict:
         row["block_forward_ms"] = block_forward_ms(lm, rows, plen, bs, device, args.warmup, args.repeats)
         row["x_weight_read_floor"] = row["block_forward_ms"] / row["weight_read_floor_ms"]
         row["mfu"] = row["flop_floor_ms"] / row["block_forward_ms"]
+        for kernel in [args.decode_attention, *args.compare]:  # kernel choice by measurement
+            lm.decode_attention = kernel
+            if kernel != args.decode_attention:
+                row[f"{kernel}_block_forward_ms"] = block_forward_ms(lm, rows, plen, bs, device, args.warmup,
+                                                                     args.repeats)
+            row[f"{kernel}_mixed_rows_block_forward_ms"] = block_forward_ms(lm, rows, plen, bs, device, args.warmup,
+                                                                            args.repeats, mixed=True)
+        lm.decode_attention = args.decode_attention
         result["forward"].append(row)
         print(f"rows {rows:4d}: {row['block_forward_ms']:8.2f} ms/forward   weight-read floor "
               f"{row['weight_read_floor_ms']:.2f} ms (x{row['x_weight_read_floor']:.2f})   FLOP floor "
               f"{row['flop_floor_ms']:.2f} ms (MFU {row['mfu']:.1%})", flush=True)
+        for kernel in dict.fromkeys([args.decode_attention, *args.compare]):
+            equal = row["block_forward_ms"] if kernel == args.decode_attention else row[f"{kernel}_block_forward_ms"]
+            print(f"    {kernel:>7}: equal rows {equal:8.2f} ms   mixed rows "
+                  f"{row[f'{kernel}_mixed_rows_block_forward_ms']:8.2f} ms", flush=True)
     for rows in args.engine_batches if args.engine_batches is not None else args.batches:
         for tpf in sorted({1, args.tpf}):
             run = {"rows": rows, "static_tpf": tpf,

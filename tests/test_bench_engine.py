@@ -22,7 +22,7 @@ def test_bench_engine_floors_and_engine_tpf(tmp_path):
     res = bench_engine.main(["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--batches", "1", "2",
                              "--block-size", "4", "--prompt-len", "8", "--max-new-tokens", "8", "--tpf", "2",
                              "--bandwidth-gbs", "1", "--peak-tflops", "1", "--warmup", "1", "--repeats", "1",
-                             "--decode-attention", "lengths", "--out", str(out)])
+                             "--decode-attention", "lengths", "--compare", "dense", "--engine-batches", "2", "--out", str(out)])
     assert json.loads(out.read_text()) == res
     assert [r["rows"] for r in res["forward"]] == [1, 2]
     for row in res["forward"]:
@@ -32,8 +32,9 @@ def test_bench_engine_floors_and_engine_tpf(tmp_path):
         assert row["flop_floor_ms"] == pytest.approx(2 * TINY_READ_PARAMS * tokens / 1e12 * 1e3)
         assert row["block_forward_ms"] > 0
         assert row["mfu"] == pytest.approx(row["flop_floor_ms"] / row["block_forward_ms"])
+        assert row["dense_block_forward_ms"] > 0 and row["lengths_mixed_rows_block_forward_ms"] > 0
     runs = {(r["rows"], r["static_tpf"]): r for r in res["engine"]}
-    assert set(runs) == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    assert set(runs) == {(2, 1), (2, 2)}
     for (rows, tpf), r in runs.items():
         assert r["tpf"] == tpf and r["tokens"] == rows * 8  # static strategy: exactly block_size/tpf steps a block
 
