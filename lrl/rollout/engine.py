@@ -11,7 +11,8 @@ is run for its last block.
 Cost: the per-row decisions of an iteration are a fixed number of tensor ops over all live rows (no per-row Python
 loop); rows that finish are dropped from the state and from the cache at once, so the cache is read as a plain
 slice, never gathered per forward; and the forwards use `_gqa_sdpa`, which avoids copying the K/V of the whole
-context for every query head (transformers' masked ``sdpa`` does).
+context for every query head (transformers' masked ``sdpa`` does). On CUDA the one-block forwards need no mask at
+all: the model passes per-row key lengths instead (`lrl.models.decode_attention`; ``lm.decode_attention``).
 
 Counting (spec §2.5): ``step_map[i]`` is the 1-based denoising forward that unmasked generated token i; store
 passes are not counted. ``num_forwards`` = number of distinct step ids among the returned tokens (the reference's
