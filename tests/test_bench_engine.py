@@ -22,7 +22,8 @@ def test_bench_engine_floors_and_engine_tpf(tmp_path):
     res = bench_engine.main(["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--batches", "1", "2",
                              "--block-size", "4", "--prompt-len", "8", "--max-new-tokens", "8", "--tpf", "2",
                              "--bandwidth-gbs", "1", "--peak-tflops", "1", "--warmup", "1", "--repeats", "1",
-                             "--decode-attention", "lengths", "--compare", "dense", "--engine-batches", "2", "--out", str(out)])
+                             "--decode-attention", "lengths", "--compare", "dense", "--engine-batches", "2",
+                             "--out", str(out)])
     assert json.loads(out.read_text()) == res
     assert [r["rows"] for r in res["forward"]] == [1, 2]
     for row in res["forward"]:

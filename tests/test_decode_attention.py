@@ -126,6 +126,15 @@ def test_engine_matches_dense_mask(models, tiny_tokenizer, kernel):
     torch.testing.assert_close(lps[0], lps[1], atol=1e-5, rtol=0)
 
 
+def test_auto_is_key_lengths_on_cuda_and_the_dense_mask_on_cpu(models, sdpa_calls):
+    assert kvl.resolve_kernel("auto", torch.device("cuda")) == "lengths"
+    assert kvl.resolve_kernel("auto", torch.device("cpu")) == "dense"
+    assert kvl.resolve_kernel("flex", torch.device("cpu")) == "flex"
+    lm = models[False]
+    _block(lm, _prefilled(lm, [8, 8]), "auto", torch.full((2, 4), lm.bd.mask_token_id), None)
+    assert sdpa_calls == []
+
+
 def test_bad_kernel_name_is_rejected(tiny_tokenizer):
     from lrl.models import BlockDiffusionLM
 

@@ -243,9 +243,7 @@ class BlockDiffusionLM(nn.Module):
         slots = starts[:, None] + torch.arange(t, device=device)
         if key_valid is None:
             key_valid = torch.ones(a, t, dtype=torch.bool, device=device)
-        kernel = self.decode_attention
-        if kernel == "auto":
-            kernel = "lengths" if device.type == "cuda" else "dense"
+        kernel = kvl.resolve_kernel(self.decode_attention, device)
         lengths = None
         if kernel != "dense" and t == block_size:
             kv_lens = kvl.block_kv_lengths(starts, key_valid, block_size)

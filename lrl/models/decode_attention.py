@@ -26,6 +26,14 @@ LENGTHS_IMPL = "lrl_kv_lengths"
 KERNELS = ("dense", "lengths", "flex", "auto")
 
 
+def resolve_kernel(kernel: str, device: torch.device) -> str:
+    """The kernel a forward on ``device`` uses: ``auto`` is ``lengths`` on CUDA and ``dense`` elsewhere (the CPU
+    path keeps the mask it was validated with)."""
+    if kernel == "auto":
+        return "lengths" if device.type == "cuda" else "dense"
+    return kernel
+
+
 @dataclass
 class KVLengths:
     """The attention mask of a one-block forward: per-row key lengths, passed to every layer in place of a mask.
