@@ -154,13 +154,15 @@ def method_table(summary: dict[str, dict], select: float, base: str = "SFT base"
 
 
 def merge_runs(runs: list[dict]) -> dict:
-    """One ``method.json`` payload from several (e.g. one per seed, run side by side); seeds must not repeat.
+    """One ``method.json`` payload from several (e.g. one per seed, run side by side); seeds must not repeat
+    across runs, except for runs of other methods with the same seeds (ablations run later), which are joined first.
 
     Each method's per-seed point lists are concatenated in the order of ``runs``; the select threshold and the
     configs must agree.
     """
     if not runs:
         raise ValueError("nothing to merge")
+    runs = _join_methods(runs)
     for key in ("select_threshold", "configs", "fit_args"):
         values = {json.dumps(r.get(key)) for r in runs}
         if len(values) > 1:
@@ -186,6 +188,31 @@ def merge_runs(runs: list[dict]) -> dict:
     return {"results": results, "timings_s": timings, "curves": curves, "seeds": seeds,
             "select_threshold": runs[0]["select_threshold"], "configs": runs[0].get("configs"),
             "fit_args": runs[0].get("fit_args")}
+
+
+def _join_methods(runs: list[dict]) -> list[dict]:
+    """Runs with the same seeds but other methods (e.g. ablations run later) become one run per seed list; their
+    "SFT base" results must agree (the base is deterministic) and no other method may appear twice."""
+    joined: dict[str, dict] = {}
+    for r in runs:
+        key = json.dumps(r["seeds"])
+        if key not in joined:
+            joined[key] = {**r, "results": dict(r["results"]), "timings_s": dict(r.get("timings_s", {})),
+                           "curves": dict(r.get("curves", {}))}
+            continue
+        into = joined[key]
+        for name, per_seed in r["results"].items():
+            if name == "SFT base" and name in into["results"]:
+                if json.dumps(per_seed) != json.dumps(into["results"][name]):
+                    raise ValueError(f"runs with seeds {r['seeds']} disagree on the SFT base's results")
+                continue
+            if name in into["results"]:
+                raise ValueError(f"{name} appears twice for seeds {r['seeds']}")
+            into["results"][name] = per_seed
+            for field in ("timings_s", "curves"):
+                if name in r.get(field, {}):
+                    into[field][name] = r[field][name]
+    return list(joined.values())
 
 
 def write_outputs(payload: dict, out: Path) -> str:

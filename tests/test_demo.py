@@ -95,8 +95,16 @@ def test_merge_runs_concatenates_seeds(tmp_path):
     table = write_outputs(merged, tmp_path)  # the same numbers as test_method_table_numbers
     assert "| 49.0 ± 1.0 | 5.00 ± 1.00 |" in table and "over 2 seed(s)" in table
     assert (tmp_path / "method.json").exists() and (tmp_path / "method.png").exists()
-    with pytest.raises(ValueError, match="a seed appears in more than one run"):
+    with pytest.raises(ValueError, match="LightningRL appears twice for seeds"):
         merge_runs([run0, run0])
+    # ablations run later with the same seeds join their seed's run (the base must agree)
+    abl0 = {"results": {"SFT base": [base], "no NLL": [rl1]}, "seeds": [0], "select_threshold": 0.9}
+    abl1 = {"results": {"SFT base": [base], "no NLL": [rl0]}, "seeds": [1], "select_threshold": 0.9}
+    joined = merge_runs([run0, run1, abl0, abl1])
+    assert joined["seeds"] == [0, 1] and joined["results"]["no NLL"] == [rl1, rl0]
+    assert joined["results"]["SFT base"] == [base, base]
+    with pytest.raises(ValueError, match="disagree on the SFT base"):
+        merge_runs([run0, {**abl0, "results": {"SFT base": [rl0], "no NLL": [rl1]}}])
     with pytest.raises(ValueError, match="runs disagree on select_threshold"):
         merge_runs([run0, {**run1, "select_threshold": 0.7}])
     with pytest.raises(ValueError, match="not run for every seed"):
