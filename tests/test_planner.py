@@ -1,0 +1,181 @@
+"""dUltra planner (spec §8.3): the head's checkpoint file, the decision rule and its log-probability, the engine's
+``planner`` strategy. Tiny random model, short budgets: seconds."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+from lrl.models import build_tiny_model, load_checkpoint, save_checkpoint
+from lrl.models.planner import PLANNER_FILE, PlannerConfig, PlannerHead
+from lrl.rollout import NativeEngine, SamplingParams
+from lrl.rollout.unmasking import planner_decisions, planner_logprob
+
+PROMPTS = ["Q: 12+7=?\nA: ", "hi", "abcdefgh"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def constant_head(lm, logit: float, use_confidence: bool = True) -> PlannerHead:
+    """A head whose logit is ``logit`` everywhere (output weights zero)."""
+    head = PlannerHead(PlannerConfig(hidden_size=lm.hf_config.hidden_size, inner_size=8,
+                                     use_confidence=use_confidence, init_bias=logit))
+    with torch.no_grad():
+        head.fc2.weight.zero_()
+    return head
+
+
+def random_head(lm, seed: int = 1, bias: float = 0.0) -> PlannerHead:
+    torch.manual_seed(seed)
+    head = PlannerHead(PlannerConfig(hidden_size=lm.hf_config.hidden_size, inner_size=16, init_bias=bias))
+    with torch.no_grad():
+        head.fc2.weight.normal_(0, 1.0)  # p varies across positions
+    return head
+
+
+# ------------------------------------------------------------------ checkpoint
+def test_planner_head_save_load_round_trip(tmp_path, tiny_tokenizer):
+    lm = build_tiny_model(tiny_tokenizer, block_size=4, seed=0)
+    lm.planner = random_head(lm)
+    save_checkpoint(lm, tmp_path / "ck", tokenizer=tiny_tokenizer)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["planner_head"] == {"hidden_size": 128, "inner_size": 16, "use_confidence": True, "init_bias": 0.0}
+    assert (tmp_path / "ck" / PLANNER_FILE).is_file()
+    loaded, _ = load_checkpoint(tmp_path / "ck")
+    assert loaded.planner is not None
+    for (n1, a), (n2, b) in zip(lm.planner.state_dict().items(), loaded.planner.state_dict().items()):
+        assert n1 == n2 and torch.equal(a, b)
+    states, conf = torch.randn(5, 128), torch.rand(5)
+    assert torch.equal(lm.planner(states, conf), loaded.planner(states, conf))
+    assert not hasattr(loaded.hf_config, "planner_head")  # not leaked into the backbone's config
+    # a loader that does not know the head (plain transformers) still loads the backbone
+    from transformers import Qwen3ForCausalLM
+
+    plain = Qwen3ForCausalLM.from_pretrained(str(tmp_path / "ck"), local_files_only=True)
+    assert torch.equal(plain.lm_head.weight, lm.model.lm_head.weight)
+    # save_pretrained of the loaded model carries the head; dropping it removes file entry and config key
+    loaded.save_pretrained(tmp_path / "again", tokenizer=tiny_tokenizer)
+    again, _ = load_checkpoint(tmp_path / "again")
+    assert torch.equal(again.planner(states, conf), lm.planner(states, conf))
+    again.planner = None
+    save_checkpoint(again, tmp_path / "again", tokenizer=tiny_tokenizer)
+    assert "planner_head" not in json.loads((tmp_path / "again" / "config.json").read_text())
+    assert load_checkpoint(tmp_path / "again")[0].planner is None
+
+
+def test_checkpoint_without_head_loads(tiny_checkpoint):
+    lm, _ = load_checkpoint(tiny_checkpoint)
+    assert lm.planner is None
+    assert "planner_head" not in json.loads((tiny_checkpoint / "config.json").read_text())
+
+
+def test_head_entry_without_file_is_a_clear_error(tmp_path, tiny_tokenizer):
+    lm = build_tiny_model(tiny_tokenizer, block_size=4, seed=0)
+    lm.planner = random_head(lm)
+    save_checkpoint(lm, tmp_path / "ck", tokenizer=tiny_tokenizer)
+    (tmp_path / "ck" / PLANNER_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="planner_head"):
+        load_checkpoint(tmp_path / "ck")
+
+
+# ------------------------------------------------------------------ decision rule
+def test_planner_logprob_hand_numbers_and_normalisation():
+    p = torch.tensor([0.2, 0.6, 0.9])
+    z = torch.logit(p)[None]
+    masked = torch.tensor([[True, True, False]])  # position 2 is not masked: ignored
+    # plain Bernoulli outcome: u = (1, 1) -> 0.2 * 0.6
+    both = planner_logprob(z, masked, torch.tensor([[True, True, False]]))
+    assert both.item() == pytest.approx(math.log(0.2 * 0.6), abs=1e-6)
+    # u = e_0 (not the argmax): 0.2 * 0.4
+    assert planner_logprob(z, masked, torch.tensor([[True, False, False]])).item() == pytest.approx(
+        math.log(0.2 * 0.4), abs=1e-6)
+    # u = e_1 (the argmax) is also what an empty draw becomes: 0.8 * 0.6 + 0.8 * 0.4
+    assert planner_logprob(z, masked, torch.tensor([[False, True, False]])).item() == pytest.approx(
+        math.log(0.8), abs=1e-6)
+    # the rule is a distribution over non-empty decisions: its probabilities sum to one (4 masked positions)
+    z4 = torch.tensor([[0.3, -1.2, 2.0, -0.1]])
+    m4 = torch.ones(1, 4, dtype=torch.bool)
+    total = sum(planner_logprob(z4, m4, torch.tensor([u], dtype=torch.bool)).exp().item()
+                for u in itertools.product([False, True], repeat=4) if any(u))
+    assert total == pytest.approx(1.0, abs=1e-6)
+    assert planner_logprob(z4, torch.zeros_like(m4), torch.zeros_like(m4)).item() == 0.0
+
+
+def test_planner_decisions_rules():
+    masked = torch.tensor([[False, True, True, True], [True, True, False, False], [False] * 4])
+    one_hot = torch.tensor([[-50.0, -50.0, 50.0, -50.0], [-50.0, 50.0, 0.0, 0.0], [0.0] * 4])
+    gen = torch.Generator().manual_seed(0)
+    expect = torch.tensor([[False, False, True, False], [False, True, False, False], [False] * 4])
+    assert torch.equal(planner_decisions(one_hot, masked, greedy=False, generator=gen), expect)
+    assert torch.equal(planner_decisions(one_hot, masked, greedy=True), expect)
+    # greedy threshold and the at-least-one rule (none >= 0.5 -> the masked argmax, unmasked ones never chosen)
+    z = torch.logit(torch.tensor([[0.99, 0.3, 0.45, 0.2], [0.6, 0.7, 0.9, 0.9], [0.9] * 4]))
+    got = planner_decisions(z, masked, greedy=True, threshold=0.5)
+    assert got.tolist() == [[False, False, True, False], [True, True, False, False], [False] * 4]
+    # sampling frequencies follow p (independent Bernoulli; at-least-one rarely triggers with these p)
+    z = torch.logit(torch.tensor([[0.9, 0.5, 0.7]])).expand(20000, 3)
+    freq = planner_decisions(z, torch.ones(20000, 3, dtype=torch.bool), greedy=False,
+                             generator=torch.Generator().manual_seed(1)).float().mean(0)
+    assert torch.allclose(freq, torch.tensor([0.9, 0.5, 0.7]), atol=0.015)
+
+
+# ------------------------------------------------------------------ engine strategy
+def _planner_lm(tiny_tokenizer, head_fn, block_size: int = 4):
+    lm = build_tiny_model(tiny_tokenizer, block_size=block_size, seed=0)
+    lm.eval()
+    lm.planner = head_fn(lm)
+    return lm
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_p_one_decodes_each_block_in_one_step(tiny_tokenizer, greedy):
+    lm = _planner_lm(tiny_tokenizer, lambda lm: constant_head(lm, 40.0))
+    eng = NativeEngine(lm, tiny_tokenizer)
+    sp = SamplingParams(block_size=4, remasking_strategy="planner", greedy=greedy, max_new_tokens=10,
+                        samples_per_prompt=2, seed=3)
+    out = eng.generate(PROMPTS, sp)
+    for i, (p, sm) in enumerate(zip(out.prompt_ids, out.step_maps)):
+        plen = len(p)
+        blocks = [(plen + j) // 4 for j in range(len(sm))]
+        # one step per block: positions share a step id iff they share a block, ids 1, 2, ... in block order
+        first = blocks[0]
+        assert sm == [b - first + 1 for b in blocks], (i, sm)
+        assert int(out.num_forwards[i]) == len(set(blocks))
+        steps = max(sm + out.tail_step_maps[i])
+        assert len(out.planner_logprobs[i]) == steps
+        assert all(abs(v) < 1e-6 for v in out.planner_logprobs[i])  # log 1 per decision
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_argmax_rule_reproduces_sequential_decoding(tiny_tokenizer, greedy):
+    """p ≡ 0 everywhere: nothing is drawn, the at-least-one rule unmasks the first masked position (argmax ties go
+    to the first), i.e. exactly sequential decoding with one token per step; tokens are drawn from the same
+    stream, so ids and step maps match the ``sequential`` strategy."""
+    lm = _planner_lm(tiny_tokenizer, lambda lm: constant_head(lm, -40.0))
+    eng = NativeEngine(lm, tiny_tokenizer)
+    common = dict(block_size=4, greedy=greedy, temperature=1.0, max_new_tokens=9, samples_per_prompt=2, seed=5)
+    plan = eng.generate(PROMPTS, SamplingParams(remasking_strategy="planner", **common))
+    seq = eng.generate(PROMPTS, SamplingParams(remasking_strategy="sequential", denoising_steps=4, **common))
+    assert plan.response_ids == seq.response_ids
+    assert plan.step_maps == seq.step_maps
+    assert plan.sampling_logprobs == seq.sampling_logprobs
+    for sm in plan.step_maps:
+        assert sm == list(range(1, len(sm) + 1))
+    assert seq.planner_logprobs is None
+
+
+def test_planner_strategy_needs_a_head(tiny_lm, tiny_tokenizer):
+    with pytest.raises(ValueError, match="planner head"):
+        NativeEngine(tiny_lm, tiny_tokenizer).generate(["hi"], SamplingParams(remasking_strategy="planner"))
+    with pytest.raises(ValueError, match="planner_threshold"):
+        SamplingParams(remasking_strategy="planner", planner_threshold=1.5)
