@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 
 from lrl.models.block_lm import BlockDiffusionLM
+from lrl.models.planner import planner_confidence
 from lrl.rollout.base import RolloutGenerator
 from lrl.rollout.types import RolloutBatch, SamplingParams
-from lrl.models.planner import planner_confidence
 from lrl.rollout.unmasking import planner_decisions, planner_logprob, sample_tokens, select_unmask
 
 _ATTN_IMPL = "lrl_gqa_sdpa"
