@@ -179,3 +179,74 @@ def test_planner_strategy_needs_a_head(tiny_lm, tiny_tokenizer):
         NativeEngine(tiny_lm, tiny_tokenizer).generate(["hi"], SamplingParams(remasking_strategy="planner"))
     with pytest.raises(ValueError, match="planner_threshold"):
         SamplingParams(remasking_strategy="planner", planner_threshold=1.5)
+
+
+# ------------------------------------------------------------------ step log-probs (training side)
+def slow_step_logprobs(lm, prompt, resp, sm, tail, tail_sm, bs, temperature):
+    """One uncached K = 1 forward per step: x_s has the step's block masked where step >= s, earlier blocks clean."""
+    ids = torch.tensor([list(prompt) + list(resp) + list(tail)])
+    steps = [0] * len(prompt) + list(sm) + list(tail_sm)
+    end = len(prompt) + len(resp)
+    dec, tok = [], []
+    for s in range(1, max(steps) + 1):
+        blk = steps.index(s) // bs
+        pos = range(blk * bs, min((blk + 1) * bs, len(steps)))
+        masked = [i for i in pos if steps[i] >= s]
+        noisy = torch.zeros(1, 1, ids.shape[1], dtype=torch.bool)
+        noisy[0, 0, masked] = True
+        states = lm.diffusion_states(ids, noisy, torch.tensor([ids.shape[1]]), bs)  # order: masked positions
+        logits = lm.logits(states).float()
+        z = lm.planner(states, logits.softmax(-1).amax(-1))
+        m = torch.ones(1, len(masked), dtype=torch.bool)
+        u = torch.tensor([[steps[i] == s for i in masked]])
+        dec.append(planner_logprob(z[None], m, u).item())
+        lp = (logits / temperature).log_softmax(-1)
+        tok.append(sum(lp[r, ids[0, i]].item() for r, i in enumerate(masked) if steps[i] == s and i < end))
+    return dec, tok
+
+
+@pytest.mark.parametrize("logit_shift", [False, True])
+def test_step_logprobs_match_slow_recomputation_and_rollout(tiny_tokenizer, logit_shift):
+    from lrl.algorithms.planner_logprobs import planner_step_logprobs
+
+    lm = build_tiny_model(tiny_tokenizer, block_size=4, seed=0, logit_shift=logit_shift)
+    lm.eval()
+    lm.planner = random_head(lm, seed=2, bias=-0.5)
+    stops = tiny_tokenizer.convert_tokens_to_ids(list("aeiou "))  # frequent stops: mid-block tails appear
+    sp = SamplingParams(block_size=4, remasking_strategy="planner", temperature=0.7, max_new_tokens=12,
+                        samples_per_prompt=3, seed=11, stop_token_ids=stops)
+    out = NativeEngine(lm, tiny_tokenizer).generate(PROMPTS, sp)
+    assert any(out.tail_ids) and any(len(set(sm)) < len(sm) for sm in out.step_maps)  # tails and parallel steps
+    dec, tok, n_steps = planner_step_logprobs(
+        lm, out.prompt_ids, out.response_ids, out.step_maps, block_size=4, max_copies=2, rows_per_forward=4,
+        tail_ids=out.tail_ids, tail_step_maps=out.tail_step_maps, temperature=0.7, pad_id=tiny_tokenizer.pad_token_id)
+    assert n_steps == [len(x) for x in out.planner_logprobs]
+    at = 0
+    with torch.no_grad():
+        for j in range(len(out)):
+            want_dec, want_tok = slow_step_logprobs(lm, out.prompt_ids[j], out.response_ids[j], out.step_maps[j],
+                                                    out.tail_ids[j], out.tail_step_maps[j], 4, 0.7)
+            got_dec, got_tok = dec[at : at + n_steps[j]], tok[at : at + n_steps[j]]
+            assert torch.allclose(got_dec, torch.tensor(want_dec), atol=1e-4), j
+            assert torch.allclose(got_tok, torch.tensor(want_tok), atol=1e-4), j
+            # the rollout recorded the same decision log-probs, and token log-probs summing to the same per step
+            assert torch.allclose(got_dec, torch.tensor(out.planner_logprobs[j]), atol=1e-4), j
+            per_step = torch.zeros(n_steps[j]).index_add(0, torch.tensor(out.step_maps[j]) - 1,
+                                                         torch.tensor(out.sampling_logprobs[j]))
+            assert torch.allclose(got_tok, per_step, atol=1e-4), j
+            at += n_steps[j]
+    assert bool((dec < -1e-3).any())  # the decisions are genuinely stochastic here
+
+
+def test_step_logprobs_gradient_reaches_head_and_backbone(tiny_tokenizer):
+    from lrl.algorithms.planner_logprobs import planner_step_logprobs
+
+    lm = build_tiny_model(tiny_tokenizer, block_size=4, seed=0)
+    lm.planner = random_head(lm, seed=3)
+    out = NativeEngine(lm, tiny_tokenizer).generate(
+        ["hi"], SamplingParams(block_size=4, remasking_strategy="planner", max_new_tokens=8, seed=1))
+    dec, tok, _ = planner_step_logprobs(lm, out.prompt_ids, out.response_ids, out.step_maps, block_size=4,
+                                        tail_ids=out.tail_ids, tail_step_maps=out.tail_step_maps)
+    (dec.sum() + tok.sum()).backward()
+    assert lm.planner.fc2.weight.grad.abs().sum() > 0
+    assert lm.model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
