@@ -18,6 +18,9 @@ scored, as in the token estimator.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 
 from lrl.algorithms.logprobs import pack_samples, sampling_support
@@ -60,10 +63,79 @@ def planner_step_logprobs(
     """
     if getattr(lm, "planner", None) is None:
         raise ValueError("planner_step_logprobs needs a model with a planner head (lm.planner is None)")
+    tails = tail_step_maps if tail_step_maps is not None else [[]] * len(response_ids)
+    n_steps = [max(list(sm) + list(t), default=0) for sm, t in zip(step_maps, tails)]
+    dev, bs = lm.device, block_size
+    offs = torch.tensor([0] + n_steps[:-1], dtype=torch.long).cumsum(0).to(dev)
+    support = sampling_support(top_k, top_p)
+    decision = torch.zeros(sum(n_steps), device=dev)
+    token = torch.zeros(sum(n_steps), device=dev)
+    for c in planner_rounds(lm, prompt_ids, response_ids, step_maps, block_size=bs, pad_id=pad_id,
+                            max_copies=max_copies, rows_per_forward=rows_per_forward, tail_ids=tail_ids,
+                            tail_step_maps=tail_step_maps):
+        tb, tk, tl = c.targets.nonzero(as_tuple=True)
+        tok = c.input_ids[tb, tl]
+        is_target = c.targets[c.order[:, 0], c.order[:, 1], c.order[:, 2]]
+
+        def head(states, out_layer, is_target=is_target, tok=tok):
+            z = lm.planner(states, _confidence(states, out_layer))
+            lp, _ = token_logprobs(states[is_target], out_layer.weight, tok, bias=out_layer.bias,
+                                   temperature=temperature, support=support)
+            return z, lp
+
+        z, lp = lm(c.input_ids, c.noisy, c.lengths, block_size=bs, select=c.noisy, head=head)
+        rows, k, padded = c.masked.shape
+        plan = torch.zeros(rows, k, padded, device=dev, dtype=z.dtype)
+        plan[c.order[:, 0], c.order[:, 1], c.order[:, 2]] = z
+        dec = planner_logprob(plan.view(-1, bs), c.masked.view(-1, bs), c.chosen.view(-1, bs)).view(rows, k, -1)
+        has = c.masked.view(rows, k, -1, bs).any(-1)
+        gb, _, _ = has.nonzero(as_tuple=True)
+        decision = decision.index_add(0, offs[c.sample[gb]] + c.group_step[has] - 1, dec[has])
+        token = token.index_add(0, offs[c.sample[tb]] + c.steps[tb, tl] - 1, lp)
+    return decision, token, n_steps
+
+
+@dataclass
+class PlannerRounds:
+    """One forward's worth of packed planner rounds (see `planner_rounds`); R rows, K copies, L' = L padded to
+    whole blocks.
+
+    input_ids (R, L), lengths (R,), noisy (R, K, L): as `PackedRows`; sample (R,) response index;
+    masked (R, K, L') bool = noisy padded; chosen (R, K, L') bool, the decisions u of each copy's blocks;
+    targets (R, K, L) bool, chosen positions inside the response (their tokens are scored);
+    group_step (R, K, L'/bs) long, the step id of each (copy, block) (huge where nothing is masked);
+    steps (R, L') long, the step id of every position (0: prompt or padding);
+    order (M, 3) the (row, copy, position) of each state returned by ``lm.diffusion_states(..., select=noisy)``.
+    """
+
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    noisy: torch.Tensor
+    sample: torch.Tensor
+    masked: torch.Tensor
+    chosen: torch.Tensor
+    targets: torch.Tensor
+    group_step: torch.Tensor
+    steps: torch.Tensor
+    order: torch.Tensor
+
+
+def planner_rounds(
+    lm: BlockDiffusionLM,
+    prompt_ids,
+    response_ids,
+    step_maps,
+    *,
+    block_size: int,
+    pad_id: int = 0,
+    max_copies: int = 8,
+    rows_per_forward: int = 8,
+    tail_ids=None,
+    tail_step_maps=None,
+) -> Iterator[PlannerRounds]:
+    """The packed rounds of planner trajectories, ``rows_per_forward`` rows at a time (module docstring)."""
     n = len(response_ids)
     tails = tail_step_maps if tail_step_maps is not None else [[]] * n
-    n_steps = [max(list(sm) + list(t), default=0) for sm, t in zip(step_maps, tails)]
-    offsets = torch.tensor([0] + n_steps[:-1]).cumsum(0).tolist() if n else []
     # the tail joins the response here: a step that decided only tail positions is a round of its own (the token
     # estimator skips it, having nothing to score); tail tokens are dropped from the targets below
     tail_tok = tail_ids if tail_ids is not None else [[]] * n
@@ -83,11 +155,7 @@ def planner_step_logprobs(
         ends[i] = p + len(response_ids[j])
     steps, ends = steps.to(dev), ends.to(dev)
     in_response = torch.arange(length, device=dev)[None] < ends[:, None]  # (B, L)
-    support = sampling_support(top_k, top_p)
-    total = sum(n_steps)
-    decision = torch.zeros(total, device=dev)
-    token = torch.zeros(total, device=dev)
-    offs = torch.tensor(offsets, dtype=torch.long, device=dev)
+    big = torch.iinfo(torch.long).max
     for s in range(0, b, rows_per_forward):
         sl = slice(s, s + rows_per_forward)
         noisy = packed.noisy[sl]
@@ -96,31 +164,17 @@ def planner_step_logprobs(
         masked[..., :length] = noisy
         row_steps = steps[sl][:, None].expand(-1, k, -1)
         # the step of each (copy, block): the smallest step still masked there; its decisions u = [step == it]
-        big = torch.iinfo(torch.long).max
         group_step = torch.where(masked, row_steps, big).view(rows, k, -1, bs).amin(-1)
         chosen = masked & (row_steps == group_step.repeat_interleave(bs, -1))
-        targets = packed.targets[sl] & in_response[sl][:, None]  # the chosen positions inside the response
-        tb, tk, tl = targets.nonzero(as_tuple=True)
-        tok = packed.input_ids[sl][tb, tl]
-        order = noisy.nonzero(as_tuple=False)  # the state order of `diffusion_states`
-        is_target = targets[order[:, 0], order[:, 1], order[:, 2]]
+        yield PlannerRounds(
+            input_ids=packed.input_ids[sl], lengths=packed.lengths[sl], noisy=noisy, sample=packed.sample[sl],
+            masked=masked, chosen=chosen, targets=packed.targets[sl] & in_response[sl][:, None],
+            group_step=group_step, steps=steps[sl], order=noisy.nonzero(as_tuple=False),
+        )
 
-        def head(states, out_layer, is_target=is_target, tok=tok):
-            with torch.no_grad():
-                conf = torch.cat([planner_confidence(out_layer(states[c : c + _CONF_CHUNK]))
-                                  for c in range(0, states.shape[0], _CONF_CHUNK)])
-            z = lm.planner(states, conf)
-            lp, _ = token_logprobs(states[is_target], out_layer.weight, tok, bias=out_layer.bias,
-                                   temperature=temperature, support=support)
-            return z, lp
 
-        z, lp = lm(packed.input_ids[sl], noisy, packed.lengths[sl], block_size=bs, select=noisy, head=head)
-        plan = torch.zeros(rows, k, padded, device=dev, dtype=z.dtype)
-        plan[order[:, 0], order[:, 1], order[:, 2]] = z
-        dec = planner_logprob(plan.view(-1, bs), masked.view(-1, bs), chosen.view(-1, bs)).view(rows, k, -1)
-        has = masked.view(rows, k, -1, bs).any(-1)
-        gb, _, _ = has.nonzero(as_tuple=True)
-        sample = packed.sample[sl]
-        decision = decision.index_add(0, offs[sample[gb]] + group_step[has] - 1, dec[has])
-        token = token.index_add(0, offs[sample[tb]] + steps[sl][tb, tl] - 1, lp)
-    return decision, token, n_steps
+def _confidence(states: torch.Tensor, out_layer) -> torch.Tensor:
+    """The planner's confidence feature of each state, (M,), chunked over rows (no (M × V) logits kept)."""
+    with torch.no_grad():
+        return torch.cat([planner_confidence(out_layer(states[c : c + _CONF_CHUNK]))
+                          for c in range(0, states.shape[0], _CONF_CHUNK)])
