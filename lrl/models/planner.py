@@ -48,15 +48,25 @@ class PlannerConfig:
 
 
 class PlannerHead(nn.Module):
-    """Per-position unmasking logit: Linear(H [+1] → inner) → SiLU → Linear(inner → 1)."""
+    """Per-position unmasking logit: Linear(H [+1] → inner) → SiLU → Linear(inner → 1), plus conf_skip · feature.
+
+    The optional confidence feature is (log confidence − conf_shift) · conf_scale (buffers, saved with the head).
+    """
 
     def __init__(self, config: PlannerConfig):
         super().__init__()
         self.config = config
         self.fc1 = nn.Linear(config.hidden_size + int(config.use_confidence), config.inner_size)
         self.fc2 = nn.Linear(config.inner_size, 1)
-        with torch.no_grad():  # start at a known p for every position (imitation or RL moves it from there)
-            self.fc2.weight.mul_(0.01)
+        # a direct, monotone path from the confidence feature: "more confident → more likely unmasked" (the
+        # threshold rule imitation starts from) needs no MLP capacity and cannot be overfitted away
+        self.conf_skip = nn.Parameter(torch.zeros(())) if config.use_confidence else None
+        # the confidence enters as a standardised log-probability; imitation sets shift/scale from its data, so a
+        # threshold between nearby confidences is a well-conditioned problem for the MLP
+        self.register_buffer("conf_shift", torch.zeros(()))
+        self.register_buffer("conf_scale", torch.ones(()))
+        with torch.no_grad():  # start at p = sigmoid(init_bias) everywhere; the MLP's output starts at zero
+            self.fc2.weight.zero_()
             self.fc2.bias.fill_(config.init_bias)
 
     def forward(self, states: torch.Tensor, confidence: torch.Tensor | None = None) -> torch.Tensor:
@@ -73,8 +83,10 @@ class PlannerHead(nn.Module):
         if self.config.use_confidence:
             if confidence is None:
                 raise ValueError("this planner head uses the confidence feature; pass confidence")
-            x = torch.cat([x, confidence.detach().to(x.dtype)[:, None]], dim=-1)
-        return self.fc2(nn.functional.silu(self.fc1(x))).squeeze(-1).float()
+            feat = (confidence.detach().float().clamp_min(1e-12).log() - self.conf_shift) * self.conf_scale
+            x = torch.cat([x, feat.to(x.dtype)[:, None]], dim=-1)
+        out = self.fc2(nn.functional.silu(self.fc1(x))).squeeze(-1).float()
+        return out + self.conf_skip.float() * feat if self.conf_skip is not None else out
 
 
 def planner_confidence(logits: torch.Tensor) -> torch.Tensor:
