@@ -257,8 +257,7 @@ def test_imitation_reproduces_threshold_decoding_on_held_out_prompts(tiny_tokeni
     """BCE + argmax imitation of greedy threshold decoding (φ = 0.5) on 8 prompts; measured on 4 other prompts:
     teacher-forced step agreement (the planner's greedy decisions on the teacher's states) and free-running
     trajectory agreement (same token at the same step) both rise from chance to >= 0.9."""
-    from lrl.algorithms.planner_imitation import (decision_agreement, fit_imitation, imitation_examples,
-                                                  step_agreement)
+    from lrl.algorithms.planner_imitation import decision_agreement, fit_imitation, imitation_examples, step_agreement
 
     lm = build_tiny_model(tiny_tokenizer, block_size=4, seed=0)
     lm.eval()
