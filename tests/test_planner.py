@@ -281,3 +281,21 @@ def test_imitation_reproduces_threshold_decoding_on_held_out_prompts(tiny_tokeni
     after = step_agreement(lm, ref, block_size=4, pad_id=pad), decision_agreement(eng.generate(held, planner), ref)
     assert max(before) < 0.6, before
     assert min(after) >= 0.9, after
+
+
+def test_planner_weights_sync_and_sweep(tiny_tokenizer):
+    from lrl.evaluation import run_pareto_sweep
+    from lrl.tasks import get_task
+
+    lm = _planner_lm(tiny_tokenizer, lambda lm: constant_head(lm, -40.0))
+    eng = NativeEngine(lm, tiny_tokenizer)
+    new = constant_head(lm, 40.0)
+    eng.update_weights({f"planner.{k}": v for k, v in new.state_dict().items()}, version=7)
+    assert eng.weight_version == 7 and lm.planner.fc2.bias.item() == 40.0
+    task = get_task("synthetic", num_train=10, num_eval=4)
+    res = run_pareto_sweep(eng, task, task.load("test"), thresholds=[0.9], block_size=4, max_new_tokens=8,
+                           stop_token_ids=(tiny_tokenizer.eos_token_id,), planner_thresholds=[0.5, 1.0])
+    assert [p.setting for p in res.points] == ["static_1tok", "dynamic@0.9", "planner@0.5", "planner@1"]
+    one_step, at_one = res.points[2], res.points[3]
+    # p ≡ 1: every block in one forward at t = 0.5; at t = 1 too (sigmoid(40) rounds to 1 in float32)
+    assert one_step.forwards == at_one.forwards < res.points[0].forwards

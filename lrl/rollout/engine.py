@@ -74,11 +74,13 @@ class NativeEngine(RolloutGenerator):
         """Copy tensors into the engine's model in place (no reload from disk).
 
         Names are HF parameter names (``model.layers.0…``, ``lm_head.weight``); names of the `BlockDiffusionLM`
-        wrapper (one more ``model.`` in front) are accepted too. Every name and shape is checked before anything
+        wrapper (one more ``model.`` in front) are accepted too, and ``planner.*`` for a planner head. Every name and shape is checked before anything
         is copied, so a bad update leaves the weights and ``weight_version`` as they were.
         """
         own = dict(self.lm.model.named_parameters())
         own.update(dict(self.lm.model.named_buffers()))
+        if getattr(self.lm, "planner", None) is not None:
+            own.update({f"planner.{k}": v for k, v in self.lm.planner.state_dict(keep_vars=True).items()})
         todo, unknown, bad_shape = [], [], []
         for name, tensor in weights.items() if isinstance(weights, Mapping) else weights:
             if name not in own and name.removeprefix("model.") in own:
