@@ -74,8 +74,9 @@ class NativeEngine(RolloutGenerator):
         """Copy tensors into the engine's model in place (no reload from disk).
 
         Names are HF parameter names (``model.layers.0…``, ``lm_head.weight``); names of the `BlockDiffusionLM`
-        wrapper (one more ``model.`` in front) are accepted too, and ``planner.*`` for a planner head. Every name and shape is checked before anything
-        is copied, so a bad update leaves the weights and ``weight_version`` as they were.
+        wrapper (one more ``model.`` in front) are accepted too, and ``planner.*`` for a planner head. Every name
+        and shape is checked before anything is copied, so a bad update leaves the weights and ``weight_version``
+        as they were.
         """
         own = dict(self.lm.model.named_parameters())
         own.update(dict(self.lm.model.named_buffers()))
