@@ -299,3 +299,21 @@ def test_planner_weights_sync_and_sweep(tiny_tokenizer):
     one_step, at_one = res.points[2], res.points[3]
     # p ≡ 1: every block in one forward at t = 0.5; at t = 1 too (sigmoid(40) rounds to 1 in float32)
     assert one_step.forwards == at_one.forwards < res.points[0].forwards
+
+
+def test_planner_policy_loss_hand_numbers_and_direction():
+    from lrl.algorithms.planner_logprobs import planner_policy_loss
+
+    # response 0: 2 steps, A = +1; response 1: 1 step, A = −2; ε = 0.2
+    old = torch.log(torch.tensor([0.5, 0.5, 0.5]))
+    new = torch.log(torch.tensor([0.75, 0.5, 0.25]))  # ratios 1.5 (clipped to 1.2 for A > 0), 1.0, 0.5
+    adv = torch.tensor([1.0, -2.0])
+    loss = planner_policy_loss(new, old, adv, [2, 1], num_responses=4)
+    # response 0: mean(−min(1.5, 1.2), −1.0) = −1.1; response 1: −min(0.5·−2, 0.8·−2) = 1.6; sum / 4
+    assert loss.item() == pytest.approx((-1.1 + 1.6) / 4, abs=1e-6)
+    # direction: a gradient step raises the decision log-prob of a positive-advantage step, lowers a negative one
+    x = torch.zeros(2, requires_grad=True)
+    planner_policy_loss(x, x.detach(), torch.tensor([1.0, -1.0]), [1, 1]).backward()
+    assert x.grad[0] < 0 < x.grad[1]
+    with pytest.raises(ValueError, match="line up"):
+        planner_policy_loss(new, old, adv, [1, 1])
