@@ -124,7 +124,7 @@ class RolloutDataModule(LightningDataModule):
         max_new_tokens: int = 256,
         max_prompt_tokens: int | None = 1024,
         threshold: float = 0.9,
-        remasking_strategy: Literal["low_confidence_dynamic", "low_confidence_static", "sequential"] = (
+        remasking_strategy: Literal["low_confidence_dynamic", "low_confidence_static", "sequential", "planner"] = (
             "low_confidence_dynamic"
         ),
         denoising_steps: int | None = None,

@@ -317,3 +317,41 @@ def test_planner_policy_loss_hand_numbers_and_direction():
     assert x.grad[0] < 0 < x.grad[1]
     with pytest.raises(ValueError, match="line up"):
         planner_policy_loss(new, old, adv, [1, 1])
+
+
+# ------------------------------------------------------------------ lrl fit
+@pytest.mark.parametrize("freeze", [False, True], ids=["joint", "planner_only"])
+def test_two_step_fit_with_dultra_config(peaky_checkpoint, tmp_path, monkeypatch, freeze):
+    """2 RL steps of `lrl fit --config configs/dultra.yaml` on the tiny model: planner rollouts, the planner's
+    PPO term logged, the head moved and synced to the rollout engine; the backbone moved too, unless frozen."""
+    from pathlib import Path
+
+    from lrl.cli import cli_main
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    args = ["fit", "--config", str(root / "configs" / "dultra.yaml"), "--checkpoint", str(peaky_checkpoint),
+            "--block_size", "4", "--data.init_args.prompts_per_step=2", "--data.init_args.group_size=4",
+            "--data.init_args.max_new_tokens=8", "--data.init_args.task_kwargs={num_train: 40, num_eval: 8}",
+            "--data.init_args.eval_size=4", "--data.init_args.max_refill_rounds=1",
+            "--model.init_args.micro_batch_size=3", "--model.init_args.lr=1e-3", "--model.init_args.warmup_steps=0",
+            "--model.init_args.eval_max_new_tokens=8", "--model.init_args.eval_thresholds=[0.5]",
+            "--model.init_args.max_rl_steps=2", f"--trainer.default_root_dir={out}",
+            "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={out}",
+            "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
+            "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}, "
+            f"{{class_path: callbacks.RLCheckpoint, init_args: {{dirpath: {out}/ckpts, save_last: true, "
+            "every_n_rl_steps: 1, save_top_k: -1}}]", f"--model.init_args.freeze_backbone={str(freeze).lower()}"]
+    cli = cli_main(args)
+    module = cli.model
+    assert module.rl_step == 2
+    batch = module.last_batch
+    assert batch.planner_logprobs is not None and batch.sampling.remasking_strategy == "planner"
+    assert "loss/planner" in cli.trainer.logged_metrics
+    head = module.policy.planner
+    assert float(head.fc2.weight.detach().abs().sum()) > 0  # zero at creation: the planner term moved it
+    engine_head = cli.datamodule.get_generator().lm.planner
+    assert torch.equal(engine_head.fc2.weight, head.fc2.weight)  # synced to the rollout engine
+    base, _ = load_checkpoint(peaky_checkpoint)
+    assert torch.equal(base.model.lm_head.weight, module.policy.model.lm_head.weight) == freeze
