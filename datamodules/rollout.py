@@ -92,6 +92,10 @@ class RolloutDataModule(LightningDataModule):
         acc_reward: ``pm1`` (paper: ±1, unnormalised), ``z_score`` (released config) or ``raw``.
         tpf_reward: per-group normalisation of the TPF reward: ``z_score``, ``minmax`` or ``none``.
         tpf_coefficient: weight of the TPF reward (0 = accuracy-only GRPO).
+        step_penalty: dUltra's step-count reward added to the total (`lrl.algorithms.dultra_rewards`):
+            ``linear`` (−forwards / step_penalty_scale), ``sqrt`` (−√forwards / scale) or None (off).
+        step_penalty_scale: its divisor c.
+        step_penalty_norm: its per-group normalisation (``none``, ``z_score``, ``minmax``).
         joint_normalization: sum raw rewards, then normalise once (ablation of the decoupled normalisation).
         truncated_is_wrong: responses that hit ``max_new_tokens`` count as wrong.
         advantage: ``batch`` (paper Eq. 7), ``prompt_group`` or ``prompt_group_center`` (spec §3.5).
@@ -135,6 +139,9 @@ class RolloutDataModule(LightningDataModule):
         acc_reward: Literal["pm1", "z_score", "raw"] = "pm1",
         tpf_reward: Literal["z_score", "minmax", "none"] = "z_score",
         tpf_coefficient: float = 1.0,
+        step_penalty: Literal["linear", "sqrt"] | None = None,
+        step_penalty_scale: float = 50.0,
+        step_penalty_norm: Literal["z_score", "minmax", "none"] = "none",
         joint_normalization: bool = False,
         truncated_is_wrong: bool = True,
         advantage: Literal["batch", "prompt_group", "prompt_group_center"] = "batch",
@@ -151,6 +158,8 @@ class RolloutDataModule(LightningDataModule):
             raise ValueError(f"data.group_size must be >= 2 for group-normalised rewards, got {group_size}")
         if prompts_per_step < 1:
             raise ValueError(f"data.prompts_per_step must be >= 1, got {prompts_per_step}")
+        if not step_penalty_scale > 0:
+            raise ValueError(f"data.step_penalty_scale must be > 0, got {step_penalty_scale}")
         if block_size is not None and max_new_tokens % block_size != 0:
             raise ValueError(
                 f"data.max_new_tokens={max_new_tokens} must be a multiple of block_size={block_size} "
@@ -348,6 +357,13 @@ class RolloutDataModule(LightningDataModule):
             tpf_coefficient=hp.tpf_coefficient,
             joint=hp.joint_normalization,
         )
+        if hp.step_penalty is not None:
+            from lrl.algorithms.dultra_rewards import step_count_reward
+
+            steps = step_count_reward(batch.num_forwards, batch.group_index, kind=hp.step_penalty,
+                                      scale=hp.step_penalty_scale, mode=hp.step_penalty_norm)
+            batch.rewards["steps"] = steps
+            batch.rewards["total"] = batch.rewards["total"] + steps
 
     def diagnostics(self, batches: list[RolloutBatch]) -> dict[str, float]:
         """`rollout_diagnostics` of the drawn rollouts (groups renumbered across refill rounds), with the task's

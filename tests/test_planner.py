@@ -349,9 +349,23 @@ def test_two_step_fit_with_dultra_config(peaky_checkpoint, tmp_path, monkeypatch
     batch = module.last_batch
     assert batch.planner_logprobs is not None and batch.sampling.remasking_strategy == "planner"
     assert "loss/planner" in cli.trainer.logged_metrics
+    assert "steps" in batch.rewards  # dUltra's step-count reward is on in configs/dultra.yaml
     head = module.policy.planner
     assert float(head.fc2.weight.detach().abs().sum()) > 0  # zero at creation: the planner term moved it
     engine_head = cli.datamodule.get_generator().lm.planner
     assert torch.equal(engine_head.fc2.weight, head.fc2.weight)  # synced to the rollout engine
     base, _ = load_checkpoint(peaky_checkpoint)
     assert torch.equal(base.model.lm_head.weight, module.policy.model.lm_head.weight) == freeze
+
+
+def test_step_count_reward_hand_numbers():
+    from lrl.algorithms.dultra_rewards import step_count_reward
+
+    forwards = torch.tensor([4, 9, 16, 16])
+    groups = torch.tensor([0, 0, 1, 1])
+    assert step_count_reward(forwards, groups, scale=2.0).tolist() == [-2.0, -4.5, -8.0, -8.0]
+    assert step_count_reward(forwards, groups, kind="sqrt", scale=2.0).tolist() == [-1.0, -1.5, -2.0, -2.0]
+    # z-scored per group: fewer forwards → +1, more → −1; a flat group → 0
+    assert step_count_reward(forwards, groups, mode="z_score").tolist() == [1.0, -1.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="scale"):
+        step_count_reward(forwards, groups, scale=0.0)
