@@ -95,6 +95,8 @@ class LightningRLModule(LightningModule):
             fresh planner head, created when the checkpoint has none (a checkpoint's own head is always loaded).
         planner_lr: learning rate of the planner head (None: ``lr``).
         freeze_backbone: train the planner head only (planner-only RL); needs a planner head.
+        eval_planner_thresholds: also sweep the greedy planner at these p thresholds (``planner@t`` points;
+            needs a planner head).
         Planner rollouts (``data.remasking_strategy: planner``) add `planner_policy_loss` over the per-step
         decision log-probs to the token loss (see README, "dUltra").
     """
@@ -138,6 +140,7 @@ class LightningRLModule(LightningModule):
         planner_head: dict | None = None,
         planner_lr: float | None = None,
         freeze_backbone: bool = False,
+        eval_planner_thresholds: list[float] = (),
     ):
         super().__init__()
         for name, value in (
@@ -541,7 +544,8 @@ class LightningRLModule(LightningModule):
         result = self.run_pareto(batch["task"], batch["records"], stop_token_ids=batch.get("stop_token_ids"))
         metrics = {"val/aup": result.aup}
         for p in result.points:
-            key = "static" if p.threshold is None else f"{p.threshold:g}"
+            key = "static" if p.threshold is None else p.setting if p.setting.startswith("planner") else \
+                f"{p.threshold:g}"
             metrics[f"val/acc@{key}"] = p.accuracy
             metrics[f"val/tpf@{key}"] = p.tpf
         self.log_dict(metrics, batch_size=len(batch["records"]))
@@ -589,6 +593,7 @@ class LightningRLModule(LightningModule):
                     stop_token_ids=stop,
                     static_anchor=hp.eval_static_anchor,
                     y_max=y_max,
+                    planner_thresholds=list(hp.eval_planner_thresholds),
                 )
         finally:
             self.policy.train(was_training)

@@ -354,6 +354,9 @@ def test_two_step_fit_with_dultra_config(peaky_checkpoint, tmp_path, monkeypatch
     assert float(head.fc2.weight.detach().abs().sum()) > 0  # zero at creation: the planner term moved it
     engine_head = cli.datamodule.get_generator().lm.planner
     assert torch.equal(engine_head.fc2.weight, head.fc2.weight)  # synced to the rollout engine
+    val = next(iter(cli.datamodule.val_dataloader()))
+    res = module.run_pareto(val["task"], val["records"], stop_token_ids=val["stop_token_ids"])
+    assert [p.setting for p in res.points][-3:] == ["planner@0.7", "planner@0.5", "planner@0.3"]
     base, _ = load_checkpoint(peaky_checkpoint)
     assert torch.equal(base.model.lm_head.weight, module.policy.model.lm_head.weight) == freeze
 
