@@ -264,7 +264,7 @@ class BlockDiffusionLM(nn.Module):
             cache.bind(rows, slots, kv_len)
             with self._attn_impl(kvl.LENGTHS_IMPL):
                 hidden = self._decoder(input_ids, slots, lengths, cache=cache)
-            return self._chunk_outputs(cache, hidden, rows, store)
+            return self._chunk_outputs(cache, hidden, rows, store, return_states)
         kslot = torch.arange(kv_len, device=device)
         rel = kslot[None, :] - starts[:, None]  # (A, kv_len) key slot relative to the chunk start
         in_chunk = (rel >= 0) & (rel < t)
@@ -276,9 +276,9 @@ class BlockDiffusionLM(nn.Module):
         mask = mask | (kslot[None, None, :] == slots[:, :, None])
         cache.bind(rows, slots, kv_len)
         hidden = self._decoder(input_ids, slots, mask.unsqueeze(1), cache=cache)
-        return self._chunk_outputs(cache, hidden, rows, store)
+        return self._chunk_outputs(cache, hidden, rows, store, return_states)
 
-    def _chunk_outputs(self, cache: BlockKVCache, hidden: torch.Tensor, rows, store) -> torch.Tensor:
+    def _chunk_outputs(self, cache: BlockKVCache, hidden: torch.Tensor, rows, store, return_states: bool = False):
         """Logits of a chunk's hidden states (with the logit shift) and its store pass (see `forward_chunk`)."""
         a, device = hidden.shape[0], hidden.device
         if self.bd.logit_shift:
