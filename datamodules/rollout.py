@@ -96,6 +96,10 @@ class RolloutDataModule(LightningDataModule):
             ``linear`` (−forwards / step_penalty_scale), ``sqrt`` (−√forwards / scale) or None (off).
         step_penalty_scale: its divisor c.
         step_penalty_norm: its per-group normalisation (``none``, ``z_score``, ``minmax``).
+        distill_teacher: dUltra's distillation reward: a local causal-LM checkpoint (own tokenizer) whose mean
+            log-prob of each completion given the task prompt (`lrl.rewards.distill`) is added to the total;
+            None: off.
+        distill_coefficient: its weight; distill_norm: its per-group normalisation.
         joint_normalization: sum raw rewards, then normalise once (ablation of the decoupled normalisation).
         truncated_is_wrong: responses that hit ``max_new_tokens`` count as wrong.
         advantage: ``batch`` (paper Eq. 7), ``prompt_group`` or ``prompt_group_center`` (spec §3.5).
@@ -142,6 +146,9 @@ class RolloutDataModule(LightningDataModule):
         step_penalty: Literal["linear", "sqrt"] | None = None,
         step_penalty_scale: float = 50.0,
         step_penalty_norm: Literal["z_score", "minmax", "none"] = "none",
+        distill_teacher: str | None = None,
+        distill_coefficient: float = 1.0,
+        distill_norm: Literal["z_score", "minmax", "none"] = "z_score",
         joint_normalization: bool = False,
         truncated_is_wrong: bool = True,
         advantage: Literal["batch", "prompt_group", "prompt_group_center"] = "batch",
@@ -364,6 +371,17 @@ class RolloutDataModule(LightningDataModule):
                                       scale=hp.step_penalty_scale, mode=hp.step_penalty_norm)
             batch.rewards["steps"] = steps
             batch.rewards["total"] = batch.rewards["total"] + steps
+        if hp.distill_teacher is not None:
+            from lrl.algorithms.reward_shaping import group_normalize
+            from lrl.rewards.distill import TeacherScorer
+
+            if getattr(self, "_teacher", None) is None:
+                self._teacher = TeacherScorer(hp.distill_teacher)
+            raw = self._teacher.score([self.task.prompt(r) for r in per_row], batch.texts)
+            batch.rewards["distill_raw"] = raw
+            batch.rewards["distill"] = group_normalize(raw, batch.group_index, hp.distill_norm,
+                                                       hp.distill_coefficient)
+            batch.rewards["total"] = batch.rewards["total"] + batch.rewards["distill"]
 
     def diagnostics(self, batches: list[RolloutBatch]) -> dict[str, float]:
         """`rollout_diagnostics` of the drawn rollouts (groups renumbered across refill rounds), with the task's

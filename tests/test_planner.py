@@ -321,9 +321,10 @@ def test_planner_policy_loss_hand_numbers_and_direction():
 
 # ------------------------------------------------------------------ lrl fit
 @pytest.mark.parametrize("freeze", [False, True], ids=["joint", "planner_only"])
-def test_two_step_fit_with_dultra_config(peaky_checkpoint, tmp_path, monkeypatch, freeze):
+def test_two_step_fit_with_dultra_config(peaky_checkpoint, tiny_tokenizer, tmp_path, monkeypatch, freeze):
     """2 RL steps of `lrl fit --config configs/dultra.yaml` on the tiny model: planner rollouts, the planner's
-    PPO term logged, the head moved and synced to the rollout engine; the backbone moved too, unless frozen."""
+    PPO term logged, the head moved and synced to the rollout engine; the backbone moved too, unless frozen.
+    The planner-only run also adds the distillation reward of a (random) AR teacher."""
     from pathlib import Path
 
     from lrl.cli import cli_main
@@ -343,6 +344,9 @@ def test_two_step_fit_with_dultra_config(peaky_checkpoint, tmp_path, monkeypatch
             "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}, "
             f"{{class_path: callbacks.RLCheckpoint, init_args: {{dirpath: {out}/ckpts, save_last: true, "
             "every_n_rl_steps: 1, save_top_k: -1}}]", f"--model.init_args.freeze_backbone={str(freeze).lower()}"]
+    if freeze:
+        build_teacher(tmp_path / "teacher", tiny_tokenizer)
+        args.append(f"--data.init_args.distill_teacher={tmp_path / 'teacher'}")
     cli = cli_main(args)
     module = cli.model
     assert module.rl_step == 2
@@ -350,6 +354,10 @@ def test_two_step_fit_with_dultra_config(peaky_checkpoint, tmp_path, monkeypatch
     assert batch.planner_logprobs is not None and batch.sampling.remasking_strategy == "planner"
     assert "loss/planner" in cli.trainer.logged_metrics
     assert "steps" in batch.rewards  # dUltra's step-count reward is on in configs/dultra.yaml
+    r = batch.rewards
+    parts = r["acc"] + r["tpf"] + r["steps"] + (r["distill"] if freeze else 0.0)
+    assert torch.allclose(r["total"], parts)
+    assert ("distill" in r) == freeze and (not freeze or bool((r["distill_raw"] < 0).all()))
     head = module.policy.planner
     assert float(head.fc2.weight.detach().abs().sum()) > 0  # zero at creation: the planner term moved it
     engine_head = cli.datamodule.get_generator().lm.planner
@@ -372,3 +380,38 @@ def test_step_count_reward_hand_numbers():
     assert step_count_reward(forwards, groups, mode="z_score").tolist() == [1.0, -1.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="scale"):
         step_count_reward(forwards, groups, scale=0.0)
+
+
+# ------------------------------------------------------------------ distillation reward
+def build_teacher(path, tokenizer):
+    """A random 1-layer Qwen2 causal LM saved with ``tokenizer``: a stand-in AR teacher."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                      pad_token_id=tokenizer.pad_token_id)
+    teacher = Qwen2ForCausalLM(cfg).eval()
+    teacher.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return teacher
+
+
+def test_teacher_scorer_matches_one_token_at_a_time(tmp_path, tiny_tokenizer):
+    """Batched, padded teacher scoring equals a slow reference: one unpadded forward per completion token."""
+    from lrl.rewards.distill import TeacherScorer
+
+    teacher = build_teacher(tmp_path / "teacher", tiny_tokenizer)
+    prompts, completions = ["Q: 1+1=", "hello", "x"], ["2", "world, and more", ""]
+    scorer = TeacherScorer(str(tmp_path / "teacher"), batch_size=2)
+    got = scorer.score(prompts, completions)
+    for j, (p, c) in enumerate(zip(prompts, completions)):
+        pi = scorer.tokenizer(p, add_special_tokens=False).input_ids  # the teacher's own tokenizer
+        ci = scorer.tokenizer(c, add_special_tokens=False).input_ids
+        lps = []
+        with torch.no_grad():
+            for k, t in enumerate(ci):
+                logits = teacher(input_ids=torch.tensor([pi + ci[:k]])).logits[0, -1]
+                lps.append(logits.log_softmax(-1)[t].item())
+        want = sum(lps) / len(lps) if lps else 0.0
+        assert got[j].item() == pytest.approx(want, abs=1e-5), j
