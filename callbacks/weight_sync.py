@@ -43,8 +43,9 @@ class WeightSync(Callback):
                 trainer.strategy.barrier("lrl_weight_sync")
                 if not trainer.is_global_zero:
                     gen.adopt_version(self.version)
-        else:
-            gen.update_weights(weights, version=self.version)
+        else:  # in-process engine: the planner head (dUltra) travels too
+            planner = pl_module.planner_state() if hasattr(pl_module, "planner_state") else {}
+            gen.update_weights({**weights, **planner}, version=self.version)
         self.last_sync_s = time.perf_counter() - start
 
     @override

@@ -92,6 +92,14 @@ class RolloutDataModule(LightningDataModule):
         acc_reward: ``pm1`` (paper: ±1, unnormalised), ``z_score`` (released config) or ``raw``.
         tpf_reward: per-group normalisation of the TPF reward: ``z_score``, ``minmax`` or ``none``.
         tpf_coefficient: weight of the TPF reward (0 = accuracy-only GRPO).
+        step_penalty: dUltra's step-count reward added to the total (`lrl.algorithms.dultra_rewards`):
+            ``linear`` (−forwards / step_penalty_scale), ``sqrt`` (−√forwards / scale) or None (off).
+        step_penalty_scale: its divisor c.
+        step_penalty_norm: its per-group normalisation (``none``, ``z_score``, ``minmax``).
+        distill_teacher: dUltra's distillation reward: a local causal-LM checkpoint (own tokenizer) whose mean
+            log-prob of each completion given the task prompt (`lrl.rewards.distill`) is added to the total;
+            None: off.
+        distill_coefficient: its weight; distill_norm: its per-group normalisation.
         joint_normalization: sum raw rewards, then normalise once (ablation of the decoupled normalisation).
         truncated_is_wrong: responses that hit ``max_new_tokens`` count as wrong.
         advantage: ``batch`` (paper Eq. 7), ``prompt_group`` or ``prompt_group_center`` (spec §3.5).
@@ -124,7 +132,7 @@ class RolloutDataModule(LightningDataModule):
         max_new_tokens: int = 256,
         max_prompt_tokens: int | None = 1024,
         threshold: float = 0.9,
-        remasking_strategy: Literal["low_confidence_dynamic", "low_confidence_static", "sequential"] = (
+        remasking_strategy: Literal["low_confidence_dynamic", "low_confidence_static", "sequential", "planner"] = (
             "low_confidence_dynamic"
         ),
         denoising_steps: int | None = None,
@@ -135,6 +143,12 @@ class RolloutDataModule(LightningDataModule):
         acc_reward: Literal["pm1", "z_score", "raw"] = "pm1",
         tpf_reward: Literal["z_score", "minmax", "none"] = "z_score",
         tpf_coefficient: float = 1.0,
+        step_penalty: Literal["linear", "sqrt"] | None = None,
+        step_penalty_scale: float = 50.0,
+        step_penalty_norm: Literal["z_score", "minmax", "none"] = "none",
+        distill_teacher: str | None = None,
+        distill_coefficient: float = 1.0,
+        distill_norm: Literal["z_score", "minmax", "none"] = "z_score",
         joint_normalization: bool = False,
         truncated_is_wrong: bool = True,
         advantage: Literal["batch", "prompt_group", "prompt_group_center"] = "batch",
@@ -151,6 +165,8 @@ class RolloutDataModule(LightningDataModule):
             raise ValueError(f"data.group_size must be >= 2 for group-normalised rewards, got {group_size}")
         if prompts_per_step < 1:
             raise ValueError(f"data.prompts_per_step must be >= 1, got {prompts_per_step}")
+        if not step_penalty_scale > 0:
+            raise ValueError(f"data.step_penalty_scale must be > 0, got {step_penalty_scale}")
         if block_size is not None and max_new_tokens % block_size != 0:
             raise ValueError(
                 f"data.max_new_tokens={max_new_tokens} must be a multiple of block_size={block_size} "
@@ -348,6 +364,24 @@ class RolloutDataModule(LightningDataModule):
             tpf_coefficient=hp.tpf_coefficient,
             joint=hp.joint_normalization,
         )
+        if hp.step_penalty is not None:
+            from lrl.algorithms.dultra_rewards import step_count_reward
+
+            steps = step_count_reward(batch.num_forwards, batch.group_index, kind=hp.step_penalty,
+                                      scale=hp.step_penalty_scale, mode=hp.step_penalty_norm)
+            batch.rewards["steps"] = steps
+            batch.rewards["total"] = batch.rewards["total"] + steps
+        if hp.distill_teacher is not None:
+            from lrl.algorithms.reward_shaping import group_normalize
+            from lrl.rewards.distill import TeacherScorer
+
+            if getattr(self, "_teacher", None) is None:
+                self._teacher = TeacherScorer(hp.distill_teacher)
+            raw = self._teacher.score([self.task.prompt(r) for r in per_row], batch.texts)
+            batch.rewards["distill_raw"] = raw
+            batch.rewards["distill"] = group_normalize(raw, batch.group_index, hp.distill_norm,
+                                                       hp.distill_coefficient)
+            batch.rewards["total"] = batch.rewards["total"] + batch.rewards["distill"]
 
     def diagnostics(self, batches: list[RolloutBatch]) -> dict[str, float]:
         """`rollout_diagnostics` of the drawn rollouts (groups renumbered across refill rounds), with the task's

@@ -24,6 +24,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from lrl.algorithms.logprobs import response_logprobs
 from lrl.algorithms.losses import LossStats, build_normalizer, lightningrl_loss
+from lrl.algorithms.planner_logprobs import planner_policy_loss, planner_step_logprobs
 from lrl.models import BlockDiffusionLM, load_checkpoint
 from lrl.models.sharding import (
     clip_grad_norm,
@@ -90,6 +91,14 @@ class LightningRLModule(LightningModule):
         eval_thresholds: dynamic thresholds of the validation Pareto sweep.
         eval_max_new_tokens: generation budget of the validation sweep.
         eval_static_anchor: include the 1-token-per-step anchor in the sweep.
+        planner_head: dUltra (spec §8.3): `lrl.models.planner.PlannerConfig` fields (without hidden_size) of a
+            fresh planner head, created when the checkpoint has none (a checkpoint's own head is always loaded).
+        planner_lr: learning rate of the planner head (None: ``lr``).
+        freeze_backbone: train the planner head only (planner-only RL); needs a planner head.
+        eval_planner_thresholds: also sweep the greedy planner at these p thresholds (``planner@t`` points;
+            needs a planner head).
+        Planner rollouts (``data.remasking_strategy: planner``) add `planner_policy_loss` over the per-step
+        decision log-probs to the token loss (see README, "dUltra").
     """
 
     def __init__(
@@ -128,6 +137,10 @@ class LightningRLModule(LightningModule):
         eval_thresholds: list[float] = (0.95, 0.9, 0.8, 0.7, 0.5),
         eval_max_new_tokens: int = 256,
         eval_static_anchor: bool = True,
+        planner_head: dict | None = None,
+        planner_lr: float | None = None,
+        freeze_backbone: bool = False,
+        eval_planner_thresholds: list[float] = (),
     ):
         super().__init__()
         for name, value in (
@@ -153,6 +166,8 @@ class LightningRLModule(LightningModule):
             raise ValueError(
                 f"model.eval_thresholds must be a non-empty list of values in [0, 1], got {eval_thresholds}"
             )
+        if planner_lr is not None and planner_lr <= 0:
+            raise ValueError(f"model.planner_lr must be > 0 (or null: model.lr), got {planner_lr}")
         if eval_max_new_tokens <= 0 or (max_rl_steps is not None and max_rl_steps < 1):
             raise ValueError(f"model.eval_max_new_tokens and model.max_rl_steps must be >= 1, got "
                              f"{eval_max_new_tokens}, {max_rl_steps}")
@@ -174,6 +189,16 @@ class LightningRLModule(LightningModule):
         hp = self.hparams
         self.policy, self.tokenizer = load_checkpoint(hp.checkpoint, mask_token_id=hp.mask_token_id,
                                                       attention=hp.attention)
+        if self.policy.planner is None and hp.planner_head is not None:
+            from lrl.models.planner import PlannerConfig, PlannerHead
+
+            self.policy.planner = PlannerHead(PlannerConfig(hidden_size=self.policy.hf_config.hidden_size,
+                                                            **hp.planner_head))
+        if hp.freeze_backbone:
+            if self.policy.planner is None:
+                raise ValueError("model.freeze_backbone needs a planner head: set model.planner_head or use a "
+                                 "checkpoint that has one")
+            self.policy.model.requires_grad_(False)
         self.policy.train()  # from_pretrained returns eval mode; Lightning warns when fit starts with eval modules
         if hp.gradient_checkpointing:
             self.policy.model.gradient_checkpointing_enable()
@@ -208,6 +233,11 @@ class LightningRLModule(LightningModule):
             return self.policy.model.state_dict()
         return full_state_dict(self, prefix=submodule_prefix(self, self.policy.model))
 
+    def planner_state(self) -> dict[str, torch.Tensor]:
+        """The planner head's tensors as ``planner.*`` names (empty without a head), for the native engine's sync."""
+        head = getattr(unwrap(self.policy), "planner", None)
+        return {} if head is None else {f"planner.{k}": v for k, v in head.state_dict().items()}
+
     def _forward_sync_for(self, lm):
         """`response_logprobs`' ``sync_forwards`` for ``lm``: only a sharded model on several ranks needs it."""
         return self._sync_forwards if is_sharded(lm) and self.trainer.world_size > 1 else None
@@ -233,7 +263,10 @@ class LightningRLModule(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        params = [p for p in self.policy.parameters() if p.requires_grad]
+        planner = list(self.policy.planner.parameters()) if getattr(self.policy, "planner", None) is not None else []
+        ids = {id(p) for p in planner}
+        backbone = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in ids]
+        params = [{"params": g, "lr": lr} for g, lr in ((backbone, hp.lr), (planner, hp.planner_lr or hp.lr)) if g]
         opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps, weight_decay=hp.weight_decay)
         warm = hp.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / warm) if warm > 0 else 1.0)
@@ -332,6 +365,10 @@ class LightningRLModule(LightningModule):
             raise ValueError(f"model.tis_cap={hp.tis_cap} needs the rollout's sampling log-probs, but the rollout "
                              "generator returned none (RolloutBatch.sampling_logprobs is None)")
         mismatch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (old, rollout) log-probs of the same tokens
+        plan_on = n > 0 and batch.planner_logprobs is not None
+        if plan_on and (getattr(self.policy, "planner", None) is None or is_sharded(self.policy)):
+            raise ValueError("planner rollouts need an unsharded policy with a planner head (model.planner_head)")
+        plan_sum = 0.0
         world = self.trainer.world_size if self.trainer is not None else 1
         total_stats: LossStats | None = None
         grad_norms: list[float] = []
@@ -394,8 +431,15 @@ class LightningRLModule(LightningModule):
                         entropy_sum += float(ent.sum())
                         entropy_count += ent.numel()
                     mb_stats = out.stats if mb_stats is None else mb_stats + out.stats
+                    loss = out.loss
+                    if plan_on:  # dUltra: the decisions' PPO term beside the tokens' (single process only)
+                        if world > 1:
+                            raise ValueError("planner training runs on one process for now (trainer.devices=1)")
+                        plan_loss = self._planner_loss(batch, rows, adv, single_step, len(mb))
+                        plan_sum += float(plan_loss.detach())
+                        loss = plan_loss if hp.freeze_backbone else loss + plan_loss
                     # DDP averages gradients over ranks; contributions are already globally normalised.
-                    self.manual_backward(out.loss * world if not out.nonfinite else self._zero_loss())
+                    self.manual_backward(loss * world if not out.nonfinite else self._zero_loss())
                 bad = torch.tensor(float(mb_stats is not None and bool(mb_stats.nonfinite > 0)), device=self.device)
                 if world > 1:
                     bad = self.all_gather(bad).max()
@@ -426,9 +470,32 @@ class LightningRLModule(LightningModule):
         if grad_norms:
             extra["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         extra.update(mismatch_metrics(mismatch, hp.tis_cap))
+        if plan_on:
+            extra["loss/planner"] = plan_sum / max(n_opt, 1)
         self._log_step(
             batch, total_stats, entropy_sum / max(entropy_count, 1), time.perf_counter() - t0, max(n_opt, 1), extra
         )
+
+    def _planner_loss(self, batch: RolloutBatch, rows: list[int], adv: torch.Tensor, single_step: bool,
+                      num_responses: int) -> torch.Tensor:
+        """`planner_policy_loss` of these responses: new decision log-probs from the training forward, old ones the
+        rollout's records (the rollout ran with the current weights; one optimizer step: the detached new ones)."""
+        hp = self.hparams
+        sp = batch.sampling
+        sampled = sp is not None and not sp.greedy
+        dec, _, steps = planner_step_logprobs(
+            self.policy, [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows],
+            [batch.step_maps[i] for i in rows], block_size=self.rollout_block_size,
+            pad_id=self.tokenizer.pad_token_id, max_copies=hp.max_copies, rows_per_forward=hp.rows_per_forward,
+            tail_ids=[batch.tail_ids[i] for i in rows], tail_step_maps=[batch.tail_step_maps[i] for i in rows],
+            temperature=sp.temperature if sampled else 1.0, top_k=sp.top_k if sampled else 0,
+            top_p=sp.top_p if sampled else 1.0)
+        if single_step:
+            old = dec.detach()
+        else:
+            old = torch.tensor([x for i in rows for x in batch.planner_logprobs[i]], device=dec.device)
+        return planner_policy_loss(dec, old, adv[rows], steps, eps_low=hp.eps_low, eps_high=hp.eps_high,
+                                   num_responses=num_responses)
 
     def _zero_loss(self) -> torch.Tensor:
         """A loss of exactly 0 that still runs a forward/backward through the policy (gradient-sync hooks fire)."""
@@ -477,7 +544,8 @@ class LightningRLModule(LightningModule):
         result = self.run_pareto(batch["task"], batch["records"], stop_token_ids=batch.get("stop_token_ids"))
         metrics = {"val/aup": result.aup}
         for p in result.points:
-            key = "static" if p.threshold is None else f"{p.threshold:g}"
+            key = "static" if p.threshold is None else p.setting if p.setting.startswith("planner") else \
+                f"{p.threshold:g}"
             metrics[f"val/acc@{key}"] = p.accuracy
             metrics[f"val/tpf@{key}"] = p.tpf
         self.log_dict(metrics, batch_size=len(batch["records"]))
@@ -525,6 +593,7 @@ class LightningRLModule(LightningModule):
                     stop_token_ids=stop,
                     static_anchor=hp.eval_static_anchor,
                     y_max=y_max,
+                    planner_thresholds=list(hp.eval_planner_thresholds),
                 )
         finally:
             self.policy.train(was_training)

@@ -79,6 +79,7 @@ def run_pareto_sweep(
     static_anchor: bool = True,
     y_max: float | None = None,
     eos_policy: str = "truncate",
+    planner_thresholds: list[float] = (),
 ) -> ParetoResult:
     """Decode ``records`` greedily at every setting and score them with ``task.score``.
 
@@ -90,6 +91,8 @@ def run_pareto_sweep(
         block_size, max_new_tokens, stop_token_ids: decoding settings shared by all points.
         static_anchor: add the 1-token-per-step point (static strategy, block_size steps per block).
         y_max: accuracy used by AUP's weighting (None: best accuracy among these points).
+        planner_thresholds: also decode with the dUltra ``planner`` strategy (greedy: unmask where p_i >= t), one
+            point ``planner@t`` per value; the model needs a planner head. Their ``threshold`` field holds t.
     """
     from lrl.metrics import aup, pareto_frontier
 
@@ -120,6 +123,11 @@ def run_pareto_sweep(
                 float(t),
                 SamplingParams(remasking_strategy="low_confidence_dynamic", threshold=float(t), **common),
             )
+        )
+    for t in planner_thresholds:
+        settings.append(
+            (f"planner@{t:g}", float(t),
+             SamplingParams(remasking_strategy="planner", planner_threshold=float(t), **common))
         )
     points = []
     for name, thr, sp in settings:

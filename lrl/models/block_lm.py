@@ -48,11 +48,14 @@ class BlockDiffusionLM(nn.Module):
             ``"lengths"`` (per-row key lengths: SDPA with no mask when all rows read the same keys, else a
             key-padding mask), ``"flex"`` (lengths; a flex_attention BlockMask when they differ) or ``"auto"``
             (``lengths`` on CUDA, ``dense`` elsewhere). Prefill always uses the dense mask.
+        planner: optional dUltra planner head (`lrl.models.planner.PlannerHead`), saved and loaded with the
+            checkpoint; None for models without one.
     """
 
     def __init__(
         self, model: nn.Module, bd_config: BlockDiffusionConfig, identity: dict | None = None, attention: str = "sdpa",
         decode_attention: str = "auto",
+        planner: nn.Module | None = None,
     ):
         super().__init__()
         if attention not in ("sdpa", "flex"):
@@ -64,6 +67,7 @@ class BlockDiffusionLM(nn.Module):
         self.bd = bd_config
         self.identity = dict(identity or {})
         self.attention = attention
+        self.planner = planner
         params = inspect.signature(model.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         model.config._attn_implementation = "sdpa"
@@ -222,6 +226,7 @@ class BlockDiffusionLM(nn.Module):
         block_size: int,
         key_valid: torch.Tensor | None = None,
         store: torch.Tensor | None = None,
+        return_states: bool = False,
     ) -> torch.Tensor:
         """Run T tokens per row at slots [lengths[r], lengths[r] + T) against the row's cache.
 
@@ -233,6 +238,7 @@ class BlockDiffusionLM(nn.Module):
             key_valid: (A, T) bool, chunk positions other tokens may attend to (False: padding or positions past
                 the generation budget). Default all True.
             store: (A,) long, how many chunk slots to commit per row (the store pass); None commits nothing.
+            return_states: also return the (A, T, H) final states the logits are read from (the planner's input).
         Returns:
             (A, T, V) logits where ``[:, j]`` predicts the token at chunk position j (the shift of AR-adapted
             models is applied here, using the stored state of the previous position).
@@ -258,7 +264,7 @@ class BlockDiffusionLM(nn.Module):
             cache.bind(rows, slots, kv_len)
             with self._attn_impl(kvl.LENGTHS_IMPL):
                 hidden = self._decoder(input_ids, slots, lengths, cache=cache)
-            return self._chunk_outputs(cache, hidden, rows, store)
+            return self._chunk_outputs(cache, hidden, rows, store, return_states)
         kslot = torch.arange(kv_len, device=device)
         rel = kslot[None, :] - starts[:, None]  # (A, kv_len) key slot relative to the chunk start
         in_chunk = (rel >= 0) & (rel < t)
@@ -270,18 +276,19 @@ class BlockDiffusionLM(nn.Module):
         mask = mask | (kslot[None, None, :] == slots[:, :, None])
         cache.bind(rows, slots, kv_len)
         hidden = self._decoder(input_ids, slots, mask.unsqueeze(1), cache=cache)
-        return self._chunk_outputs(cache, hidden, rows, store)
+        return self._chunk_outputs(cache, hidden, rows, store, return_states)
 
-    def _chunk_outputs(self, cache: BlockKVCache, hidden: torch.Tensor, rows, store) -> torch.Tensor:
+    def _chunk_outputs(self, cache: BlockKVCache, hidden: torch.Tensor, rows, store, return_states: bool = False):
         """Logits of a chunk's hidden states (with the logit shift) and its store pass (see `forward_chunk`)."""
         a, device = hidden.shape[0], hidden.device
         if self.bd.logit_shift:
             prev = cache.last_hidden if rows is None or cache.last_hidden is None else cache.last_hidden[rows]
             if prev is None:
                 prev = torch.zeros_like(hidden[:, 0])
-            logits = self.logits(torch.cat([prev[:, None], hidden[:, :-1]], dim=1))
+            states = torch.cat([prev[:, None], hidden[:, :-1]], dim=1)
         else:
-            logits = self.logits(hidden)
+            states = hidden
+        logits = self.logits(states)
         if store is not None:
             store = store.to(device)
             if self.bd.logit_shift:
@@ -295,7 +302,7 @@ class BlockDiffusionLM(nn.Module):
                 cache.lengths += store
             else:
                 cache.lengths[rows] += store
-        return logits
+        return (logits, states) if return_states else logits
 
     @torch.no_grad()
     def full_logits(self, input_ids: torch.Tensor, lengths: torch.Tensor, block_size: int) -> torch.Tensor:

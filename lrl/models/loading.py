@@ -21,6 +21,7 @@ import torch
 
 from lrl.models.block_lm import BlockDiffusionLM
 from lrl.models.config import resolve_block_diffusion_config
+from lrl.models.planner import PLANNER_CONFIG_KEY, load_planner, save_planner
 
 # model_type (lower-case) → transformers family used to build the network.
 FAMILIES = {
@@ -122,7 +123,8 @@ def load_checkpoint(
     config_cls, model_cls = _family_classes(family)
     identity = {k: raw[k] for k in IDENTITY_KEYS if k in raw}
     body = {
-        k: v for k, v in raw.items() if k not in ("model_type", "architectures", "auto_map", "transformers_version")
+        k: v for k, v in raw.items()
+        if k not in ("model_type", "architectures", "auto_map", "transformers_version", PLANNER_CONFIG_KEY)
     }
     hf_config = config_cls(**body)
     tokenizer = load_tokenizer(path) if load_tokenizer_files else None
@@ -139,7 +141,8 @@ def load_checkpoint(
         )
     if device is not None:
         model = model.to(device)
-    return BlockDiffusionLM(model, bd, identity=identity, attention=attention), tokenizer
+    planner = load_planner(path, raw, device=device)  # None when the checkpoint has no planner head
+    return BlockDiffusionLM(model, bd, identity=identity, attention=attention, planner=planner), tokenizer
 
 
 def atomic_dir_write(path: Path, writer) -> None:
@@ -168,7 +171,9 @@ def atomic_dir_write(path: Path, writer) -> None:
 def save_checkpoint(lm: BlockDiffusionLM, path: str | os.PathLike, tokenizer=None, state_dict=None) -> None:
     """Save an HF directory that keeps the block-diffusion identity (model_type, architectures, auto_map, …).
 
-    ``state_dict`` lets a caller save weights other than ``lm``'s current ones (e.g. gathered FSDP weights).
+    ``state_dict`` lets a caller save weights other than ``lm``'s current ones (e.g. gathered FSDP weights); it
+    holds the backbone's (HF) names only. A planner head (``lm.planner``) goes to its own file, see
+    `lrl.models.planner`.
     """
 
     def write(tmp: Path) -> None:
@@ -181,6 +186,9 @@ def save_checkpoint(lm: BlockDiffusionLM, path: str | os.PathLike, tokenizer=Non
         cfg["mask_token_id"] = lm.bd.mask_token_id
         if lm.bd.logit_shift or "logit_shift" in lm.identity:
             cfg["logit_shift"] = lm.bd.logit_shift
+        cfg.pop(PLANNER_CONFIG_KEY, None)
+        if getattr(lm, "planner", None) is not None:
+            cfg[PLANNER_CONFIG_KEY] = save_planner(lm.planner, tmp)
         cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))

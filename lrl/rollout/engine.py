@@ -22,6 +22,11 @@ Training records: ``sampling_logprobs[i]`` is the log-probability generated toke
 distribution of `sample_tokens`). Under ``eos_policy="truncate"`` a stop token mid-block still lets the whole block
 decode; the positions after it (``tail_ids``, ``tail_step_maps``) are returned for training only, so the final
 block can be replayed exactly as it was decoded.
+
+dUltra (``remasking_strategy="planner"``): the forward also returns the final states, ``lm.planner`` turns the
+masked positions' states (and confidences) into unmasking logits, `planner_decisions` picks the positions, and
+`planner_logprob` of each step's decisions is recorded as ``RolloutBatch.planner_logprobs``. Tokens are drawn
+exactly as for the other strategies; the Bernoulli draws come from a second generator.
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ import torch
 import torch.nn.functional as F
 
 from lrl.models.block_lm import BlockDiffusionLM
+from lrl.models.planner import planner_confidence
 from lrl.rollout.base import RolloutGenerator
 from lrl.rollout.types import RolloutBatch, SamplingParams
-from lrl.rollout.unmasking import sample_tokens, select_unmask
+from lrl.rollout.unmasking import planner_decisions, planner_logprob, sample_tokens, select_unmask
 
 _ATTN_IMPL = "lrl_gqa_sdpa"
+_PLANNER_SEED_OFFSET = 0x5EED  # the planner's Bernoulli draws use their own stream, so tokens do not depend on them
 
 
 class NativeEngine(RolloutGenerator):
@@ -67,11 +74,14 @@ class NativeEngine(RolloutGenerator):
         """Copy tensors into the engine's model in place (no reload from disk).
 
         Names are HF parameter names (``model.layers.0…``, ``lm_head.weight``); names of the `BlockDiffusionLM`
-        wrapper (one more ``model.`` in front) are accepted too. Every name and shape is checked before anything
-        is copied, so a bad update leaves the weights and ``weight_version`` as they were.
+        wrapper (one more ``model.`` in front) are accepted too, and ``planner.*`` for a planner head. Every name
+        and shape is checked before anything is copied, so a bad update leaves the weights and ``weight_version``
+        as they were.
         """
         own = dict(self.lm.model.named_parameters())
         own.update(dict(self.lm.model.named_buffers()))
+        if getattr(self.lm, "planner", None) is not None:
+            own.update({f"planner.{k}": v for k, v in self.lm.planner.state_dict(keep_vars=True).items()})
         todo, unknown, bad_shape = [], [], []
         for name, tensor in weights.items() if isinstance(weights, Mapping) else weights:
             if name not in own and name.removeprefix("model.") in own:
@@ -116,10 +126,15 @@ class NativeEngine(RolloutGenerator):
         g = sampling.samples_per_prompt
         per_chunk = max(1, self.max_rows // g)
         gen = torch.Generator(device=self.lm.device).manual_seed(sampling.seed)
+        plan_gen = None
+        if sampling.remasking_strategy == "planner":
+            if getattr(self.lm, "planner", None) is None:
+                raise ValueError("remasking_strategy 'planner' needs a model with a planner head (lm.planner is None)")
+            plan_gen = torch.Generator(device=self.lm.device).manual_seed(sampling.seed + _PLANNER_SEED_OFFSET)
         bar = _progress(len(ids) * g, self.progress)
         parts = []
         for start in range(0, len(ids), per_chunk):
-            parts.append(self._generate_chunk(ids[start : start + per_chunk], sampling, gen, bar))
+            parts.append(self._generate_chunk(ids[start : start + per_chunk], sampling, gen, bar, plan_gen))
         if bar is not None:
             bar.close()
         batch = RolloutBatch.concat(parts)
@@ -127,7 +142,7 @@ class NativeEngine(RolloutGenerator):
         return batch
 
     # ------------------------------------------------------------------ decoding
-    def _generate_chunk(self, prompts: list[list[int]], sp: SamplingParams, gen, bar) -> RolloutBatch:
+    def _generate_chunk(self, prompts: list[list[int]], sp: SamplingParams, gen, bar, plan_gen=None) -> RolloutBatch:
         lm, dev, bsz = self.lm, self.lm.device, sp.block_size
         g, n = sp.samples_per_prompt, len(prompts)
         plen = torch.tensor([len(p) for p in prompts], device=dev)
@@ -144,10 +159,12 @@ class NativeEngine(RolloutGenerator):
                 lm.forward_chunk(cache, chunk, block_size=bsz, key_valid=valid, store=full)
             cache.repeat_interleave(g)
             out = _Outputs.start(prompts, g, slots, sp.max_new_tokens, self.pad_id, dev)
-            self._decode(_LiveRows.start(cache, out, bsz, lm.bd.mask_token_id), cache, out, sp, gen, bar)
+            if plan_gen is not None:  # one entry per possible step (each step unmasks at least one token)
+                out.plan_lp = torch.zeros(out.tokens.shape[0], slots, device=dev)
+            self._decode(_LiveRows.start(cache, out, bsz, lm.bd.mask_token_id), cache, out, sp, gen, bar, plan_gen)
         return self._collect(prompts, g, out, sp)
 
-    def _decode(self, st: _LiveRows, cache, out: _Outputs, sp: SamplingParams, gen, bar) -> None:
+    def _decode(self, st: _LiveRows, cache, out: _Outputs, sp: SamplingParams, gen, bar, plan_gen=None) -> None:
         """The engine loop: one batched forward per iteration over the live rows, until every row has finished."""
         bsz, mask_id, pad_id = sp.block_size, self.lm.bd.mask_token_id, self.pad_id
         offs = torch.arange(bsz, device=out.tokens.device)
@@ -158,7 +175,10 @@ class NativeEngine(RolloutGenerator):
             pos = cache.lengths[:, None] + offs  # (A, B) absolute positions of each row's current block
             in_budget = pos < st.budget[:, None]
             store = st.storing.long() * bsz if storing_any else None
-            logits = self.lm.forward_chunk(cache, st.cur, block_size=bsz, key_valid=in_budget, store=store)
+            logits = self.lm.forward_chunk(cache, st.cur, block_size=bsz, key_valid=in_budget, store=store,
+                                           return_states=plan_gen is not None)
+            if plan_gen is not None:
+                logits, states = logits
 
             # denoise: sample every masked position, unmask the chosen ones (store rows have no masked position)
             masked = st.masked
@@ -169,9 +189,18 @@ class NativeEngine(RolloutGenerator):
                 conf = torch.zeros(masked.shape, dtype=c.dtype, device=c.device).index_put_(sel, c)
                 drawn_lp = torch.zeros(masked.shape, dtype=lp.dtype, device=lp.device).index_put_(sel, lp)
                 drawn = st.cur.index_put(sel, tok)
-                chosen = select_unmask(conf, masked, strategy=sp.remasking_strategy, threshold=sp.threshold, k=k)
+                if plan_gen is None:
+                    chosen = select_unmask(conf, masked, strategy=sp.remasking_strategy, threshold=sp.threshold, k=k)
+                else:
+                    plan = torch.zeros(masked.shape, device=c.device).index_put_(
+                        sel, self.lm.planner(states[sel], planner_confidence(logits[sel])))
+                    chosen = planner_decisions(plan, masked, greedy=sp.greedy, threshold=sp.planner_threshold,
+                                               generator=plan_gen)
                 progressed = chosen.any(1)
                 st.steps += progressed
+                if plan_gen is not None:
+                    out.plan_lp[st.live[progressed], st.steps[progressed] - 1] = planner_logprob(
+                        plan, masked, chosen)[progressed]
                 st.cur = torch.where(chosen, drawn, st.cur)
                 st.step = torch.where(chosen, st.steps[:, None], st.step)
                 st.logp = torch.where(chosen, drawn_lp, st.logp)
@@ -222,6 +251,8 @@ class NativeEngine(RolloutGenerator):
     def _collect(self, prompts: list[list[int]], g: int, out: _Outputs, sp: SamplingParams) -> RolloutBatch:
         tokens, step_map, logp = out.tokens.cpu(), out.step_map.cpu(), out.logp.cpu()  # one transfer each
         resp_ids, smaps, lps, tail_ids, tail_steps, nfwd = [], [], [], [], [], []
+        plan_lp = out.plan_lp.cpu() if out.plan_lp is not None else None
+        plan_lps = [] if plan_lp is not None else None
         bsz = sp.block_size
         for r, (a, b) in enumerate(zip(out.plen.tolist(), out.end.tolist())):
             resp_ids.append(tokens[r, a:b].tolist())
@@ -232,6 +263,8 @@ class NativeEngine(RolloutGenerator):
             tail_end = min(-(-b // bsz) * bsz, a + sp.max_new_tokens)
             tail_ids.append(tokens[r, b:tail_end].tolist())
             tail_steps.append(step_map[r, b:tail_end].tolist())
+            if plan_lps is not None:
+                plan_lps.append(plan_lp[r, : max(smaps[-1] + tail_steps[-1], default=0)].tolist())
         return RolloutBatch(
             prompt_ids=[list(prompts[r // g]) for r in range(len(resp_ids))],
             response_ids=resp_ids,
@@ -246,6 +279,7 @@ class NativeEngine(RolloutGenerator):
             tail_ids=tail_ids,
             tail_step_maps=tail_steps,
             sampling=sp,
+            planner_logprobs=plan_lps,
         )
 
 
@@ -268,6 +302,7 @@ class _Outputs:
     end: torch.Tensor  # (N,) exclusive end of the returned response
     stores: torch.Tensor  # (N,) store passes
     finish: list[str]  # "stop" or "length"
+    plan_lp: torch.Tensor | None = None  # (N, slots) planner rollouts: decision log-prob of step s at s - 1
 
     @classmethod
     def start(cls, prompts: list[list[int]], g: int, slots: int, max_new: int, pad_id: int, dev) -> _Outputs:

@@ -393,6 +393,9 @@ class SGLangRolloutGenerator(RolloutGenerator):
         sampling.validate()
         if len(prompts) == 0:
             raise ValueError("generate() needs at least one prompt")
+        if sampling.remasking_strategy == "planner":  # the planner head runs only in the native engine
+            raise ValueError("remasking_strategy 'planner' is not supported by the SGLang backend; use the native "
+                             "engine")
         self._ensure_ready()
         self._check_decode_config(sampling)
         ids = self._encode(prompts)

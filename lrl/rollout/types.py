@@ -12,7 +12,7 @@ from typing import Literal
 
 import torch
 
-RemaskingStrategy = Literal["low_confidence_dynamic", "low_confidence_static", "sequential"]
+RemaskingStrategy = Literal["low_confidence_dynamic", "low_confidence_static", "sequential", "planner"]
 EosPolicy = Literal["truncate", "keep_final_block"]
 
 
@@ -24,7 +24,9 @@ class SamplingParams:
         block_size: Tokens per diffusion block; blocks are aligned to absolute positions of the row.
         remasking_strategy: ``low_confidence_dynamic`` (unmask the most confident masked position plus every masked
             position with confidence >= ``threshold``), ``low_confidence_static`` (top-k by confidence,
-            k = max(1, block_size // denoising_steps)) or ``sequential`` (next k positions left to right).
+            k = max(1, block_size // denoising_steps)), ``sequential`` (next k positions left to right) or
+            ``planner`` (dUltra: the model's planner head decides, `lrl.rollout.unmasking.planner_decisions`;
+            native engine only).
         threshold: Confidence threshold of the dynamic strategy, in [0, 1].
         denoising_steps: Denoising steps per block for the static and sequential strategies.
         temperature: Softmax temperature; confidence is the sampled token's probability at this temperature.
@@ -35,6 +37,8 @@ class SamplingParams:
         stop_token_ids: Ids that end a response (checked when a block is fully unmasked).
         samples_per_prompt: Responses per prompt (the GRPO group size G).
         seed: Seed of the sampling generator; the same seed gives the same tokens.
+        planner_threshold: Greedy ``planner`` decoding unmasks positions with p_i >= this (sampling draws
+            Bernoulli(p_i) instead).
         eos_policy: ``truncate`` returns tokens up to and including the stop token (upstream lmdeploy);
             ``keep_final_block`` returns the whole final block, as the released LightningRL engine does.
     """
@@ -52,6 +56,7 @@ class SamplingParams:
     samples_per_prompt: int = 1
     seed: int = 0
     eos_policy: EosPolicy = "truncate"
+    planner_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
@@ -77,7 +82,9 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.top_k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"SamplingParams.top_p must be in (0, 1], got {self.top_p}")
-        if self.remasking_strategy not in ("low_confidence_dynamic", "low_confidence_static", "sequential"):
+        if not 0.0 <= self.planner_threshold <= 1.0:
+            raise ValueError(f"SamplingParams.planner_threshold must be in [0, 1], got {self.planner_threshold}")
+        if self.remasking_strategy not in ("low_confidence_dynamic", "low_confidence_static", "sequential", "planner"):
             raise ValueError(f"SamplingParams.remasking_strategy: unknown {self.remasking_strategy!r}")
         if self.eos_policy not in ("truncate", "keep_final_block"):
             raise ValueError(f"SamplingParams.eos_policy: unknown {self.eos_policy!r}")
@@ -111,6 +118,10 @@ class RolloutBatch:
             (exact replay of the final block); texts, rewards, lengths and TPF ignore them.
         sampling: the `SamplingParams` of the rollout (training scores tokens under the same temperature, top-k
             and top-p); None when unknown.
+        planner_logprobs: ``planner`` rollouts only (else None): N lists, entry s − 1 the log-probability of the
+            unmasking decisions of step s (`lrl.rollout.unmasking.planner_logprob`), for every step of the
+            response's blocks (tail included). The decisions themselves are the step maps: at step s of a block the
+            masked set is {i : step_i >= s} and u_i = [step_i == s].
     Training fields (filled by rewards/filters, spec §3):
         correct: (N,) bool verifier outcome; accuracy: (N,) float (bool or code pass rate);
         rewards: name -> (N,) float, raw and normalized rewards; advantages: (N,) float.
@@ -131,6 +142,7 @@ class RolloutBatch:
     tail_ids: list[list[int]] = field(default_factory=list)
     tail_step_maps: list[list[int]] = field(default_factory=list)
     sampling: SamplingParams | None = None
+    planner_logprobs: list[list[float]] | None = None
     correct: torch.Tensor | None = None
     accuracy: torch.Tensor | None = None
     rewards: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -162,6 +174,8 @@ class RolloutBatch:
             for i, (ids, lp) in enumerate(zip(self.response_ids, self.sampling_logprobs)):
                 if len(ids) != len(lp):
                     raise ValueError(f"RolloutBatch response {i}: {len(ids)} ids but {len(lp)} sampling log-probs")
+        if self.planner_logprobs is not None and len(self.planner_logprobs) != n:
+            raise ValueError(f"RolloutBatch.planner_logprobs has {len(self.planner_logprobs)} entries, expected {n}")
 
     def __len__(self) -> int:
         return len(self.response_ids)
@@ -243,7 +257,7 @@ class RolloutBatch:
                 out[f.name] = min(vals)
             elif f.name == "stats":
                 out[f.name] = {k: v for d in vals for k, v in d.items()}
-            elif f.name in ("prompts", "ground_truths", "sampling_logprobs"):
+            elif f.name in ("prompts", "ground_truths", "sampling_logprobs", "planner_logprobs"):
                 out[f.name] = None if any(v is None for v in vals) else [x for v in vals for x in v]
             elif f.name == "sampling":
                 out[f.name] = _common_sampling(vals)

@@ -113,3 +113,64 @@ def select_unmask(
     else:
         raise ValueError(f"unknown remasking strategy {strategy!r}")
     return chosen
+
+
+def planner_logprob(plan_logits: torch.Tensor, masked: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Log-probability of one step's unmasking decisions under the `planner_decisions` rule (spec §8.3).
+
+    Σ_{i∈M} [u_i log p_i + (1 − u_i) log(1 − p_i)] with p = sigmoid(plan_logits), u = chosen, M = masked. The
+    at-least-one rule makes "only argmax_M p" also the outcome of drawing nothing, so for that decision the
+    probability of the empty draw, Π_{i∈M} (1 − p_i), is added (log-sum-exp): the exact probability of the rule.
+
+    Args:
+        plan_logits: (R, T) planner logits (any value where not masked).
+        masked: (R, T) bool, the masked positions M of each row's block.
+        chosen: (R, T) bool ⊆ masked, the decisions u.
+    Returns:
+        (R,) float32, differentiable in ``plan_logits``; 0 for rows with nothing masked.
+    """
+    z = plan_logits.float()
+    on, off = torch.nn.functional.logsigmoid(z), torch.nn.functional.logsigmoid(-z)
+    zero = torch.zeros_like(z)
+    ll = torch.where(masked, torch.where(chosen, on, off), zero).sum(-1)
+    empty = torch.where(masked, off, zero).sum(-1)
+    best = _argmax_one_hot(z, masked)
+    forced = (chosen == best).all(-1) & masked.any(-1)
+    return torch.where(forced, torch.logaddexp(ll, empty), ll)
+
+
+def planner_decisions(
+    plan_logits: torch.Tensor,
+    masked: torch.Tensor,
+    *,
+    greedy: bool,
+    threshold: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """dUltra's unmasking decisions for one step (spec §8.3).
+
+    Sampling: u_i ~ Bernoulli(p_i) independently for every masked position, p = sigmoid(plan_logits). Greedy
+    (evaluation): u_i = [p_i >= threshold]. At-least-one rule (both modes): a row with masked positions but no
+    u_i = 1 unmasks its masked position of largest p_i (first on ties), so every step makes progress.
+
+    Args:
+        plan_logits: (R, T) planner logits; masked: (R, T) bool.
+        greedy, threshold: see above; generator: random source of the Bernoulli draws.
+    Returns:
+        (R, T) bool ⊆ masked, at least one position per row that has a masked position.
+    """
+    p = torch.sigmoid(plan_logits.float())
+    if greedy:
+        u = p >= threshold
+    else:
+        u = torch.rand(p.shape, generator=generator, device=p.device) < p
+    u = u & masked
+    none = ~u.any(-1, keepdim=True)
+    return u | (_argmax_one_hot(plan_logits.float(), masked) & none)
+
+
+def _argmax_one_hot(score: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
+    """(R, T) bool: the masked position of largest score per row (first on ties); all False without one."""
+    neg = torch.full_like(score, float("-inf"))
+    idx = torch.where(masked, score, neg).argmax(-1, keepdim=True)
+    return torch.zeros_like(masked).scatter(-1, idx, True) & masked.any(-1, keepdim=True)
