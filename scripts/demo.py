@@ -143,6 +143,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _aup_all(result) -> float:
+    """AUP with every point kept: d3LLM's rule drops points > 5 accuracy points below the 1-token point, which can
+    reduce a whole curve to that point."""
+    from lrl.metrics import aup
+
+    curve = [(p.tpf, p.accuracy) for p in result.points]
+    return aup(curve, y_max=result.y_max, y_min_offset=float("inf")) if result.y_max > 0 else 0.0
+
+
 def before_after_table(before, after, select: float) -> str:
     def row(name, b, a, fmt="{:.1f}"):
         change = f"{a / b:.2f}×" if b else "–"
@@ -155,7 +164,8 @@ def before_after_table(before, after, select: float) -> str:
              row(f"forwards per response @ φ={select:g}", b_sel.forwards_per_response, a_sel.forwards_per_response,
                  "{:.2f}"),
              row(f"tokens per response @ φ={select:g}", b_sel.tokens_per_response, a_sel.tokens_per_response),
-             row("AUP over the sweep", before.aup, after.aup)]
+             row("AUP over the sweep", before.aup, after.aup),
+             row("AUP, all points (no 5-point drop rule)", _aup_all(before), _aup_all(after))]
     for style in dict.fromkeys([*b_sel.styles, *a_sel.styles]):
         b_st, a_st = b_sel.styles.get(style, {}), a_sel.styles.get(style, {})
         if not (b_st.get("share") or a_st.get("share")):

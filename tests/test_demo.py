@@ -148,6 +148,8 @@ def test_demo_before_after_table():
     table = before_after_table(res(60.0, 2.0, 100.0), res(60.0, 5.0, 250.0), select=0.9)
     assert "| TPF @ φ=0.9 | 2.00 | 5.00 | 2.50× |" in table
     assert "| AUP over the sweep | 100.0 | 250.0 | 2.50× |" in table
+    # all points, y_max 60: 60 + ½·(2 − 1)·(60 + 60) = 120 before; 60 + ½·(5 − 1)·120 = 300 after
+    assert "| AUP, all points (no 5-point drop rule) | 120.0 | 300.0 | 2.50× |" in table
     assert "static_1tok: acc % / TPF | 60.0 / 1.00 | 60.0 / 1.00" in table
 
 
