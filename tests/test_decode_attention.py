@@ -14,14 +14,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without to
 PROMPTS = ["Q: 12+7=?\nA: ", "hi", "The quick brown fox", "abcdefgh", "x=3; y=x*x; print(y)"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models(tiny_tokenizer):
     return {shift: build_tiny_model(tiny_tokenizer, block_size=4, seed=3, logit_shift=shift).eval()

@@ -18,14 +18,6 @@ from lrl.rollout.unmasking import planner_decisions, planner_logprob
 PROMPTS = ["Q: 12+7=?\nA: ", "hi", "abcdefgh"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def constant_head(lm, logit: float, use_confidence: bool = True) -> PlannerHead:
     """A head whose logit is ``logit`` everywhere (output weights zero)."""
     head = PlannerHead(PlannerConfig(hidden_size=lm.hf_config.hidden_size, inner_size=8,

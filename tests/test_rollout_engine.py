@@ -18,15 +18,6 @@ PROMPTS = ["Q: 12+7=?\nA: ", "hi", "The quick brown fox", "abcdefgh", "x=3; y=x*
 # of ~0.02 (greedy) or a low temperature (sampling) give a mix of one- and multi-token steps.
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to spinning OpenMP/MKL workers on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_lm, tiny_tokenizer):
     return NativeEngine(tiny_lm, tiny_tokenizer)

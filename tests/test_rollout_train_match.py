@@ -22,14 +22,6 @@ PROMPTS = ["Q: 12+7=?\nA: ", "abc", "x=3; y=x*x"]
 STOP_IDS = tuple(range(40, 52))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def module(tiny_checkpoint):
     from lrl.module import LightningRLModule
