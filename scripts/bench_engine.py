@@ -163,11 +163,9 @@ def main(argv: list[str] | None = None) -> dict:
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
     print(json.dumps(result))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(out.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out)
+        from lrl.evaluation.pareto import atomic_write
+
+        atomic_write(args.out, json.dumps(result, indent=2).encode())
     return result
 
 

@@ -116,7 +116,8 @@ def summarize(results: dict[str, list[list[dict]]], select: float) -> dict[str, 
             full.append(aup(curve, y_max=y_max, y_min_offset=float("inf")) if y_max > 0 else 0.0)
         out[name] = {"acc": accs, "tpf": tpfs, "aup": aups, "aup_all_points": full, "forwards": fwd, "tokens": toks,
                      "y_max": y_max,
-                     "styles": {k: statistics.fmean(s.get(k, 0.0) for s in styles) for st in styles for k in st}}
+                     "styles": {k: statistics.fmean(s.get(k, 0.0) for s in styles)
+                                for k in dict.fromkeys(k for st in styles for k in st)}}
     return out
 
 
@@ -217,15 +218,15 @@ def _join_methods(runs: list[dict]) -> list[dict]:
 
 def write_outputs(payload: dict, out: Path) -> str:
     """method.json (with the summary), method.md and method.png under ``out``; returns the Markdown table."""
+    from lrl.evaluation.pareto import atomic_write
+
     select = payload["select_threshold"]
     summary = summarize(payload["results"], select)
     table = method_table(summary, select)
     if payload.get("curves"):
         table += "\n\n" + phase_table(payload["curves"])
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "method.json.tmp"
-    tmp.write_text(json.dumps({**payload, "summary": summary}, indent=2))
-    tmp.replace(out / "method.json")
+    atomic_write(out / "method.json", json.dumps({**payload, "summary": summary}, indent=2).encode())
     (out / "method.md").write_text(table + "\n")
     plot(payload["results"], out / "method.png")
     if payload.get("curves"):

@@ -77,6 +77,16 @@ def straight(tmp_path_factory):
     return _weights(cli), cli.datamodule.state_dict()
 
 
+def _assert_resume_matches(out, straight) -> None:
+    """`--ckpt_path last` finishes the 3-step run with the weights and data state of 3 uninterrupted steps."""
+    cli = cli_main(_args(out, 3, "--ckpt_path", "last"))
+    assert cli.model.rl_step == 3
+    weights, data_state = straight
+    for k, v in weights.items():
+        torch.testing.assert_close(_weights(cli)[k], v, rtol=0, atol=0, msg=f"weights differ at {k}")
+    assert cli.datamodule.state_dict() == data_state
+
+
 def test_sigterm_saves_exits_143_and_resume_is_exact(straight, tmp_path):
     out = tmp_path / "run"
     proc = _spawn(out, 3, hooks=(_slow_start(tmp_path, 1),))
@@ -86,12 +96,7 @@ def test_sigterm_saves_exits_143_and_resume_is_exact(straight, tmp_path):
     assert proc.returncode == 143, err[-4000:]  # 128 + SIGTERM: the scheduler sees a failure, not success
     assert "stopped by SIGTERM after RL step 2" in err and "--ckpt_path last" in err, err[-2000:]
     assert _rl_step(out / "ckpts" / "last.ckpt") == 2  # the step in flight finished and was saved
-    cli = cli_main(_args(out, 3, "--ckpt_path", "last"))
-    assert cli.model.rl_step == 3
-    weights, data_state = straight
-    for k, v in weights.items():
-        torch.testing.assert_close(_weights(cli)[k], v, rtol=0, atol=0, msg=f"weights differ at {k}")
-    assert cli.datamodule.state_dict() == data_state
+    _assert_resume_matches(out, straight)
 
 
 def test_sigusr1_is_a_preemption_too(tmp_path, capsys):
@@ -132,12 +137,7 @@ def test_sigkill_during_a_checkpoint_write_leaves_a_resumable_run(straight, tmp_
     # the damage the old writer did (a truncated last.ckpt, newest on disk) is passed over with a warning
     (ckpts / "last.ckpt").write_bytes(b"")
     with pytest.warns(UserWarning, match=r"last\.ckpt does not load.*resuming from .*rl_step=2\.ckpt"):
-        cli = cli_main(_args(out, 3, "--ckpt_path", "last"))
-    assert cli.model.rl_step == 3
-    weights, data_state = straight
-    for k, v in weights.items():
-        torch.testing.assert_close(_weights(cli)[k], v, rtol=0, atol=0, msg=f"weights differ at {k}")
-    assert cli.datamodule.state_dict() == data_state
+        _assert_resume_matches(out, straight)
 
 
 def test_filtered_steps_count_final_checkpoint_and_finished_run(tmp_path, capsys):

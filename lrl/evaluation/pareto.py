@@ -196,7 +196,10 @@ def format_table(result: ParetoResult) -> str:
     return "\n".join(rows)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename: readers see the old
+    file or the new one, never a half-written one (parents are created)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
@@ -263,12 +266,12 @@ def write_pareto(
     if extra:
         payload.update(extra)
     json_path, png_path = out / "pareto.json", out / "pareto.png"
-    _atomic_write(json_path, json.dumps(payload, indent=2).encode())
+    atomic_write(json_path, json.dumps(payload, indent=2).encode())
     fig = plot_pareto(result, title=title, baseline=baseline)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
-    _atomic_write(png_path, buf.getvalue())
+    atomic_write(png_path, buf.getvalue())
     return json_path, png_path
