@@ -49,8 +49,9 @@ class LightningRLModule(LightningModule):
         checkpoint: HF checkpoint directory of the initial policy (linked from the top-level ``--checkpoint``).
         block_size: rollout block size; the trajectory estimator trains with the same block size (linked).
         mask_token_id: override of the checkpoint's mask token id (linked).
-        estimator: ``trajectory`` (paper Eq. 3/8/9, replays the step map) or ``single_pass`` (released code:
-            all response tokens masked at once with the model's configured block size).
+        estimator: ``trajectory`` (paper Eq. 3/8/9, replays the step map), ``single_pass`` (released code:
+            all response tokens masked at once with the model's configured block size) or ``masked_states``
+            (each token scored under every state of its block in which it was still masked, averaged).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -107,7 +108,7 @@ class LightningRLModule(LightningModule):
         block_size: int | None = None,
         mask_token_id: int | None = None,
         *,
-        estimator: Literal["trajectory", "single_pass"] = "trajectory",
+        estimator: Literal["trajectory", "single_pass", "masked_states"] = "trajectory",
         lr: float = 1e-6,
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),

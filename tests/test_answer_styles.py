@@ -113,3 +113,32 @@ def test_rollout_diagnostics_by_hand() -> None:
     assert "style/chain" not in rollout_diagnostics(texts, tpf, forwards, lengths, group)
     with pytest.raises(ValueError, match="6 texts but 5 tpf"):
         rollout_diagnostics(texts, tpf[:5], forwards, lengths, group)
+
+
+def test_answer_roles_label_copies_results_and_layout():
+    from lrl.tasks.answer_styles import answer_roles
+
+    text = "09*09=81. 81+05=86. \\boxed{86}"
+    # o: copied from the question, r: computed, c: copy of an earlier result, l: layout
+    assert "".join(r[0] for r in answer_roles(text)) == "ooloolrrllccloolrrlllllllllccl"
+    assert set(answer_roles("not an answer")) == {"layout"}
+
+
+def test_forward_anatomy_counts_by_hand():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from forward_anatomy import anatomy
+
+    # prompt of 2 tokens, blocks of 4: "2+" in block 0 (step 1), "3=5." in block 1 (steps 2, 2, 3, 2), the stop
+    # token in block 2 (step 4). Forwards {1, 2, 3, 4}; steps 3 ("5", a result) and 4 (stop) unmask one token.
+    text, steps = "2+3=5.", [1, 1, 2, 2, 3, 2, 4]
+    res = anatomy([text, text, text], [steps, steps, [1] * 7], [2, 2, 2], 4, ["a", "a", "b"])
+    a = res["a"]
+    assert a["responses"] == 2 and a["forwards_per_response"] == 4
+    assert a["single_token_forwards_per_response"] == 2
+    assert a["single_token_forwards_by_role"] == {"operand": 0, "result": 1, "layout": 0, "stop": 1}
+    assert a["mean_block_step_by_role"] == {"operand": 1.0, "result": 2.0, "layout": 1.0, "stop": 1.0}
+    assert a["tokens_per_response_by_role"] == {"operand": 2.0, "result": 1.0, "layout": 3.0, "stop": 1.0}
+    assert res["b"]["forwards_per_response"] == 1 and res["b"]["single_token_forwards_per_response"] == 0

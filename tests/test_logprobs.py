@@ -21,6 +21,51 @@ def test_trajectory_rounds_by_hand():
     assert len(rounds) == 2
 
 
+def test_masked_states_rounds_score_every_still_masked_position():
+    step_map = [1, 3, 2, 3, 2, 4, 5]  # as above
+    rounds = trajectory_rounds(3, step_map, 4, score_masked=True)
+    assert rounds[0] == ([3, 4, 5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8, 9])  # every position is masked in round 0
+    assert rounds[1] == ([4, 6, 9], [4, 6, 9])
+
+
+def _slow_masked_states(lm, prompt, resp, steps, bs):
+    """Each token: mean of its log-prob over the states of its block (one per step id) where it was masked."""
+    ids, p = torch.tensor(prompt + resp), len(prompt)
+    sums, counts = torch.zeros(len(resp)), torch.zeros(len(resp))
+    for t in sorted(set(steps)):
+        blk = (p + steps.index(t)) // bs
+        seq = ids[: min((blk + 1) * bs, len(ids))].clone()
+        masked = [i for i, s in enumerate(steps) if (p + i) // bs == blk and s >= t]
+        for i in masked:
+            seq[p + i] = lm.bd.mask_token_id
+        logp = lm.full_logits(seq[None], torch.tensor([len(seq)]), bs)[0].log_softmax(-1)
+        for i in masked:
+            sums[i] += logp[p + i, resp[i]]
+            counts[i] += 1
+    return sums / counts
+
+
+def test_masked_states_estimator_matches_slow_computation(tiny_lm, tiny_tokenizer):
+    bs = 8
+    batch = _rollout(tiny_lm, tiny_tokenizer, bs)
+    kw = dict(block_size=bs, pad_id=tiny_tokenizer.pad_token_id, max_copies=3, rows_per_forward=2)
+    with torch.no_grad():
+        fast, ent = response_logprobs(tiny_lm, batch.prompt_ids, batch.response_ids, batch.step_maps,
+                                      estimator="masked_states", with_entropy=True, **kw)
+        traj, _ = response_logprobs(tiny_lm, batch.prompt_ids, batch.response_ids, batch.step_maps,
+                                    estimator="trajectory", **kw)
+    slow = torch.cat([_slow_masked_states(tiny_lm, p, r, s, bs)
+                      for p, r, s in zip(batch.prompt_ids, batch.response_ids, batch.step_maps)])
+    torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+    assert ent.shape == fast.shape and bool((ent >= 0).all())
+    # tokens unmasked in their block's first step have one state, the trajectory's: same value there
+    first = torch.cat([torch.tensor([s == min(x for j, x in enumerate(sm) if (len(p) + j) // bs == (len(p) + i) // bs)
+                                     for i, s in enumerate(sm)])
+                       for p, sm in zip(batch.prompt_ids, batch.step_maps)])
+    torch.testing.assert_close(fast[first], traj[first], atol=1e-5, rtol=1e-5)
+    assert bool((~first).any()) and not torch.allclose(fast[~first], traj[~first])
+
+
 def _rollout(lm, tok, block_size):
     eng = NativeEngine(lm, tok)
     sp = SamplingParams(
@@ -158,3 +203,29 @@ def test_sync_forwards_pads_passes_without_changing_values_or_gradients(tiny_lm,
     for p, g in zip(tiny_lm.parameters(), grads):
         torch.testing.assert_close(p.grad, g)
     tiny_lm.zero_grad(set_to_none=True)
+
+
+def test_masked_states_nll_step_raises_first_state_confidence_of_late_tokens(tiny_lm, tiny_tokenizer):
+    """The point of masked_states: training on it makes tokens likelier in the block's first state (all masked),
+    where the parallelism of a block is decided. A sign-flipped loss lowers it."""
+    import copy
+
+    bs = tiny_lm.bd.block_size  # single_pass scores the first state of each block at the model's block size
+    batch = _rollout(tiny_lm, tiny_tokenizer, bs)
+    kw = dict(pad_id=tiny_tokenizer.pad_token_id)
+    args = (batch.prompt_ids, batch.response_ids, batch.step_maps)
+
+    def first_state(lm):
+        with torch.no_grad():
+            return response_logprobs(lm, *args, estimator="single_pass", **kw)[0].sum()
+
+    for sign in (1.0, -1.0):
+        lm = copy.deepcopy(tiny_lm)
+        before = first_state(lm)
+        logp, _ = response_logprobs(lm, *args, estimator="masked_states", block_size=bs, **kw)
+        (-sign * logp.sum()).backward()
+        with torch.no_grad():
+            for prm in lm.parameters():
+                if prm.grad is not None:
+                    prm -= 1e-3 * prm.grad
+        assert (first_state(lm) - before) * sign > 0

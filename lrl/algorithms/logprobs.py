@@ -11,6 +11,13 @@ reference log-probs of the same samples line up element by element.
   than one per step. The attention block size must equal the rollout block size.
 * ``single_pass`` (released code): every response token masked at once in one noisy copy, with the model's
   configured block size (4 for unmodified SDAR configs).
+* ``masked_states`` (issue #12's combination): the trajectory's rounds, but round r scores every response
+  position of the block that is still masked (step ≥ s_r), not only those unmasked at s_r; a token's log-prob is
+  the mean over the states of its block in which it was masked: from the block's first state (all masked, the
+  single-pass state, where the parallelism of the block is decided) to the state that unmasked it (the
+  trajectory's). Same forwards as ``trajectory``, more scored targets. Its old log-probs are not the engine's
+  sampling log-probs (those are the last state's alone), so ``rollout/logprob_abs_diff`` compares like with like
+  only under ``trajectory``.
 
 Same distribution as the rollout: tokens are scored under the rollout's processed distribution (logits /
 temperature in `token_logprobs`, restricted to the top-k / top-p support of `sampling_support`, the sampler's
@@ -36,7 +43,7 @@ from lrl.algorithms.token_logprobs import token_logprobs
 from lrl.models.block_lm import BlockDiffusionLM
 from lrl.rollout.unmasking import support_mask
 
-Estimator = Literal["trajectory", "single_pass"]
+Estimator = Literal["trajectory", "single_pass", "masked_states"]
 
 
 @dataclass
@@ -56,9 +63,12 @@ class PackedRows:
 
 
 def trajectory_rounds(
-    prompt_len: int, step_map: list[int], block_size: int, tail_steps: list[int] = ()
+    prompt_len: int, step_map: list[int], block_size: int, tail_steps: list[int] = (), score_masked: bool = False
 ) -> list[tuple[list[int], list[int]]]:
     """The denoising rounds of one response as (masked positions, target positions), absolute positions.
+
+    Targets are the positions unmasked at the round's step, or with ``score_masked`` every response position
+    still masked in it (the ``masked_states`` estimator).
 
     Round r packs the r-th step of every block. A step id of 0 (a token never sampled, e.g. a forced token)
     would be treated as known from the start. ``tail_steps``: step ids of the final block's positions after the
@@ -81,7 +91,7 @@ def trajectory_rounds(
                 continue
             s_r = steps[r]
             masked += [p for p, s in items if s >= s_r]
-            targets += [p for p, s in items if s == s_r and p < end]
+            targets += [p for p, s in items if (s >= s_r if score_masked else s == s_r) and p < end]
         out.append((masked, targets))
     return out
 
@@ -111,10 +121,11 @@ def pack_samples(
             continue
         if estimator == "single_pass":
             copies = [(list(range(len(p), len(ids))), resp)]
-        elif estimator == "trajectory":
-            copies = trajectory_rounds(len(p), sm, block_size, ts)
+        elif estimator in ("trajectory", "masked_states"):
+            copies = trajectory_rounds(len(p), sm, block_size, ts, score_masked=estimator == "masked_states")
         else:
-            raise ValueError(f"unknown log-prob estimator {estimator!r} (expected 'trajectory' or 'single_pass')")
+            raise ValueError(f"unknown log-prob estimator {estimator!r} "
+                             "(expected 'trajectory', 'single_pass' or 'masked_states')")
         for c in range(0, len(copies), max_copies):
             rows.append((j, ids, copies[c : c + max_copies]))
     if not rows:
@@ -165,8 +176,9 @@ def response_logprobs(
     Args:
         lm: the policy or reference model.
         prompt_ids, response_ids, step_maps: per response (as in `RolloutBatch`).
-        estimator: ``trajectory`` or ``single_pass``.
-        block_size: attention block size; default the rollout block size for ``trajectory`` must be passed,
+        estimator: ``trajectory``, ``single_pass`` or ``masked_states``.
+        block_size: attention block size; the rollout block size must be passed for ``trajectory`` and
+            ``masked_states``,
             and the model's configured block size is used for ``single_pass``.
         max_copies: noisy copies packed per row (trajectory rounds per forward).
         rows_per_forward: rows per forward pass (memory knob).
@@ -185,7 +197,7 @@ def response_logprobs(
         bs = lm.bd.block_size
     else:
         if block_size is None:
-            raise ValueError("the trajectory estimator needs block_size = the rollout block size")
+            raise ValueError(f"the {estimator} estimator needs block_size = the rollout block size")
         bs = block_size
     packed = pack_samples(
         prompt_ids,
@@ -221,12 +233,19 @@ def response_logprobs(
             ents.append(ent)
         keys.append(packed.sample[sl][b_idx] * (1 << 32) + l_idx)
     logp, key = torch.cat(vals), torch.cat(keys)
+    ent = torch.cat(ents) if with_entropy else None
+    if estimator == "masked_states":  # one value per token: the mean over the states it was masked in
+        key, inverse = torch.unique(key, return_inverse=True)  # sorted
+        count = torch.zeros(key.numel(), device=logp.device).index_add_(0, inverse, torch.ones_like(logp))
+        logp = torch.zeros(key.numel(), dtype=logp.dtype, device=logp.device).index_add_(0, inverse, logp) / count
+        if ent is not None:
+            ent = torch.zeros(key.numel(), dtype=ent.dtype, device=ent.device).index_add_(0, inverse, ent) / count
     order = torch.argsort(key)
     expected = sum(len(r) for r in response_ids)
     if logp.numel() != expected:
         raise RuntimeError(f"log-prob count {logp.numel()} != response tokens {expected} (bad step map?)")
     logp = logp[order] if padding is None else logp[order] + padding
-    return logp, (torch.cat(ents)[order] if with_entropy else None)
+    return logp, (ent[order] if ent is not None else None)
 
 
 def _head_logprobs(states, head, *, tokens, temperature, with_entropy, support=None):
