@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from lrl.algorithms.logprobs import response_logprobs
 from lrl.algorithms.losses import LossStats, build_normalizer, lightningrl_loss
-from lrl.algorithms.planner_logprobs import planner_policy_loss, planner_step_logprobs
+from lrl.algorithms.rollout_mismatch import mismatch_metrics, tis_weights
 from lrl.models import BlockDiffusionLM, load_checkpoint
 from lrl.models.sharding import (
     clip_grad_norm,
@@ -35,6 +35,7 @@ from lrl.models.sharding import (
     unwrap,
     wrap_fsdp,
 )
+from lrl.module_planner import PlannerTraining
 from lrl.rollout.types import RolloutBatch
 
 
@@ -42,7 +43,7 @@ class NonFiniteLossError(RuntimeError):
     """Raised after too many optimizer steps were skipped for a NaN/inf loss."""
 
 
-class LightningRLModule(LightningModule):
+class LightningRLModule(PlannerTraining, LightningModule):
     """Policy (+ frozen reference) and the LightningRL/GRPO update.
 
     Args:
@@ -98,8 +99,11 @@ class LightningRLModule(LightningModule):
         freeze_backbone: train the planner head only (planner-only RL); needs a planner head.
         eval_planner_thresholds: also sweep the greedy planner at these p thresholds (``planner@t`` points;
             needs a planner head).
-        Planner rollouts (``data.remasking_strategy: planner``) add `planner_policy_loss` over the per-step
-        decision log-probs to the token loss (see README, "dUltra").
+        planner_ratio: how planner rollouts (``data.remasking_strategy: planner``) are trained (spec §8.3,
+            `lrl.algorithms.planner_objective`): ``separate`` adds a PPO term over each step's decision
+            log-probs to the per-token loss; ``joint`` uses one ratio per step whose log-prob is Σ decisions +
+            Σ tokens of the step, with this loss's clip, KL and reductions over steps (needs a planner head and
+            the trajectory estimator; one packed forward per micro-batch instead of two).
     """
 
     def __init__(
@@ -142,6 +146,7 @@ class LightningRLModule(LightningModule):
         planner_lr: float | None = None,
         freeze_backbone: bool = False,
         eval_planner_thresholds: list[float] = (),
+        planner_ratio: Literal["separate", "joint"] = "separate",
     ):
         super().__init__()
         for name, value in (
@@ -167,6 +172,8 @@ class LightningRLModule(LightningModule):
             raise ValueError(
                 f"model.eval_thresholds must be a non-empty list of values in [0, 1], got {eval_thresholds}"
             )
+        if planner_ratio not in ("separate", "joint"):
+            raise ValueError(f"model.planner_ratio must be 'separate' or 'joint', got {planner_ratio!r}")
         if planner_lr is not None and planner_lr <= 0:
             raise ValueError(f"model.planner_lr must be > 0 (or null: model.lr), got {planner_lr}")
         if eval_max_new_tokens <= 0 or (max_rl_steps is not None and max_rl_steps < 1):
@@ -190,16 +197,7 @@ class LightningRLModule(LightningModule):
         hp = self.hparams
         self.policy, self.tokenizer = load_checkpoint(hp.checkpoint, mask_token_id=hp.mask_token_id,
                                                       attention=hp.attention)
-        if self.policy.planner is None and hp.planner_head is not None:
-            from lrl.models.planner import PlannerConfig, PlannerHead
-
-            self.policy.planner = PlannerHead(PlannerConfig(hidden_size=self.policy.hf_config.hidden_size,
-                                                            **hp.planner_head))
-        if hp.freeze_backbone:
-            if self.policy.planner is None:
-                raise ValueError("model.freeze_backbone needs a planner head: set model.planner_head or use a "
-                                 "checkpoint that has one")
-            self.policy.model.requires_grad_(False)
+        self._setup_planner()
         self.policy.train()  # from_pretrained returns eval mode; Lightning warns when fit starts with eval modules
         if hp.gradient_checkpointing:
             self.policy.model.gradient_checkpointing_enable()
@@ -234,11 +232,6 @@ class LightningRLModule(LightningModule):
             return self.policy.model.state_dict()
         return full_state_dict(self, prefix=submodule_prefix(self, self.policy.model))
 
-    def planner_state(self) -> dict[str, torch.Tensor]:
-        """The planner head's tensors as ``planner.*`` names (empty without a head), for the native engine's sync."""
-        head = getattr(unwrap(self.policy), "planner", None)
-        return {} if head is None else {f"planner.{k}": v for k, v in head.state_dict().items()}
-
     def _forward_sync_for(self, lm):
         """`response_logprobs`' ``sync_forwards`` for ``lm``: only a sharded model on several ranks needs it."""
         return self._sync_forwards if is_sharded(lm) and self.trainer.world_size > 1 else None
@@ -264,11 +257,8 @@ class LightningRLModule(LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        planner = list(self.policy.planner.parameters()) if getattr(self.policy, "planner", None) is not None else []
-        ids = {id(p) for p in planner}
-        backbone = [p for p in self.policy.parameters() if p.requires_grad and id(p) not in ids]
-        params = [{"params": g, "lr": lr} for g, lr in ((backbone, hp.lr), (planner, hp.planner_lr or hp.lr)) if g]
-        opt = torch.optim.AdamW(params, lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps, weight_decay=hp.weight_decay)
+        opt = torch.optim.AdamW(self._param_groups(), lr=hp.lr, betas=tuple(hp.betas), eps=hp.adam_eps,
+                                weight_decay=hp.weight_decay)
         warm = hp.warmup_steps
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, s / warm) if warm > 0 else 1.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -353,9 +343,13 @@ class LightningRLModule(LightningModule):
         # with a single optimizer step the policy has not moved when each micro-batch runs, so the rollout-policy
         # log-probs are exactly the current ones (detached): no separate no-grad pass
         single_step = hp.ppo_epochs == 1 and hp.minibatches == 1
-        old = self._frozen_logprobs(self.policy, batch) if n and not single_step else None
+        world = self.trainer.world_size if self.trainer is not None else 1
+        plan_on = self._check_planner_batch(batch, world)
+        joint = plan_on and self.joint_ratio  # steps, not tokens, are the loss's units
+        frozen = self._frozen_step_logprobs if joint else self._frozen_logprobs
+        old = frozen(self.policy, batch) if n and not single_step else None
         ref_model = self.reference
-        ref = self._frozen_logprobs(ref_model, batch) if n and ref_model is not None and hp.kl_beta > 0 else None
+        ref = frozen(ref_model, batch) if n and ref_model is not None and hp.kl_beta > 0 else None
         if hp.nll_correct == "verifier" or not n:
             correct = batch.correct if batch.correct is not None else torch.zeros(n, dtype=torch.bool)
         else:
@@ -366,11 +360,7 @@ class LightningRLModule(LightningModule):
             raise ValueError(f"model.tis_cap={hp.tis_cap} needs the rollout's sampling log-probs, but the rollout "
                              "generator returned none (RolloutBatch.sampling_logprobs is None)")
         mismatch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (old, rollout) log-probs of the same tokens
-        plan_on = n > 0 and batch.planner_logprobs is not None
-        if plan_on and (getattr(self.policy, "planner", None) is None or is_sharded(self.policy)):
-            raise ValueError("planner rollouts need an unsharded policy with a planner head (model.planner_head)")
         plan_sum = 0.0
-        world = self.trainer.world_size if self.trainer is not None else 1
         total_stats: LossStats | None = None
         grad_norms: list[float] = []
         entropy_sum, entropy_count = 0.0, 0
@@ -381,7 +371,8 @@ class LightningRLModule(LightningModule):
             # exactly `minibatches` chunks on every rank (some may be empty) so collectives stay in lockstep
             for mb_tensor in torch.tensor_split(order, hp.minibatches):
                 mb = mb_tensor.tolist()
-                seq_tokens = torch.tensor([len(batch.response_ids[i]) for i in mb], dtype=torch.long)
+                seq_tokens = torch.tensor([self._num_steps(batch, i) if joint else len(batch.response_ids[i])
+                                           for i in mb], dtype=torch.long)
                 norm = build_normalizer(seq_tokens, correct[mb] if mb else torch.zeros(0, dtype=torch.bool))
                 micro = [
                     list(range(i, min(len(mb), i + hp.micro_batch_size)))
@@ -399,43 +390,45 @@ class LightningRLModule(LightningModule):
                         continue
                     local = micro[m]
                     rows = [mb[i] for i in local]
-                    lengths = torch.tensor([len(batch.response_ids[i]) for i in rows])
-                    logp, ent = self._logprobs(self.policy, batch, rows, with_entropy=epoch == 0)
-                    dev = logp.device
-                    # single step: the detached current log-probs ARE the old ones (no separate pass)
-                    old_logp = logp.detach() if old is None else torch.cat([old[i] for i in rows]).to(dev)
-                    roll = None
-                    if rollout_lp is not None:
-                        roll = torch.tensor([x for i in rows for x in rollout_lp[i]], dtype=torch.float32,
-                                            device=dev)
-                        if epoch == 0:
-                            mismatch.append((old_logp.float().cpu(), roll.cpu()))
-                    out = lightningrl_loss(
-                        logp,
-                        old_logp,
-                        torch.repeat_interleave(adv[rows], lengths).to(dev),
-                        torch.repeat_interleave(torch.tensor(local), lengths).to(dev),
-                        norm,
-                        ref_logp=torch.cat([ref[i] for i in rows]).to(dev) if ref is not None else None,
-                        correct_tokens=torch.repeat_interleave(correct[rows], lengths).to(dev),
-                        eps_low=hp.eps_low,
-                        eps_high=hp.eps_high,
-                        kl_beta=hp.kl_beta if ref is not None else 0.0,
-                        kl_estimator=hp.kl_estimator,
-                        nll_weight=hp.nll_weight,
-                        policy_reduction=hp.policy_reduction,
-                        kl_reduction=hp.kl_reduction,
-                        nll_reduction=hp.nll_reduction,
-                        is_weights=tis_weights(old_logp, roll, hp.tis_cap) if hp.tis_cap is not None else None,
-                    )
+                    ent = None
+                    if joint:  # dUltra, one ratio per step: decisions + tokens (module_planner)
+                        out = self._joint_loss(batch, rows, local, adv, norm, old, ref, correct)
+                    else:
+                        lengths = torch.tensor([len(batch.response_ids[i]) for i in rows])
+                        logp, ent = self._logprobs(self.policy, batch, rows, with_entropy=epoch == 0)
+                        dev = logp.device
+                        # single step: the detached current log-probs ARE the old ones (no separate pass)
+                        old_logp = logp.detach() if old is None else torch.cat([old[i] for i in rows]).to(dev)
+                        roll = None
+                        if rollout_lp is not None:
+                            roll = torch.tensor([x for i in rows for x in rollout_lp[i]], dtype=torch.float32,
+                                                device=dev)
+                            if epoch == 0:
+                                mismatch.append((old_logp.float().cpu(), roll.cpu()))
+                        out = lightningrl_loss(
+                            logp,
+                            old_logp,
+                            torch.repeat_interleave(adv[rows], lengths).to(dev),
+                            torch.repeat_interleave(torch.tensor(local), lengths).to(dev),
+                            norm,
+                            ref_logp=torch.cat([ref[i] for i in rows]).to(dev) if ref is not None else None,
+                            correct_tokens=torch.repeat_interleave(correct[rows], lengths).to(dev),
+                            eps_low=hp.eps_low,
+                            eps_high=hp.eps_high,
+                            kl_beta=hp.kl_beta if ref is not None else 0.0,
+                            kl_estimator=hp.kl_estimator,
+                            nll_weight=hp.nll_weight,
+                            policy_reduction=hp.policy_reduction,
+                            kl_reduction=hp.kl_reduction,
+                            nll_reduction=hp.nll_reduction,
+                            is_weights=tis_weights(old_logp, roll, hp.tis_cap) if hp.tis_cap is not None else None,
+                        )
                     if ent is not None:
                         entropy_sum += float(ent.sum())
                         entropy_count += ent.numel()
                     mb_stats = out.stats if mb_stats is None else mb_stats + out.stats
                     loss = out.loss
-                    if plan_on:  # dUltra: the decisions' PPO term beside the tokens' (single process only)
-                        if world > 1:
-                            raise ValueError("planner training runs on one process for now (trainer.devices=1)")
+                    if plan_on and not joint:  # dUltra, separate: the decisions' PPO term beside the tokens'
                         plan_loss = self._planner_loss(batch, rows, adv, single_step, len(mb))
                         plan_sum += float(plan_loss.detach())
                         loss = plan_loss if hp.freeze_backbone else loss + plan_loss
@@ -471,32 +464,11 @@ class LightningRLModule(LightningModule):
         if grad_norms:
             extra["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         extra.update(mismatch_metrics(mismatch, hp.tis_cap))
-        if plan_on:
+        if plan_on and not joint:
             extra["loss/planner"] = plan_sum / max(n_opt, 1)
         self._log_step(
             batch, total_stats, entropy_sum / max(entropy_count, 1), time.perf_counter() - t0, max(n_opt, 1), extra
         )
-
-    def _planner_loss(self, batch: RolloutBatch, rows: list[int], adv: torch.Tensor, single_step: bool,
-                      num_responses: int) -> torch.Tensor:
-        """`planner_policy_loss` of these responses: new decision log-probs from the training forward, old ones the
-        rollout's records (the rollout ran with the current weights; one optimizer step: the detached new ones)."""
-        hp = self.hparams
-        sp = batch.sampling
-        sampled = sp is not None and not sp.greedy
-        dec, _, steps = planner_step_logprobs(
-            self.policy, [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows],
-            [batch.step_maps[i] for i in rows], block_size=self.rollout_block_size,
-            pad_id=self.tokenizer.pad_token_id, max_copies=hp.max_copies, rows_per_forward=hp.rows_per_forward,
-            tail_ids=[batch.tail_ids[i] for i in rows], tail_step_maps=[batch.tail_step_maps[i] for i in rows],
-            temperature=sp.temperature if sampled else 1.0, top_k=sp.top_k if sampled else 0,
-            top_p=sp.top_p if sampled else 1.0)
-        if single_step:
-            old = dec.detach()
-        else:
-            old = torch.tensor([x for i in rows for x in batch.planner_logprobs[i]], device=dec.device)
-        return planner_policy_loss(dec, old, adv[rows], steps, eps_low=hp.eps_low, eps_high=hp.eps_high,
-                                   num_responses=num_responses)
 
     def _zero_loss(self) -> torch.Tensor:
         """A loss of exactly 0 that still runs a forward/backward through the policy (gradient-sync hooks fire)."""
@@ -599,25 +571,3 @@ class LightningRLModule(LightningModule):
         finally:
             self.policy.train(was_training)
 
-
-def tis_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, cap: float) -> torch.Tensor:
-    """(T,) truncated importance weights min(π_old/π_rollout, cap), detached (verl's TIS)."""
-    return torch.exp(old_logp.detach().float() - rollout_logp.float()).clamp(max=cap)
-
-
-def mismatch_metrics(pairs: list[tuple[torch.Tensor, torch.Tensor]], tis_cap: float | None) -> dict[str, float]:
-    """Train–rollout agreement of one step's tokens: ``rollout/logprob_abs_diff/{mean,max}``, ``rollout/logprob_corr``
-    (Pearson, over tokens; left out when either side is constant) and, with TIS, ``rollout/tis_clip_frac``."""
-    if not pairs:
-        return {}
-    old = torch.cat([p[0] for p in pairs]).double()
-    roll = torch.cat([p[1] for p in pairs]).double()
-    if not old.numel():
-        return {}
-    diff = (old - roll).abs()
-    out = {"rollout/logprob_abs_diff/mean": float(diff.mean()), "rollout/logprob_abs_diff/max": float(diff.max())}
-    if old.numel() > 1 and float(old.std()) > 0 and float(roll.std()) > 0:
-        out["rollout/logprob_corr"] = float(torch.corrcoef(torch.stack([old, roll]))[0, 1])
-    if tis_cap is not None:
-        out["rollout/tis_clip_frac"] = float((torch.exp(old - roll) > tis_cap).double().mean())
-    return out

@@ -294,7 +294,7 @@ def test_planner_weights_sync_and_sweep(tiny_tokenizer):
 
 
 def test_planner_policy_loss_hand_numbers_and_direction():
-    from lrl.algorithms.planner_logprobs import planner_policy_loss
+    from lrl.algorithms.planner_objective import planner_policy_loss
 
     # response 0: 2 steps, A = +1; response 1: 1 step, A = −2; ε = 0.2
     old = torch.log(torch.tensor([0.5, 0.5, 0.5]))
@@ -311,9 +311,66 @@ def test_planner_policy_loss_hand_numbers_and_direction():
         planner_policy_loss(new, old, adv, [1, 1])
 
 
+def test_joint_step_loss_hand_numbers():
+    """One ratio per step on decisions + tokens (spec §8.3, planner_ratio=joint), clip/KL/NLL by hand."""
+    from math import log
+
+    from lrl.algorithms.losses import build_normalizer
+    from lrl.algorithms.planner_objective import joint_step_loss
+
+    # response 0: 2 steps, A = +1, correct; response 1: 1 step, A = −2; ε = 0.2
+    dec = torch.log(torch.tensor([0.6, 1.0, 0.5]))
+    tok = torch.log(torch.tensor([0.5, 0.5, 0.5]))  # step probs 0.3, 0.5, 0.25
+    old = torch.log(torch.tensor([0.2, 0.5, 0.5]))  # ratios 1.5 (clipped to 1.2 for A > 0), 1.0, 0.5
+    ref = torch.log(torch.tensor([0.3, 0.5, 0.5]))  # k3 KL of the last step: 2 − 1 + log 0.5 = 1 − log 2
+    adv, seq = torch.tensor([1.0, 1.0, -2.0]), torch.tensor([0, 0, 1])
+    norm = build_normalizer(torch.tensor([2, 1]), torch.tensor([True, False]))
+    correct = torch.tensor([True, True, False])
+    kw = dict(ref_step_logp=ref, correct_steps=correct, kl_beta=0.1, nll_weight=0.5)
+    out = joint_step_loss(dec, tok, old, adv, seq, norm, **kw)
+    # sequence mean of −surr: response 0 mean(−1.2, −1.0) = −1.1, response 1 −min(0.5·−2, 0.8·−2) = 1.6
+    policy = (-1.1 + 1.6) / 2
+    kl = 0.1 * (1 - log(2)) / 3  # token (= step) mean over the 3 steps
+    nll = 0.5 * log(2)  # the tokens' part only: −log 0.5 per correct step, mean over the 2 correct steps
+    assert out.loss.item() == pytest.approx(policy + kl + nll, abs=1e-6)
+    assert out.stats.policy.item() == pytest.approx(policy, abs=1e-6)
+    assert out.stats.nll.item() == pytest.approx(nll, abs=1e-6)
+    tok_red = joint_step_loss(dec, tok, old, adv, seq, norm, policy_reduction="token", **kw)
+    assert tok_red.stats.policy.item() == pytest.approx(-(1.2 + 1.0 - 1.6) / 3, abs=1e-6)
+    with pytest.raises(ValueError, match="correct_steps"):
+        joint_step_loss(dec, tok, old, adv, seq, norm, nll_weight=0.5, kl_beta=0.0)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_joint_step_loss_direction(sign):
+    """A gradient step on the joint loss raises the probability of a step's recorded decisions (and of its
+    tokens) when the advantage is positive, and lowers it when negative."""
+    from lrl.algorithms.losses import build_normalizer
+    from lrl.algorithms.planner_objective import joint_step_loss
+
+    z = torch.tensor([[0.3, -0.2, 0.1, 0.0]], requires_grad=True)  # planner logits of one block
+    w = torch.tensor([0.2, -0.1, 0.4], requires_grad=True)  # token logits at the unmasked positions
+    masked = torch.tensor([[True, True, True, False]])
+    chosen = torch.tensor([[True, False, True, False]])
+
+    def step_parts():
+        return planner_logprob(z, masked, chosen), w.log_softmax(-1)[:1].sum().reshape(1)
+
+    dec0, tok0 = (x.detach() for x in step_parts())
+    norm = build_normalizer(torch.tensor([1]), torch.tensor([False]))
+    opt = torch.optim.SGD([z, w], lr=0.1)
+    dec, tok = step_parts()
+    joint_step_loss(dec, tok, (dec + tok).detach(), torch.tensor([sign]), torch.tensor([0]), norm,
+                    kl_beta=0.0, nll_weight=0.0).loss.backward()
+    opt.step()
+    dec1, tok1 = (x.detach() for x in step_parts())
+    assert sign * float(dec1 - dec0) > 1e-4 and sign * float(tok1 - tok0) > 1e-4
+
+
 # ------------------------------------------------------------------ lrl fit
-@pytest.mark.parametrize("freeze", [False, True], ids=["joint", "planner_only"])
-def test_two_step_fit_with_dultra_config(peaky_checkpoint, tiny_tokenizer, tmp_path, monkeypatch, freeze):
+@pytest.mark.parametrize(("freeze", "ratio"), [(False, "separate"), (True, "separate"), (False, "joint")],
+                         ids=["joint", "planner_only", "joint_ratio"])
+def test_two_step_fit_with_dultra_config(peaky_checkpoint, tiny_tokenizer, tmp_path, monkeypatch, freeze, ratio):
     """2 RL steps of `lrl fit --config configs/dultra.yaml` on the tiny model: planner rollouts, the planner's
     PPO term logged, the head moved and synced to the rollout engine; the backbone moved too, unless frozen.
     The planner-only run also adds the distillation reward of a (random) AR teacher."""
@@ -335,7 +392,8 @@ def test_two_step_fit_with_dultra_config(peaky_checkpoint, tiny_tokenizer, tmp_p
             "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
             "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}, "
             f"{{class_path: callbacks.RLCheckpoint, init_args: {{dirpath: {out}/ckpts, save_last: true, "
-            "every_n_rl_steps: 1, save_top_k: -1}}]", f"--model.init_args.freeze_backbone={str(freeze).lower()}"]
+            "every_n_rl_steps: 1, save_top_k: -1}}]", f"--model.init_args.freeze_backbone={str(freeze).lower()}",
+            f"--model.init_args.planner_ratio={ratio}"]
     if freeze:
         build_teacher(tmp_path / "teacher", tiny_tokenizer)
         args.append(f"--data.init_args.distill_teacher={tmp_path / 'teacher'}")
@@ -344,7 +402,8 @@ def test_two_step_fit_with_dultra_config(peaky_checkpoint, tiny_tokenizer, tmp_p
     assert module.rl_step == 2
     batch = module.last_batch
     assert batch.planner_logprobs is not None and batch.sampling.remasking_strategy == "planner"
-    assert "loss/planner" in cli.trainer.logged_metrics
+    # separate: the decisions' own PPO term is logged; joint: one ratio per step, inside the policy term
+    assert ("loss/planner" in cli.trainer.logged_metrics) == (ratio == "separate")
     assert "steps" in batch.rewards  # dUltra's step-count reward is on in configs/dultra.yaml
     r = batch.rewards
     parts = r["acc"] + r["tpf"] + r["steps"] + (r["distill"] if freeze else 0.0)

@@ -178,39 +178,3 @@ def _confidence(states: torch.Tensor, out_layer) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([planner_confidence(out_layer(states[c : c + _CONF_CHUNK]))
                           for c in range(0, states.shape[0], _CONF_CHUNK)])
-
-
-def planner_policy_loss(
-    new: torch.Tensor,
-    old: torch.Tensor,
-    advantages: torch.Tensor,
-    steps_per_response: list[int],
-    *,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    num_responses: int | None = None,
-) -> torch.Tensor:
-    """PPO-clip surrogate of the planner's decisions, one unit per denoising step (spec §8.3).
-
-    L = (1 / N) Σ_j (1 / S_j) Σ_s −min(r_js A_j, clip(r_js, 1 − ε_low, 1 + ε_high) A_j), r_js = exp(new − old).
-
-    Args:
-        new, old: (Σ S_j,) decision log-probs of each step (`planner_step_logprobs`'s first output; old detached:
-            the rollout's, e.g. ``RolloutBatch.planner_logprobs``), response-major.
-        advantages: (J,) one advantage per response.
-        steps_per_response: S_j per response (responses with S_j = 0 contribute nothing).
-        num_responses: N of the sequence mean (the whole minibatch's, so micro-batches add up); default J.
-    Returns:
-        scalar loss.
-    """
-    counts = torch.tensor(steps_per_response, dtype=torch.long, device=new.device)
-    if new.shape != old.shape or int(counts.sum()) != new.numel() or advantages.numel() != counts.numel():
-        raise ValueError(f"planner_policy_loss: {new.numel()} new / {old.numel()} old log-probs, "
-                         f"{int(counts.sum())} steps, {advantages.numel()} advantages do not line up")
-    seq = torch.repeat_interleave(torch.arange(counts.numel(), device=new.device), counts)
-    adv = advantages.to(new.device, torch.float32)[seq]
-    ratio = torch.exp(new - old.detach())
-    surr = -torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
-    per_seq = torch.zeros(counts.numel(), device=new.device, dtype=surr.dtype).index_add(0, seq, surr)
-    n = num_responses if num_responses is not None else counts.numel()
-    return (per_seq / counts.clamp(min=1)).sum() / max(n, 1)
