@@ -4,10 +4,11 @@ The servers run in their own environment (SGLang pins its own torch/transformers
 only speaks JSON over HTTP with ``httpx``. Generation sends ``input_ids`` with SGLang ``sampling_params`` and reads
 ``output_ids`` and ``meta_info`` (``finish_reason``, ``weight_version`` and, from the ``lrl_dllm`` plugin or
 ``lrl serve``, ``dllm_step_map`` / ``dllm_nfe`` / ``dllm_store_passes`` / ``dllm_sampling_logprobs``; from
-``lrl serve`` only, the final-block tail ``dllm_tail_ids`` / ``dllm_tail_step_map``) into the same `RolloutBatch`
-the native engine builds. A batch carries sampling log-probs only when every answer had them. The decoding rule
-itself (block size, strategy, threshold) is fixed by the server (``--dllm-algorithm-config`` or ``lrl serve``
-flags); against ``lrl serve`` the client checks it matches `SamplingParams`.
+``lrl serve`` only, the final-block tail ``dllm_tail_ids`` / ``dllm_tail_step_map`` and, for dUltra's ``planner``
+strategy (``lrl serve`` with a planner head only; sent as ``custom_params``), ``dllm_planner_logprobs``) into the
+same `RolloutBatch` the native engine builds. A batch carries sampling log-probs only when every answer had them.
+The decoding rule itself (block size, strategy, threshold) is fixed by the server (``--dllm-algorithm-config`` or
+``lrl serve`` flags); against ``lrl serve`` the client checks it matches `SamplingParams`.
 
 Robustness: every call has a timeout; connection failures are retried ``max_retries`` times with exponential
 backoff; a dead server, an HTTP error or a malformed answer raises `RolloutServerError` naming the URL; an answer
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 STEP_MAP_KEY, NFE_KEY, STORE_KEY = "dllm_step_map", "dllm_nfe", "dllm_store_passes"
 LOGPROB_KEY, TAIL_IDS_KEY, TAIL_STEPS_KEY = "dllm_sampling_logprobs", "dllm_tail_ids", "dllm_tail_step_map"
+PLANNER_KEY = "dllm_planner_logprobs"
 
 
 class RolloutServerError(RuntimeError):
@@ -290,13 +292,22 @@ class SGLangRolloutGenerator(RolloutGenerator):
             if sp.eos_policy != "truncate" and not dec:
                 raise ValueError(f"eos_policy={sp.eos_policy!r} needs lrl serve; {u} (SGLang) always truncates at "
                                  "the stop token")
+            planner = sp.remasking_strategy == "planner"
+            if planner and not dec:
+                raise ValueError(f"remasking_strategy 'planner' needs lrl serve or the native engine: the SGLang "
+                                 f"plugin does not support it ({u})")
+            if planner and not info.get("lrl_planner_head"):
+                raise ValueError(f"remasking_strategy 'planner' needs a planner head, but the checkpoint served by {u} "
+                                 "has none")
             if not dec:
                 continue
-            checks = [("block_size", sp.block_size), ("remasking_strategy", sp.remasking_strategy)]
-            if sp.remasking_strategy == "low_confidence_dynamic":
-                checks.append(("threshold", sp.threshold))
-            else:
-                checks.append(("denoising_steps", sp.denoising_steps))
+            checks = [("block_size", sp.block_size)]
+            if not planner:  # the planner strategy and its threshold travel per request (custom_params)
+                checks.append(("remasking_strategy", sp.remasking_strategy))
+                if sp.remasking_strategy == "low_confidence_dynamic":
+                    checks.append(("threshold", sp.threshold))
+                else:
+                    checks.append(("denoising_steps", sp.denoising_steps))
             for key, want in checks:
                 have = dec.get(key)
                 if have != want and not (isinstance(want, float) and have is not None and abs(have - want) < 1e-9):
@@ -330,13 +341,18 @@ class SGLangRolloutGenerator(RolloutGenerator):
             "skip_special_tokens": True,
             "sampling_seed": int(seed) % (2**63),
         }
+        custom = {}
         if sp.eos_policy != "truncate":
-            out["custom_params"] = {"lrl_eos_policy": sp.eos_policy}
+            custom["lrl_eos_policy"] = sp.eos_policy
+        if sp.remasking_strategy == "planner":  # lrl serve only (checked against the server's info)
+            custom |= {"lrl_remasking_strategy": "planner", "lrl_planner_threshold": sp.planner_threshold}
+        if custom:
+            out["custom_params"] = custom
         return out
 
     def _parse_item(self, url: str, item: Any) -> tuple:
         """One answer → (ids, step map, finish reason, forwards, store passes, sampling log-probs or None,
-        tail ids, tail step ids)."""
+        tail ids, tail step ids, planner decision log-probs or None)."""
         ids, sm, kind, nfe, stores = self._parse_core(url, item)
         meta = item["meta_info"]
         lp = meta.get(LOGPROB_KEY)
@@ -349,7 +365,14 @@ class SGLangRolloutGenerator(RolloutGenerator):
                 or not all(isinstance(t, int) for t in tail + tail_sm)):
             raise RolloutServerError(f"{url}: {TAIL_IDS_KEY} / {TAIL_STEPS_KEY} are malformed or of different "
                                      "lengths")
-        return ids, sm, kind, nfe, stores, (None if lp is None else [float(x) for x in lp]), tail, tail_sm
+        plan = meta.get(PLANNER_KEY)
+        n_steps = max(sm + tail_sm, default=0)
+        if plan is not None and (not isinstance(plan, list) or len(plan) != n_steps
+                                 or not all(isinstance(x, (int, float)) for x in plan)):
+            raise RolloutServerError(f"{url}: {PLANNER_KEY} has {len(plan) if isinstance(plan, list) else plan!r} "
+                                     f"entries for {n_steps} steps")
+        return (ids, sm, kind, nfe, stores, (None if lp is None else [float(x) for x in lp]), tail, tail_sm,
+                None if plan is None else [float(x) for x in plan])
 
     def _parse_core(self, url: str, item: Any) -> tuple[list[int], list[int], str, int, int]:
         if not isinstance(item, dict):
@@ -393,9 +416,6 @@ class SGLangRolloutGenerator(RolloutGenerator):
         sampling.validate()
         if len(prompts) == 0:
             raise ValueError("generate() needs at least one prompt")
-        if sampling.remasking_strategy == "planner":  # the planner head runs only in the native engine
-            raise ValueError("remasking_strategy 'planner' is not supported by the SGLang backend; use the native "
-                             "engine")
         self._ensure_ready()
         self._check_decode_config(sampling)
         ids = self._encode(prompts)
@@ -424,6 +444,9 @@ class SGLangRolloutGenerator(RolloutGenerator):
             raise
         resp = [r[0] for r in results]
         lps = [r[5] for r in results]
+        plans = [r[8] for r in results]
+        if sampling.remasking_strategy == "planner" and any(x is None for x in plans):
+            raise RolloutServerError(f"planner rollouts came back without meta_info.{PLANNER_KEY}")
         return RolloutBatch(
             prompt_ids=[list(p) for p in rows],
             response_ids=resp,
@@ -437,6 +460,7 @@ class SGLangRolloutGenerator(RolloutGenerator):
             sampling_logprobs=None if any(x is None for x in lps) else lps,
             tail_ids=[r[6] for r in results],
             tail_step_maps=[r[7] for r in results],
+            planner_logprobs=plans if sampling.remasking_strategy == "planner" else None,
             sampling=sampling,
         )
 

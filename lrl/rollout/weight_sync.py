@@ -122,13 +122,16 @@ def write_hf_checkpoint(
 
 
 def read_hf_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """All tensors of the safetensors files of a checkpoint directory (what a server loads on a disk update)."""
+    """All tensors of the safetensors files of a checkpoint directory (what a server loads on a disk update), but
+    not a dUltra planner head's file (its names are the head's own; `lrl serve` loads it as ``planner.*``)."""
     from safetensors.torch import load_file
+
+    from lrl.models.planner import PLANNER_FILE
 
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} is not a directory")
-    files = sorted(root.glob("*.safetensors"))
+    files = sorted(f for f in root.glob("*.safetensors") if f.name != PLANNER_FILE)
     if not files:
         raise FileNotFoundError(f"{root} holds no *.safetensors files")
     out: dict[str, torch.Tensor] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-STRATEGIES = ("low_confidence_dynamic", "low_confidence_static", "sequential")
+STRATEGIES = ("low_confidence_dynamic", "low_confidence_static", "sequential", "planner")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None, help="decoding block size (default: the checkpoint's)")
     p.add_argument("--strategy", choices=STRATEGIES, default="low_confidence_dynamic", help="unmasking strategy")
     p.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of the dynamic strategy")
+    p.add_argument("--planner-threshold", type=float, default=0.5,
+                   help="greedy planner decoding unmasks where p >= this (strategy planner; needs a planner head)")
     p.add_argument("--denoising-steps", type=int, default=32, help="steps per block (static/sequential)")
     p.add_argument("--eos-policy", choices=("truncate", "keep_final_block"), default="truncate",
                    help="default response end at a stop token (requests may override via custom_params)")
@@ -46,7 +48,8 @@ def build_app(args: argparse.Namespace):
     lm, tokenizer = load_checkpoint(args.model, device=device, dtype=args.dtype)
     lm.eval()
     decode = DecodeConfig(block_size=args.block_size or lm.bd.block_size, remasking_strategy=args.strategy,
-                          threshold=args.threshold, denoising_steps=args.denoising_steps, eos_policy=args.eos_policy)
+                          threshold=args.threshold, denoising_steps=args.denoising_steps, eos_policy=args.eos_policy,
+                          planner_threshold=args.planner_threshold)
     engine = NativeEngine(lm, tokenizer, max_rows=args.max_rows)
     return create_app(engine, decode, model_path=str(args.model), weight_version=args.weight_version,
                       group_timeout_s=args.group_timeout, max_request_bytes=max(1, int(args.max_request_mb * 2**20)))

@@ -14,10 +14,13 @@ as SGLang does):
 * ``POST /generate``: ``text`` or ``input_ids`` (single or batch), ``sampling_params`` (dict or list); returns
   ``{"text", "output_ids", "meta_info": {"id", "finish_reason": {"type"}, "prompt_tokens", "completion_tokens",
   "weight_version", "dllm_step_map", "dllm_nfe", "dllm_store_passes", "dllm_sampling_logprobs", "dllm_tail_ids",
-  "dllm_tail_step_map", ...}}`` (a list for batches). Block size,
+  "dllm_tail_step_map", "dllm_planner_logprobs", ...}}`` (a list for batches). Block size,
   strategy and threshold are server flags (like SGLang's ``--dllm-algorithm-config``); temperature / top-k / top-p
   / max_new_tokens / stop ids come per request, with SGLang's semantics (temperature 0 = greedy; the model's eos
-  stops unless ``ignore_eos``);
+  stops unless ``ignore_eos``). dUltra: with a planner head in the checkpoint, ``custom_params``
+  ``{"lrl_remasking_strategy": "planner", "lrl_planner_threshold": t}`` (or ``--strategy planner``) decodes with
+  the head, and ``dllm_planner_logprobs`` holds each step's decision log-prob (null for other strategies); without
+  a head such a request gets a 400;
 * weight sync: ``/update_weights_from_disk`` (the directory must hold every parameter, with the model's shapes,
   floating-point and finite; anything else is refused with a 400 naming what is wrong and the weights stay as they
   were; the swap happens under the engine lock, between requests); ``/begin_weight_update`` …
@@ -45,12 +48,12 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lrl.rollout.engine import NativeEngine
 from lrl.rollout.types import SamplingParams
+from lrl.serve.limits import BodySizeLimit, json_error
 
 logger = logging.getLogger(__name__)
 
@@ -144,10 +147,12 @@ class DecodeConfig:
     threshold: float = 0.9
     denoising_steps: int = 32
     eos_policy: str = "truncate"
+    planner_threshold: float = 0.5
 
     def __post_init__(self) -> None:
         SamplingParams(block_size=self.block_size, remasking_strategy=self.remasking_strategy,
-                       threshold=self.threshold, denoising_steps=self.denoising_steps, eos_policy=self.eos_policy)
+                       threshold=self.threshold, denoising_steps=self.denoising_steps, eos_policy=self.eos_policy,
+                       planner_threshold=self.planner_threshold)
 
 
 class ServeState:
@@ -166,6 +171,10 @@ class ServeState:
         # generation_config.json's eos ids (SDAR: <|im_end|> and <|endoftext|>) plus the tokenizer's eos
         self.eos_ids = checkpoint_stop_ids(model_path, engine.tokenizer, hf_config=engine.lm.hf_config)
         self.vocab_size = int(engine.lm.model.get_output_embeddings().weight.shape[0])
+        self.has_planner = getattr(engine.lm, "planner", None) is not None
+        if decode.remasking_strategy == "planner" and not self.has_planner:
+            raise ValueError(f"--strategy planner needs a checkpoint with a planner head; {model_path or 'the model'} "
+                             "has none (dUltra imitation writes one: scripts/dultra_imitation.py)")
 
     def model_info(self) -> dict:
         cfg = self.engine.lm.hf_config
@@ -177,13 +186,9 @@ class ServeState:
             "model_type": self.engine.lm.identity.get("model_type", getattr(cfg, "model_type", None)),
             "architectures": self.engine.lm.identity.get("architectures", getattr(cfg, "architectures", None)),
             "lrl_engine": "native",
+            "lrl_planner_head": self.has_planner,
             "lrl_decode": dataclasses.asdict(self.decode) | {"max_rows": self.engine.max_rows},
         }
-
-
-def _error(status: int, message: str, kind: str = "BadRequestError") -> JSONResponse:
-    return JSONResponse({"success": False, "message": message, "error": {"message": message, "type": kind,
-                                                                          "code": status}}, status_code=status)
 
 
 def _ok(message: str = "Success", **extra) -> dict:
@@ -227,11 +232,21 @@ def _sampling(raw: dict | None, state: ServeState) -> tuple[SamplingParams, SGLa
         raise BadRequest(f"top_k must be -1 (disable) or at least 1, got {p.top_k}")
     greedy = p.temperature == 0.0 or p.top_k == 1
     stop = () if p.ignore_eos else tuple(sorted(set(p.stop_token_ids or ()) | set(state.eos_ids)))
-    eos_policy = (p.custom_params or {}).get("lrl_eos_policy", state.decode.eos_policy)
+    custom = p.custom_params or {}
+    eos_policy = custom.get("lrl_eos_policy", state.decode.eos_policy)
     d = state.decode
+    # dUltra: a request may ask for the planner strategy (custom_params) when the served checkpoint has a head
+    strategy = custom.get("lrl_remasking_strategy", d.remasking_strategy)
+    plan_t = custom.get("lrl_planner_threshold", d.planner_threshold)
+    if not isinstance(strategy, str) or isinstance(plan_t, bool) or not isinstance(plan_t, (int, float)):
+        raise BadRequest("custom_params.lrl_remasking_strategy must be a string and lrl_planner_threshold a number")
+    if strategy == "planner" and not state.has_planner:
+        raise BadRequest("remasking_strategy 'planner' needs a checkpoint with a planner head; the served model "
+                         "has none")
     try:
         sp = SamplingParams(
-            block_size=d.block_size, remasking_strategy=d.remasking_strategy, threshold=d.threshold,
+            block_size=d.block_size, remasking_strategy=strategy, threshold=d.threshold,
+            planner_threshold=float(plan_t),
             denoising_steps=d.denoising_steps, temperature=1.0 if greedy else p.temperature,
             top_k=0 if greedy or p.top_k == -1 else p.top_k, top_p=1.0 if greedy else p.top_p, greedy=greedy,
             max_new_tokens=p.max_new_tokens, stop_token_ids=stop, samples_per_prompt=1,
@@ -294,6 +309,9 @@ def run_generate(state: ServeState, req: GenerateRequest) -> Any:
                         "dllm_sampling_logprobs": res.sampling_logprobs[j],
                         "dllm_tail_ids": res.tail_ids[j],
                         "dllm_tail_step_map": res.tail_step_maps[j],
+                        # planner strategy: log-prob of each step's unmasking decisions (RolloutBatch's record)
+                        "dllm_planner_logprobs": (None if res.planner_logprobs is None
+                                                  else res.planner_logprobs[j]),
                         "e2e_latency": time.perf_counter() - t0,
                     },
                 }
@@ -307,6 +325,8 @@ def _check_fit(state: ServeState, named: list[tuple[str, torch.Tensor]], *, comp
     does), all finite, and with ``complete`` every parameter of the model present (a tied one under any name)."""
     model = state.engine.lm.model
     own = {n: t for n, t in model.named_parameters()} | {n: t for n, t in model.named_buffers()}
+    if state.has_planner:  # the planner head's tensors travel as planner.* (NativeEngine.update_weights)
+        own |= {f"planner.{n}": t for n, t in state.engine.lm.planner.state_dict(keep_vars=True).items()}
     unknown, wrong, bad_dtype, nonfinite, given = [], [], [], [], set()
     for name, tensor in named:
         key = name.removeprefix("model.") if name not in own and name.startswith("model.model.") else name
@@ -358,8 +378,27 @@ def run_update_from_disk(state: ServeState, req: UpdateFromDiskRequest) -> None:
         weights = read_hf_weights(req.model_path)
     except Exception as exc:  # missing, truncated or foreign files are the request's fault: 400, never 500
         raise BadRequest(f"cannot load weights from {req.model_path!r}: {type(exc).__name__}: {exc}") from exc
+    if state.has_planner:  # a head saved beside the weights (save_checkpoint) is loaded too
+        weights |= _read_planner(req.model_path)
     # a disk update replaces the whole model (SGLang reloads it): a partial directory would mix old and new weights
     _load_named(state, list(weights.items()), req.weight_version, complete=True)
+
+
+def _read_planner(path: str) -> dict[str, torch.Tensor]:
+    """``planner.*`` tensors of the planner head file in ``path`` (empty when it has none)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from lrl.models.planner import PLANNER_FILE
+
+    file = Path(path) / PLANNER_FILE
+    if not file.is_file():
+        return {}
+    try:
+        return {f"planner.{k}": v for k, v in load_file(str(file)).items()}
+    except Exception as exc:
+        raise BadRequest(f"cannot load {file}: {type(exc).__name__}: {exc}") from exc
 
 
 def run_init_group(state: ServeState, req: InitGroupRequest, timeout_s: float) -> None:
@@ -408,52 +447,6 @@ def run_update_distributed(state: ServeState, req: DistributedUpdateRequest) -> 
     _load_named(state, list(zip(req.names, tensors)), req.weight_version)
 
 
-# ---------------------------------------------------------------------------------------------- request size
-class BodyTooLarge(StarletteHTTPException):
-    """A request body over the server's limit: HTTP 413 (an HTTPException, so FastAPI's body reader passes it on
-    instead of answering 400)."""
-
-    def __init__(self, limit: int):
-        super().__init__(413, f"request body exceeds the limit of {limit} bytes (lrl serve --max-request-mb)")
-
-
-class BodySizeLimit:
-    """ASGI middleware: refuse bodies over ``max_bytes`` from ``Content-Length`` before reading them, and stop
-    reading a chunked body once it passes the limit (JSON parsing of a body takes many times its size)."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None:
-            try:
-                too_big = int(declared) > self.max_bytes
-            except ValueError:
-                return await _error(400, f"invalid Content-Length {declared!r}")(scope, receive, send)
-            if too_big:
-                return await self._refuse(int(declared))(scope, receive, send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            if message.get("type") == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
-            return message
-
-        await self.app(scope, limited, send)
-
-    def _refuse(self, size: int) -> JSONResponse:
-        return _error(413, f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes "
-                           "(lrl serve --max-request-mb)", "PayloadTooLarge")
-
-
 # ---------------------------------------------------------------------------------------------- app
 def create_app(engine: NativeEngine, decode: DecodeConfig, *, model_path: str = "", weight_version: str = "default",
                group_timeout_s: float = 600.0, max_request_bytes: int = 16 << 20) -> FastAPI:
@@ -469,20 +462,20 @@ def create_app(engine: NativeEngine, decode: DecodeConfig, *, model_path: str = 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
         errs = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
-        return _error(400, f"invalid request: {errs}")
+        return json_error(400, f"invalid request: {errs}")
 
     @app.exception_handler(BadRequest)
     async def _bad(request: Request, exc: BadRequest):
-        return _error(400, str(exc))
+        return json_error(400, str(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return _error(exc.status_code, str(exc.detail), "HTTPException")
+        return json_error(exc.status_code, str(exc.detail), "HTTPException")
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
         logger.exception("internal error on %s", request.url.path)
-        return _error(500, f"internal error: {type(exc).__name__}: {exc}", "InternalServerError")
+        return json_error(500, f"internal error: {type(exc).__name__}: {exc}", "InternalServerError")
 
     @app.api_route("/health", methods=["GET", "POST"])
     async def health():
