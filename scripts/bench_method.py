@@ -1,14 +1,24 @@
-"""Method benchmark on the synthetic task: SFT base vs GRPO(traj) vs LightningRL (and ablations), several seeds.
+"""Method benchmark on the synthetic task: SFT base vs GRPO(traj) vs LightningRL (and ablations, and dUltra's
+planner methods), several seeds.
 
 Every method starts from the same SFT base, trains with the same budget (configs/quickstart.yaml: prompts per
 step, group size, steps, decoding settings) and is evaluated on the same held-out problems with the same
 greedy threshold sweep. AUP uses one y_max for all methods (d3LLM: the best accuracy of any method and point).
+
+dUltra methods (`PLANNER_METHODS`, spec §8.3) train with configs/dultra.yaml layered on the benchmark's configs,
+from a checkpoint whose planner head was first fitted by imitation of the threshold rule at φ
+(scripts/dultra_imitation.py; cached under <out>/planner_init, or --planner-init DIR), and are evaluated on the
+planner's own greedy sweep (the 1-token anchor and p ≥ t for ``eval_planner_thresholds``); their table row is
+read at p ≥ 0.5 (the planner strategy's default). "LightningRL → planner" trains LightningRL first (reusing the
+same seed's LightningRL run when it is in the same invocation), fits a head on its export by imitation, then
+trains the head alone.
 
 Writes outputs/bench/method.json, outputs/bench/method.md and outputs/bench/method.png.
 
     python scripts/bench_method.py --seeds 0 1 2 [--ablations] [--rl-steps 30] [--eval-size 200]
     python scripts/bench_method.py --merge outputs/bench/s0 outputs/bench/s1 outputs/bench/s2   # seeds run apart
     python scripts/bench_method.py --config configs/quickstart.yaml --config configs/model/tiny_b16.yaml  # block 16
+    python scripts/bench_method.py --methods LightningRL dUltra "dUltra, planner-only" "LightningRL → planner"
 """
 
 from __future__ import annotations
@@ -42,6 +52,30 @@ ABLATIONS: dict[str, list[str]] = {
     "LightningRL, no TPF filter": ["--trainer.callbacks.init_args.tpf_range_threshold=null"],
 }
 
+# dUltra (spec §8.3): name → (method trained first, or None for the SFT base; extra `lrl fit` arguments on top of
+# the benchmark's configs + PLANNER_CONFIG). Each starts from an imitation-fitted planner head.
+PLANNER_CONFIG = "configs/dultra.yaml"
+PLANNER_METHODS: dict[str, tuple[str | None, list[str]]] = {
+    "dUltra": (None, []),
+    "dUltra, planner-only": (None, ["--model.init_args.freeze_backbone=true"]),
+    "LightningRL → planner": ("LightningRL", ["--model.init_args.freeze_backbone=true"]),
+}
+PLANNER_SELECT = 0.5  # the planner methods' table row: greedy p ≥ 0.5 (SamplingParams.planner_threshold default)
+PLANNER_BASE = "SFT base + planner (imitation)"  # the imitation-fitted head on the SFT base, before any RL
+# the keys PLANNER_CONFIG adds to the benchmark's configs (the rest of the budget stays the benchmark's own)
+PLANNER_KEYS = {"model": ("planner_head", "planner_lr", "freeze_backbone", "planner_ratio", "eval_planner_thresholds"),
+                "data": ("remasking_strategy", "step_penalty", "step_penalty_scale", "step_penalty_norm")}
+
+
+def planner_args(config: dict) -> list[str]:
+    """`lrl fit` arguments setting `PLANNER_KEYS` to their values in ``config`` (a merged config dict)."""
+    out = []
+    for section, keys in PLANNER_KEYS.items():
+        init = config[section]["init_args"]
+        out += [f"--{section}.init_args.{k}={v if isinstance(v, str) else json.dumps(v)}"
+                for k in keys if k in init for v in [init[k]]]
+    return out
+
 
 def _callbacks(filter_threshold: str) -> str:
     tpf_filter = "{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: true, tpf_range_threshold: %s}}"
@@ -67,13 +101,16 @@ def train(method_args: list[str], seed: int, steps: int | None, out: Path, confi
     return cli_main(args).model.policy
 
 
-def evaluate(lm, tok, task, records, thresholds, block_size, max_new):
+def evaluate(lm, tok, task, records, thresholds, block_size, max_new, planner_thresholds=()):
+    """Greedy sweep of ``lm``: the threshold rule at ``thresholds``, or (planner methods: ``thresholds`` empty)
+    the planner at ``planner_thresholds``; the 1-token anchor either way."""
     from lrl.evaluation import run_pareto_sweep
     from lrl.rollout import NativeEngine
 
     lm.eval()
     res = run_pareto_sweep(NativeEngine(lm, tok), task, records, thresholds=thresholds, block_size=block_size,
-                           max_new_tokens=max_new, stop_token_ids=(tok.eos_token_id,))
+                           max_new_tokens=max_new, stop_token_ids=(tok.eos_token_id,),
+                           planner_thresholds=list(planner_thresholds))
     return [{"setting": p.setting, "threshold": p.threshold, "accuracy": p.accuracy, "tpf": p.tpf,
              "forwards_per_response": p.forwards_per_response, "tokens_per_response": p.tokens_per_response,
              "styles": {k: v["share"] for k, v in p.styles.items()}} for p in res.points]
@@ -95,8 +132,34 @@ def run_curves(run_dir: Path) -> dict[str, list[float]]:
     return curves
 
 
+def planner_init(checkpoint: Path, out: Path, *, threshold: float, block: int, max_new: int, eval_size: int,
+                 prompts: int, steps: int) -> Path:
+    """``out``: ``checkpoint`` with a planner head fitted by imitation of the threshold rule at φ = ``threshold``
+    (scripts/dultra_imitation.py), reused when ``out`` already holds a checkpoint with a head."""
+    cfg = out / "config.json"
+    if cfg.exists() and "planner_head" in json.loads(cfg.read_text()):
+        print(f"[planner init] reusing {out}", flush=True)
+        return out
+    from dultra_imitation import main as imitate
+
+    imitate(["--checkpoint", str(checkpoint), "--out", str(out), "--threshold", str(threshold),
+             "--block-size", str(block), "--max-new-tokens", str(max_new), "--eval-prompts", str(eval_size),
+             "--train-prompts", str(prompts), "--steps", str(steps)])
+    return out
+
+
+def selected_point(pts: list[dict], select: float) -> dict:
+    """The table's point of one run: the threshold rule at φ = ``select`` or, for a planner sweep, p ≥ 0.5."""
+    for setting in (f"dynamic@{select:g}", f"planner@{PLANNER_SELECT:g}"):
+        hit = next((p for p in pts if p["setting"] == setting), None)
+        if hit is not None:
+            return hit
+    return next(p for p in pts if p["threshold"] == select)  # results written before the settings were named
+
+
 def summarize(results: dict[str, list[list[dict]]], select: float) -> dict[str, dict]:
-    """Per method: mean/std over seeds of accuracy and TPF at `select`, and of AUP with one global y_max."""
+    """Per method: mean/std over seeds of accuracy and TPF at `select` (planner sweeps: p ≥ 0.5), and of AUP with
+    one global y_max."""
     from lrl.metrics import aup
 
     y_max = max(p["accuracy"] for runs in results.values() for pts in runs for p in pts)
@@ -104,7 +167,7 @@ def summarize(results: dict[str, list[list[dict]]], select: float) -> dict[str, 
     for name, runs in results.items():
         accs, tpfs, aups, full, fwd, toks, styles = [], [], [], [], [], [], []
         for pts in runs:
-            sel = next(p for p in pts if p["threshold"] == select)
+            sel = selected_point(pts, select)
             accs.append(sel["accuracy"])
             tpfs.append(sel["tpf"])
             fwd.append(sel.get("forwards_per_response", float("nan")))
@@ -152,6 +215,8 @@ def method_table(summary: dict[str, dict], select: float, base: str = "SFT base"
         )
     n = len(next(iter(summary.values()))["acc"])
     lines.append(f"\nmean ± std over {n} seed(s); AUP with y_max = {b['y_max']:.1f} for every method.")
+    if any(name in PLANNER_METHODS for name in summary):
+        lines.append(f"dUltra rows: the planner's own greedy sweep, read at p ≥ {PLANNER_SELECT:g} instead of φ.")
     return "\n".join(lines)
 
 
@@ -204,9 +269,9 @@ def _join_methods(runs: list[dict]) -> list[dict]:
             continue
         into = joined[key]
         for name, per_seed in r["results"].items():
-            if name == "SFT base" and name in into["results"]:
+            if name in ("SFT base", PLANNER_BASE) and name in into["results"]:
                 if json.dumps(per_seed) != json.dumps(into["results"][name]):
-                    raise ValueError(f"runs with seeds {r['seeds']} disagree on the SFT base's results")
+                    raise ValueError(f"runs with seeds {r['seeds']} disagree on the {name}'s results")
                 continue
             if name in into["results"]:
                 raise ValueError(f"{name} appears twice for seeds {r['seeds']}")
@@ -284,22 +349,32 @@ def plot_styles(curves: dict[str, list[dict]], path: Path) -> None:
     fig.savefig(path)
 
 
+def frontiers(results: dict[str, list[list[dict]]]) -> dict[str, tuple[list[float], list[float]]]:
+    """Per method: (TPF, accuracy) of every sweep point, means over seeds, sorted by TPF (the plotted curves)."""
+    out = {}
+    for name, runs in results.items():
+        settings = [p["setting"] for p in runs[0]]
+        tpf = [statistics.fmean(r[i]["tpf"] for r in runs) for i in range(len(settings))]
+        acc = [statistics.fmean(r[i]["accuracy"] for r in runs) for i in range(len(settings))]
+        order = sorted(range(len(tpf)), key=tpf.__getitem__)
+        out[name] = ([tpf[i] for i in order], [acc[i] for i in order])
+    return out
+
+
 def plot(results: dict[str, list[list[dict]]], path: Path) -> None:
+    """method.png: every method's accuracy–TPF curve over its sweep on one axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4), dpi=110)
-    for name, runs in results.items():
-        settings = [p["setting"] for p in runs[0]]
-        tpf = [statistics.fmean(r[i]["tpf"] for r in runs) for i in range(len(settings))]
-        acc = [statistics.fmean(r[i]["accuracy"] for r in runs) for i in range(len(settings))]
-        order = sorted(range(len(tpf)), key=tpf.__getitem__)
-        ax.plot([tpf[i] for i in order], [acc[i] for i in order], "o-", label=name, alpha=0.8)
+    for name, (tpf, acc) in frontiers(results).items():
+        # planner methods dashed: their sweep is the planner's p threshold, not the confidence threshold φ
+        ax.plot(tpf, acc, "s--" if name in PLANNER_METHODS else "o-", label=name, alpha=0.8)
     ax.set_xlabel("tokens per forward (TPF)")
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("held-out synthetic arithmetic, greedy threshold sweep")
+    ax.set_title("held-out synthetic arithmetic, greedy sweeps (φ; dashed: planner p)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -317,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="extra `lrl fit` argument for every run (repeatable): --fit-arg=--model.init_args.lr=1e-5")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--ablations", action="store_true")
+    ap.add_argument("--dultra", action="store_true", help=f"add the dUltra methods {list(PLANNER_METHODS)}")
+    ap.add_argument("--planner-init", default=None, metavar="DIR",
+                    help="SFT base + imitation-fitted planner head (default: <out>/planner_init/base, built by "
+                         "scripts/dultra_imitation.py when missing, reused when present)")
+    ap.add_argument("--imitation-prompts", type=int, default=256, help="training prompts of the imitation fit")
+    ap.add_argument("--imitation-steps", type=int, default=1500, help="optimizer steps of the imitation fit")
     ap.add_argument("--rl-steps", type=int, default=None, help="RL steps per run (default: the quickstart's)")
     ap.add_argument("--eval-size", type=int, default=200)
     ap.add_argument("--out", default="outputs/bench")
@@ -347,24 +428,58 @@ def main(argv: list[str] | None = None) -> int:
     records = task.load("test")[: args.eval_size]
     thresholds, block, max_new = list(model["eval_thresholds"]), cfg["block_size"], model["eval_max_new_tokens"]
     select = float(data.get("threshold", 0.9))
-    methods = dict(METHODS, **(ABLATIONS if args.ablations else {}))
+    methods: dict = dict(METHODS, **(ABLATIONS if args.ablations else {}),
+                         **(PLANNER_METHODS if args.dultra else {}))
     if args.methods:
-        unknown = sorted(set(args.methods) - set(METHODS) - set(ABLATIONS))
+        known = {**METHODS, **ABLATIONS, **PLANNER_METHODS}
+        unknown = sorted(set(args.methods) - set(known))
         if unknown:
-            raise SystemExit(f"--methods: unknown {unknown}; known: {[*METHODS, *ABLATIONS]}")
-        methods = {k: v for k, v in {**METHODS, **ABLATIONS}.items() if k in args.methods}
+            raise SystemExit(f"--methods: unknown {unknown}; known: {list(known)}")
+        methods = {k: v for k, v in known.items() if k in args.methods or (args.dultra and k in PLANNER_METHODS)}
     out = Path(args.out)
     results: dict[str, list[list[dict]]] = {"SFT base": []}
     base_lm, tok = load_checkpoint(base_dir, block_size=block)
     base_pts = evaluate(base_lm, tok, task, records, thresholds, block, max_new)
     timings, curves = {}, {}
+    dultra = [k for k in methods if k in PLANNER_METHODS]
+    if dultra:  # one imitation-fitted head on the SFT base, shared by every seed (and cached on disk)
+        pcfg = merged_config([*configs, PLANNER_CONFIG])
+        p_args = planner_args(pcfg)
+        p_ts = sorted({*pcfg["model"]["init_args"].get("eval_planner_thresholds", ()), PLANNER_SELECT}, reverse=True)
+        init_kw = dict(threshold=select, block=block, max_new=max_new, eval_size=args.eval_size,
+                       prompts=args.imitation_prompts, steps=args.imitation_steps)
+        base_init = planner_init(base_dir, Path(args.planner_init or out / "planner_init" / "base"), **init_kw)
+        init_pts = evaluate(load_checkpoint(base_init, block_size=block)[0], tok, task, records, [], block,
+                            max_new, p_ts)
+        results[PLANNER_BASE] = []
+    stage1: dict[tuple[str, int], object] = {}  # (method, seed) → policy, for "LightningRL → planner"
     for seed in args.seeds:
         results["SFT base"].append(base_pts)  # deterministic: the same points for every seed
+        if dultra:
+            results[PLANNER_BASE].append(init_pts)
         for name, extra in methods.items():
             start = time.perf_counter()
-            run_dir = out / "runs" / f"{name.replace(' ', '_')}_s{seed}"
-            policy = train([*extra, *args.fit_arg], seed, args.rl_steps, run_dir, configs)
-            results.setdefault(name, []).append(evaluate(policy, tok, task, records, thresholds, block, max_new))
+            slug = name.replace(" ", "_").replace("→", "to").replace(",", "")
+            run_dir = out / "runs" / f"{slug}_s{seed}"
+            if name in PLANNER_METHODS:
+                first, extra = PLANNER_METHODS[name]
+                init = base_init
+                if first is not None:  # train `first`, export it, fit a head on it by imitation
+                    prev = stage1.get((first, seed)) or train([*METHODS[first], *args.fit_arg], seed, args.rl_steps,
+                                                              run_dir / "stage1", configs)
+                    from lrl.models import save_checkpoint
+
+                    save_checkpoint(prev, run_dir / "stage1_export", tokenizer=tok)
+                    init = planner_init(run_dir / "stage1_export", run_dir / "stage1_planner", **init_kw)
+                policy = train([*p_args, f"--checkpoint={init}", f"--block_size={block}", *extra, *args.fit_arg],
+                               seed, args.rl_steps, run_dir, configs)
+                pts = evaluate(policy, tok, task, records, [], block, max_new, p_ts)
+            else:
+                policy = train([*extra, *args.fit_arg], seed, args.rl_steps, run_dir, configs)
+                if any(PLANNER_METHODS[k][0] == name for k in dultra):
+                    stage1[(name, seed)] = policy
+                pts = evaluate(policy, tok, task, records, thresholds, block, max_new)
+            results.setdefault(name, []).append(pts)
             timings.setdefault(name, []).append(time.perf_counter() - start)
             curves.setdefault(name, []).append(run_curves(run_dir))
             print(f"[{name} seed {seed}] {results[name][-1]} ({timings[name][-1]:.0f} s)", flush=True)
