@@ -90,3 +90,18 @@ def test_planner_strategy_without_a_head_is_a_400(tiny_checkpoint):
         assert ok.status_code == 200 and ok.json()["meta_info"]["dllm_planner_logprobs"] is None
     with pytest.raises(ValueError, match="--strategy planner needs a checkpoint with a planner head"):
         create_app(NativeEngine(lm, tok), DecodeConfig(block_size=4, remasking_strategy="planner"))
+
+
+@pytest.mark.parametrize(("info", "match"), [
+    ({"weight_version": "0"}, "the SGLang plugin does not support it"),  # SGLang: no lrl_decode
+    ({"weight_version": "0", "lrl_decode": {"block_size": 4}, "lrl_planner_head": False}, "has none"),
+])
+def test_client_refuses_the_planner_strategy_where_it_cannot_run(tiny_checkpoint, info, match):
+    """The servers' /get_model_info answers as read at start-up decide before any request is sent."""
+    client = SGLangRolloutGenerator("http://127.0.0.1:9", str(tiny_checkpoint), max_retries=0)
+    try:
+        client._server_info = {"http://127.0.0.1:9": info}
+        with pytest.raises(ValueError, match=match):
+            client._check_decode_config(SamplingParams(block_size=4, remasking_strategy="planner"))
+    finally:
+        client.close()
