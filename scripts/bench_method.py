@@ -465,12 +465,13 @@ def main(argv: list[str] | None = None) -> int:
                 first, extra = PLANNER_METHODS[name]
                 init = base_init
                 if first is not None:  # train `first`, export it, fit a head on it by imitation
+                    pre = out / "runs" / f"{slug}_s{seed}_stage1"  # beside run_dir: run_curves reads all of run_dir
                     prev = stage1.get((first, seed)) or train([*METHODS[first], *args.fit_arg], seed, args.rl_steps,
-                                                              run_dir / "stage1", configs)
+                                                              pre, configs)
                     from lrl.models import save_checkpoint
 
-                    save_checkpoint(prev, run_dir / "stage1_export", tokenizer=tok)
-                    init = planner_init(run_dir / "stage1_export", run_dir / "stage1_planner", **init_kw)
+                    save_checkpoint(prev, pre / "export", tokenizer=tok)
+                    init = planner_init(pre / "export", pre / "planner_init", **init_kw)
                 policy = train([*p_args, f"--checkpoint={init}", f"--block_size={block}", *extra, *args.fit_arg],
                                seed, args.rl_steps, run_dir, configs)
                 pts = evaluate(policy, tok, task, records, [], block, max_new, p_ts)
