@@ -372,7 +372,8 @@ def test_joint_step_loss_direction(sign):
                          ids=["joint", "planner_only", "joint_ratio"])
 def test_two_step_fit_with_dultra_config(peaky_checkpoint, tiny_tokenizer, tmp_path, monkeypatch, freeze, ratio):
     """2 RL steps of `lrl fit --config configs/dultra.yaml` on the tiny model: planner rollouts, the planner's
-    PPO term logged, the head moved and synced to the rollout engine; the backbone moved too, unless frozen.
+    PPO term logged, the head moved and synced to the rollout engine; the backbone moved too, unless frozen
+    (planner-only: `--config configs/algorithm/planner_only.yaml` on top).
     The planner-only run also adds the distillation reward of a (random) AR teacher."""
     from pathlib import Path
 
@@ -392,9 +393,9 @@ def test_two_step_fit_with_dultra_config(peaky_checkpoint, tiny_tokenizer, tmp_p
             "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
             "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}, "
             f"{{class_path: callbacks.RLCheckpoint, init_args: {{dirpath: {out}/ckpts, save_last: true, "
-            "every_n_rl_steps: 1, save_top_k: -1}}]", f"--model.init_args.freeze_backbone={str(freeze).lower()}",
-            f"--model.init_args.planner_ratio={ratio}"]
-    if freeze:
+            "every_n_rl_steps: 1, save_top_k: -1}}]", f"--model.init_args.planner_ratio={ratio}"]
+    if freeze:  # the shipped planner-only overlay (configs/algorithm/planner_only.yaml) freezes the backbone
+        args += ["--config", str(root / "configs" / "algorithm" / "planner_only.yaml")]
         build_teacher(tmp_path / "teacher", tiny_tokenizer)
         args.append(f"--data.init_args.distill_teacher={tmp_path / 'teacher'}")
     cli = cli_main(args)
