@@ -85,7 +85,7 @@ class LightningRLModule(PlannerTraining, LightningModule):
             min(π_old/π_rollout, tis_cap), π_rollout being the engine's recorded sampling probability. Off (None) by
             default: the native engine samples from the training distribution (mismatch ≈ 0). Turn it on (2.0 is
             verl's usual cap) when ``rollout/logprob_abs_diff/mean`` is well above 0, e.g. SGLang rollouts in
-            bf16 on another GPU.
+            bf16 on another GPU. Trajectory estimator only.
         max_skipped_steps: stop with an error after this many optimizer steps skipped for a non-finite loss.
         max_rl_steps: stop after this many RL steps (rollout batches). Lightning's ``trainer.max_steps`` counts
             optimizer steps, which is ``minibatches × ppo_epochs`` per RL step and 0 for a step whose groups were
@@ -167,6 +167,9 @@ class LightningRLModule(PlannerTraining, LightningModule):
             raise ValueError(f"block_size must be > 0, got {block_size}")
         if tis_cap is not None and tis_cap <= 0:
             raise ValueError(f"model.tis_cap must be > 0 (or null: off), got {tis_cap}")
+        if tis_cap is not None and estimator != "trajectory":  # π_old must be scored in the sampling state
+            raise ValueError(f"model.tis_cap needs model.estimator=trajectory (got {estimator!r}): only it scores "
+                             "each token in the state that sampled it, like the rollout's log-probs")
         bad = [t for t in eval_thresholds if not 0.0 <= t <= 1.0]
         if bad or not eval_thresholds:
             raise ValueError(

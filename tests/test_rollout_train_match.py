@@ -217,6 +217,9 @@ def test_tis_needs_sampling_logprobs(module, tiny_checkpoint):
 
     with pytest.raises(ValueError, match="model.tis_cap must be > 0"):
         LightningRLModule(str(tiny_checkpoint), tis_cap=0.0)
+    for estimator in ("single_pass", "masked_states"):  # they score tokens outside the state that sampled them
+        with pytest.raises(ValueError, match="model.tis_cap needs model.estimator=trajectory"):
+            LightningRLModule(str(tiny_checkpoint), tis_cap=2.0, estimator=estimator)
     batch = _fixed_batch(module)
     batch.sampling_logprobs = None
     with pytest.raises(ValueError, match="model.tis_cap"):
