@@ -419,6 +419,16 @@ def test_two_step_fit_with_dultra_config(peaky_checkpoint, tiny_tokenizer, tmp_p
     assert [p.setting for p in res.points][-3:] == ["planner@0.7", "planner@0.5", "planner@0.3"]
     base, _ = load_checkpoint(peaky_checkpoint)
     assert torch.equal(base.model.lm_head.weight, module.policy.model.lm_head.weight) == freeze
+    if ratio == "joint":  # scripts/export_policy.py: the run's last .ckpt → an HF directory with the head
+        import sys
+
+        sys.path.insert(0, str(root / "scripts"))
+        from export_policy import export_policy
+
+        exported, _ = load_checkpoint(export_policy(out / "ckpts" / "last.ckpt", tmp_path / "policy"))
+        assert torch.equal(exported.model.lm_head.weight, module.policy.model.lm_head.weight)
+        assert not torch.equal(exported.model.lm_head.weight, base.model.lm_head.weight)
+        assert torch.equal(exported.planner.fc2.weight, head.fc2.weight)
 
 
 def test_step_count_reward_hand_numbers():

@@ -1,0 +1,65 @@
+"""Export the policy of an `lrl fit` RL checkpoint (.ckpt) as an HF checkpoint directory.
+
+The directory is what every other tool takes as ``--checkpoint``: `lrl validate`, `lrl serve`, another `lrl fit`,
+`scripts/build_base.py --skip-train --checkpoint`, `scripts/forward_anatomy.py`, plain transformers loaders. It
+keeps the block-diffusion identity and the tokenizer, and the planner head (dUltra) when the run had one.
+
+    python scripts/export_policy.py --ckpt outputs/quickstart/checkpoints/last.ckpt --out outputs/quickstart/policy
+
+The run's base checkpoint (its ``checkpoint`` argument, the architecture and tokenizer) is read from the .ckpt;
+``--base`` overrides it (e.g. a relative path recorded by a run started in another directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def export_policy(ckpt: str | Path, out: str | Path, base: str | None = None) -> Path:
+    """Write the policy weights of ``ckpt`` to the HF directory ``out`` (atomically: a temporary sibling directory
+    renamed into place; an existing ``out`` is replaced only once the new one is complete)."""
+    from lrl.models import save_checkpoint
+    from lrl.module import LightningRLModule
+
+    ckpt, out = Path(ckpt), Path(out)
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"--ckpt: no checkpoint file at {ckpt}")
+    overrides = {"checkpoint": base} if base else {}
+    # a frozen reference is not needed to export: kl_beta=0 skips loading it
+    module = LightningRLModule.load_from_checkpoint(str(ckpt), map_location="cpu", kl_beta=0.0, **overrides)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_checkpoint(module.policy, tmp, tokenizer=module.tokenizer)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> Path:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ckpt", required=True, help="an `lrl fit` RL checkpoint (.ckpt), e.g. <run>/checkpoints/last.ckpt")
+    ap.add_argument("--out", required=True, help="HF checkpoint directory to write")
+    ap.add_argument("--base", default=None, help="override the run's base checkpoint directory recorded in the .ckpt")
+    args = ap.parse_args(argv)
+    try:
+        path = export_policy(args.ckpt, args.out, args.base)
+    except (FileNotFoundError, OSError, ValueError) as exc:
+        raise SystemExit(f"export_policy: {exc}") from exc
+    print(f"policy written to {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main()
