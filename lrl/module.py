@@ -312,8 +312,10 @@ class LightningRLModule(PlannerTraining, LightningModule):
         )
 
     @torch.no_grad()
-    def _frozen_logprobs(self, lm: BlockDiffusionLM, batch: RolloutBatch) -> list[torch.Tensor]:
-        """Per-response log-prob tensors of a frozen model (old or reference), computed micro-batch-wise."""
+    def _frozen_logprobs(self, lm: BlockDiffusionLM, batch: RolloutBatch, per_step: bool = False
+                         ) -> list[torch.Tensor]:
+        """Per-response log-prob tensors of a frozen model (old or reference), computed micro-batch-wise: one per
+        token, or with ``per_step`` one per denoising step (decisions + tokens: the joint planner objective)."""
         out = []
         n, mbs = len(batch), self.hparams.micro_batch_size
         was_training = lm.training
@@ -321,8 +323,12 @@ class LightningRLModule(PlannerTraining, LightningModule):
         with gathered(lm):  # sharded policy: full weights once, then no per-forward collectives
             for s in range(0, n, mbs):
                 rows = list(range(s, min(n, s + mbs)))
-                logp, _ = self._logprobs(unwrap(lm), batch, rows)
-                out.extend(logp.split([len(batch.response_ids[i]) for i in rows]))
+                if per_step:
+                    dec, tok, steps = self._step_logprobs(unwrap(lm), batch, rows)
+                    out.extend((dec + tok).split(steps))
+                else:
+                    logp, _ = self._logprobs(unwrap(lm), batch, rows)
+                    out.extend(logp.split([len(batch.response_ids[i]) for i in rows]))
         lm.train(was_training)
         return out
 
@@ -349,10 +355,10 @@ class LightningRLModule(PlannerTraining, LightningModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         plan_on = self._check_planner_batch(batch, world)
         joint = plan_on and self.joint_ratio  # steps, not tokens, are the loss's units
-        frozen = self._frozen_step_logprobs if joint else self._frozen_logprobs
-        old = frozen(self.policy, batch) if n and not single_step else None
+        old = self._frozen_logprobs(self.policy, batch, joint) if n and not single_step else None
         ref_model = self.reference
-        ref = frozen(ref_model, batch) if n and ref_model is not None and hp.kl_beta > 0 else None
+        use_ref = n and ref_model is not None and hp.kl_beta > 0
+        ref = self._frozen_logprobs(ref_model, batch, joint) if use_ref else None
         if hp.nll_correct == "verifier" or not n:
             correct = batch.correct if batch.correct is not None else torch.zeros(n, dtype=torch.bool)
         else:

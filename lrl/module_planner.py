@@ -11,7 +11,7 @@ import torch
 from lrl.algorithms.losses import LossNormalizer, LossOutput
 from lrl.algorithms.planner_logprobs import planner_step_logprobs
 from lrl.algorithms.planner_objective import joint_step_loss, planner_policy_loss
-from lrl.models.sharding import gathered, is_sharded, unwrap
+from lrl.models.sharding import is_sharded, unwrap
 from lrl.rollout.types import RolloutBatch
 
 
@@ -85,21 +85,6 @@ class PlannerTraining:
             tail_ids=[batch.tail_ids[i] for i in rows], tail_step_maps=[batch.tail_step_maps[i] for i in rows],
             temperature=sp.temperature if sampled else 1.0, top_k=sp.top_k if sampled else 0,
             top_p=sp.top_p if sampled else 1.0)
-
-    @torch.no_grad()
-    def _frozen_step_logprobs(self, lm, batch: RolloutBatch) -> list[torch.Tensor]:
-        """Per-response (S_j,) step log-probs (decisions + tokens) of a frozen model (old or reference)."""
-        out = []
-        n, mbs = len(batch), self.hparams.micro_batch_size
-        was_training = lm.training
-        lm.eval()
-        with gathered(lm):
-            for s in range(0, n, mbs):
-                rows = list(range(s, min(n, s + mbs)))
-                dec, tok, steps = self._step_logprobs(unwrap(lm), batch, rows)
-                out.extend((dec + tok).split(steps))
-        lm.train(was_training)
-        return out
 
     def _planner_loss(self, batch: RolloutBatch, rows: list[int], adv: torch.Tensor, single_step: bool,
                       num_responses: int) -> torch.Tensor:
