@@ -47,6 +47,11 @@ ABLATIONS: dict[str, list[str]] = {
     "LightningRL, no TPF reward": ["--data.init_args.tpf_reward=none", "--data.init_args.tpf_coefficient=0.0"],
     "LightningRL, single-pass": ["--model.init_args.estimator=single_pass"],
     "LightningRL, masked-states": ["--model.init_args.estimator=masked_states"],
+    # does the TPF reward act once the estimator scores the states where parallelism is decided?
+    "LightningRL, masked-states, no TPF reward": [
+        "--model.init_args.estimator=masked_states", "--data.init_args.tpf_reward=none",
+        "--data.init_args.tpf_coefficient=0.0",
+    ],
     "LightningRL, no NLL": ["--model.init_args.nll_weight=0.0"],
     "LightningRL, joint norm.": ["--data.init_args.joint_normalization=true"],
     "LightningRL, no TPF filter": ["--trainer.callbacks.init_args.tpf_range_threshold=null"],

@@ -25,7 +25,9 @@ def test_benchmark_method_instantiates(method, tiny_checkpoint, tmp_path, monkey
     cli = cli_main(["--config", str(ROOT / "configs" / "quickstart.yaml"), f"--checkpoint={tiny_checkpoint}", *extra,
                     "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
     hp, data = cli.model.hparams, cli.datamodule.hparams
-    want_estimator = {"LightningRL, single-pass": "single_pass", "LightningRL, masked-states": "masked_states"}
+    want_estimator = {"LightningRL, single-pass": "single_pass", "LightningRL, masked-states": "masked_states",
+                      "LightningRL, masked-states, no TPF reward": "masked_states"}
     assert hp.estimator == want_estimator.get(method, "trajectory")
     assert (hp.nll_weight == 0.0) == (method in ("GRPO(traj)", "LightningRL, no NLL"))
-    assert (data.tpf_reward == "none") == (method in ("GRPO(traj)", "LightningRL, no TPF reward"))
+    no_tpf = ("GRPO(traj)", "LightningRL, no TPF reward", "LightningRL, masked-states, no TPF reward")
+    assert (data.tpf_reward == "none") == (method in no_tpf)
