@@ -49,7 +49,8 @@ def export_policy(ckpt: str | Path, out: str | Path, base: str | None = None) ->
 
 def main(argv: list[str] | None = None) -> Path:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--ckpt", required=True, help="an `lrl fit` RL checkpoint (.ckpt), e.g. <run>/checkpoints/last.ckpt")
+    ap.add_argument("--ckpt", required=True,
+                    help="an `lrl fit` RL checkpoint (.ckpt), e.g. <run>/checkpoints/last.ckpt")
     ap.add_argument("--out", required=True, help="HF checkpoint directory to write")
     ap.add_argument("--base", default=None, help="override the run's base checkpoint directory recorded in the .ckpt")
     args = ap.parse_args(argv)

@@ -5,7 +5,8 @@ problem) at threshold φ and labels every character of every answer by role (`lr
 ``operand`` copied from the question, ``carried`` copy of an earlier result, computed ``result``, ``layout``; the
 positions after the text, e.g. end-of-text tokens, are ``stop``). Per style it reports forwards per response, the
 forwards that unmask a single token (the sequential part of decoding) and which role that token had, and per role
-the mean step inside its block at which it was unmasked (1 = the block's first forward). A style is faster on the
+the mean step inside its block at which it was unmasked (1 = the block's first forward), and how many ``other``
+answers mix two styles or are malformed (`lrl.tasks.answer_styles.other_kind`). A style is faster on the
 model only if its roles are unmasked earlier; this is how the layout hypotheses of the multi-style task were
 tested (README, "Multi-style task").
 
@@ -23,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lrl.tasks.answer_styles import ROLES, answer_roles  # noqa: E402
+from lrl.tasks.answer_styles import OTHER, ROLES, answer_roles, other_kind  # noqa: E402
 
 ALL_ROLES = (*ROLES, "stop")
 
@@ -124,6 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = anatomy(out.texts, out.step_maps, [len(p) for p in out.prompt_ids], lm.bd.block_size,
                      [task.response_style(t) for t in out.texts])
     print(format_anatomy(result))
+    others = Counter(other_kind(t) for t in out.texts if task.response_style(t) == OTHER)
+    result["other_kinds"] = {kind: others.get(kind, 0) for kind in ("mixed", "malformed")}
+    print(f"`other` answers: {others.get('mixed', 0)} mixing styles, {others.get('malformed', 0)} malformed")
     if args.out:
         atomic_write(Path(args.out), json.dumps(result, indent=1).encode())
     return result

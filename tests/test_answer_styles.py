@@ -124,6 +124,17 @@ def test_answer_roles_label_copies_results_and_layout():
     assert set(answer_roles("not an answer")) == {"layout"}
 
 
+def test_other_kind_tells_mixed_layouts_from_malformed_text():
+    from lrl.tasks.answer_styles import other_kind
+
+    mixed = "9*9=81. 81+05=86. \\boxed{86}"  # chain numbers with one padded operand
+    assert classify_style(mixed) == "other" and other_kind(mixed) == "mixed"
+    for malformed in ("29*3=87. 87-2=85. \\boxed{85}}", "21+15=36. 36*2=722 \\boxed{72}", "6+9=15. 15-9=6. \\boxed{{6"):
+        assert classify_style(malformed) == "other" and other_kind(malformed) == "malformed", malformed
+    # a value that is 0 keeps its zero (no digit follows it)
+    assert classify_style("2-2=0. 0+05=5. \\boxed{5}") == "other" and other_kind("2-2=0. 0+05=5. \\boxed{5}") == "mixed"
+
+
 def test_forward_anatomy_counts_by_hand():
     import sys
     from pathlib import Path

@@ -34,8 +34,9 @@ styles need the same computation per token and are scored by the same math verif
   Spaces around every symbol: longer, and no more parallel than ``chain`` (the alignment problem is unchanged). A
   prototype found it less accurate and dropped by RL; it is kept for comparison.
 
-`classify_style` tells which style a response used (``"other"`` for anything else); the padded style is
-recognised by its leading zeros, so problems in multi-style tasks always contain a one-digit number (see
+`classify_style` tells which style a response used (``"other"`` for anything else, which `other_kind` splits into
+layouts mixing two styles and malformed text; on the committed base nearly all are malformed); the padded style
+is recognised by its leading zeros, so problems in multi-style tasks always contain a one-digit number (see
 `SyntheticArithmetic`). The measured forwards per style are in the README.
 """
 
@@ -98,6 +99,17 @@ def classify_style(text: str) -> str:
         if _PATTERNS[style].fullmatch(text):
             return style
     return OTHER
+
+
+_LEADING_ZERO = re.compile(r"(?<!\d)0(\d)")
+
+
+def other_kind(text: str) -> str:
+    """Why a response is ``"other"``: ``"mixed"`` when it is a well-formed chain once the padding is dropped (it
+    mixes `chain` and `padded` numbers), else ``"malformed"`` (characters doubled, dropped or misplaced, what
+    unmasking neighbouring positions together produces). Only meaningful for responses `classify_style` calls
+    ``"other"``."""
+    return "mixed" if classify_style(_LEADING_ZERO.sub(r"\1", text)) == "chain" else "malformed"
 
 
 def distinguishable(ops: Sequence[Op]) -> bool:
