@@ -13,9 +13,7 @@ The run's base checkpoint (its ``checkpoint`` argument, the architecture and tok
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,8 +21,8 @@ sys.path.insert(0, str(ROOT))
 
 
 def export_policy(ckpt: str | Path, out: str | Path, base: str | None = None) -> Path:
-    """Write the policy weights of ``ckpt`` to the HF directory ``out`` (atomically: a temporary sibling directory
-    renamed into place; an existing ``out`` is replaced only once the new one is complete)."""
+    """Write the policy weights of ``ckpt`` to the HF directory ``out`` (atomically, as `save_checkpoint` writes:
+    an existing ``out`` is replaced only once the new one is complete)."""
     from lrl.models import save_checkpoint
     from lrl.module import LightningRLModule
 
@@ -34,16 +32,7 @@ def export_policy(ckpt: str | Path, out: str | Path, base: str | None = None) ->
     overrides = {"checkpoint": base} if base else {}
     # a frozen reference is not needed to export: kl_beta=0 skips loading it
     module = LightningRLModule.load_from_checkpoint(str(ckpt), map_location="cpu", kl_beta=0.0, **overrides)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        save_checkpoint(module.policy, tmp, tokenizer=module.tokenizer)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    save_checkpoint(module.policy, out, tokenizer=module.tokenizer)  # atomic: a temp sibling swapped in
     return out
 
 

@@ -122,10 +122,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = NativeEngine(lm, tok).generate([task.prompt(r) for r in records], sp)
     if any(len(t) > len(s) for t, s in zip(out.texts, out.step_maps)):
         raise SystemExit("--checkpoint: forward_anatomy needs a character-level tokenizer (one token per character)")
-    result = anatomy(out.texts, out.step_maps, [len(p) for p in out.prompt_ids], lm.bd.block_size,
-                     [task.response_style(t) for t in out.texts])
+    styles = [task.response_style(t) for t in out.texts]
+    result = anatomy(out.texts, out.step_maps, [len(p) for p in out.prompt_ids], lm.bd.block_size, styles)
     print(format_anatomy(result))
-    others = Counter(other_kind(t) for t in out.texts if task.response_style(t) == OTHER)
+    others = Counter(other_kind(t) for t, style in zip(out.texts, styles) if style == OTHER)
     result["other_kinds"] = {kind: others.get(kind, 0) for kind in ("mixed", "malformed")}
     print(f"`other` answers: {others.get('mixed', 0)} mixing styles, {others.get('malformed', 0)} malformed")
     if args.out:
