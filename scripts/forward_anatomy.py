@@ -24,7 +24,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lrl.tasks.answer_styles import OTHER, ROLES, answer_roles, other_kind  # noqa: E402
+from lrl.tasks.answer_styles import (  # noqa: E402
+    OTHER,
+    ROLES,
+    answer_roles,
+    dependency_levels,
+    forward_floor,
+    other_kind,
+)
 
 ALL_ROLES = (*ROLES, "stop")
 
@@ -40,7 +47,7 @@ def anatomy(texts, step_maps, prompt_lens, block_size: int, styles) -> dict[str,
         block_size: tokens per block.
         styles: N style names.
     """
-    acc: dict[str, dict] = defaultdict(lambda: {"responses": 0, "forwards": 0, "single": 0,
+    acc: dict[str, dict] = defaultdict(lambda: {"responses": 0, "forwards": 0, "floor": 0, "single": 0,
                                                "single_by_role": Counter(), "step_sum": Counter(),
                                                "count": Counter()})
     for text, steps, plen, style in zip(texts, step_maps, prompt_lens, styles):
@@ -53,6 +60,7 @@ def anatomy(texts, step_maps, prompt_lens, block_size: int, styles) -> dict[str,
         a["responses"] += 1
         per_step = Counter(steps)
         a["forwards"] += len(per_step)
+        a["floor"] += forward_floor(dependency_levels(text), plen, block_size, length=len(steps))
         for role, b, s in zip(roles, blocks, steps):
             a["step_sum"][role] += s - first[b] + 1
             a["count"][role] += 1
@@ -65,6 +73,7 @@ def anatomy(texts, step_maps, prompt_lens, block_size: int, styles) -> dict[str,
         out[style] = {
             "responses": n,
             "forwards_per_response": a["forwards"] / n,
+            "floor_forwards_per_response": a["floor"] / n,
             "single_token_forwards_per_response": a["single"] / n,
             "single_token_forwards_by_role": {r: a["single_by_role"][r] / n for r in ALL_ROLES if a["count"][r]},
             "mean_block_step_by_role": {r: a["step_sum"][r] / a["count"][r] for r in ALL_ROLES if a["count"][r]},
@@ -74,9 +83,9 @@ def anatomy(texts, step_maps, prompt_lens, block_size: int, styles) -> dict[str,
 
 
 def format_anatomy(result: dict[str, dict]) -> str:
-    head = "| style | responses | forwards/resp. | 1-token forwards/resp. | " + " | ".join(
+    head = "| style | responses | forwards/resp. | floor | 1-token forwards/resp. | " + " | ".join(
         f"{r}: tokens, mean block step, 1-token fwd" for r in ALL_ROLES) + " |"
-    lines = [head, "|" + "---|" * (4 + len(ALL_ROLES))]
+    lines = [head, "|" + "---|" * (5 + len(ALL_ROLES))]
     for style, r in result.items():
         cells = []
         for role in ALL_ROLES:
@@ -86,6 +95,7 @@ def format_anatomy(result: dict[str, dict]) -> str:
             else:
                 cells.append("-")
         lines.append(f"| {style} | {r['responses']} | {r['forwards_per_response']:.2f} | "
+                     f"{r['floor_forwards_per_response']:.2f} | "
                      f"{r['single_token_forwards_per_response']:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

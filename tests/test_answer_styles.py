@@ -153,3 +153,27 @@ def test_forward_anatomy_counts_by_hand():
     assert a["mean_block_step_by_role"] == {"operand": 1.0, "result": 2.0, "layout": 1.0, "stop": 1.0}
     assert a["tokens_per_response_by_role"] == {"operand": 2.0, "result": 1.0, "layout": 3.0, "stop": 1.0}
     assert res["b"]["forwards_per_response"] == 1 and res["b"]["single_token_forwards_per_response"] == 0
+    # one step (every character level 0) over blocks 0, 1 and 2: the floor is one forward per block
+    assert a["floor_forwards_per_response"] == 3 and res["b"]["floor_forwards_per_response"] == 3
+
+
+def test_dependency_levels_and_forward_floor_by_hand():
+    from lrl.tasks.answer_styles import dependency_levels, forward_floor
+
+    text = "9*9=81. 81+5=86. \\boxed{86}"
+    # 81 is computable from the question (level 0) and so is its copy; 86 needs 81 (level 1), and so does the box
+    expected = [0] * 13 + [1, 1] + [0] * 9 + [1, 1] + [0]
+    assert dependency_levels(text) == expected
+    assert dependency_levels("09*09=81. 81+05=86. \\boxed{86}") == [0] * 16 + [1, 1] + [0] * 9 + [1, 1] + [0]
+    assert dependency_levels("not an answer") == [0] * 13
+    # block 0 holds levels 0 and 1: two forwards; block 1 only needs level 1, already resolved: one
+    assert forward_floor(expected, 0, 16) == 3
+    # prompt of 4, blocks of 8: [0..3] level 0 → 1, [4..11] level 0 → 1, [12..19] reaches 1 → 1, [20..26] → 1
+    assert forward_floor(expected, 4, 8) == 4
+    # three steps in one block: three forwards
+    assert forward_floor([0, 1, 2], 0, 16) == 3
+    # prompt of 2, blocks of 4: levels 0, 1 in block 0 (two forwards), then the padding past the text (length 6)
+    # fills block 1 at the top level 2 (one forward); without the padding, block 1 does not exist
+    assert forward_floor([0, 1, 2], 2, 4, length=6) == 3 and forward_floor([0, 1], 2, 4) == 2
+    with pytest.raises(ValueError, match="block_size >= 1"):
+        forward_floor([0], 0, 0)

@@ -136,3 +136,52 @@ def answer_roles(text: str) -> list[str]:
     if boxed:
         roles[boxed.start(1):boxed.end(1)] = ["carried"] * (boxed.end(1) - boxed.start(1))
     return roles
+
+
+def dependency_levels(text: str) -> list[int]:
+    """For every character of ``text``, how many chained computations precede knowing it: a lower-bound model of
+    decoding in which one forward can compute one step of the chain (and copy what is already known), but not two
+    chained steps at once.
+
+    A step's result is level ``k`` for the ``k``-th step (0-based: the first step's operands are all in the
+    question, so its result can be computed in the first forward); a copy of a result (the next step's left
+    operand, the boxed value) has the level of that result; operands copied from the question and the layout are
+    level 0. Where the layout's position depends on a result's digit count (unpadded styles) it is not counted:
+    on the synthetic task it never changes the floor (`forward_floor`), because the next result in the same block
+    is at a higher level anyway. Characters of text that is not a worked chain are level 0.
+    """
+    levels = [0] * len(text)
+    steps = list(_STEP.finditer(text))
+    for k, m in enumerate(steps):
+        levels[m.start(3):m.end(3)] = [k] * (m.end(3) - m.start(3))
+        if k:
+            levels[m.start(1):m.end(1)] = [k - 1] * (m.end(1) - m.start(1))
+    boxed = _BOXED_VALUE.search(text)
+    if boxed and steps:
+        levels[boxed.start(1):boxed.end(1)] = [len(steps) - 1] * (boxed.end(1) - boxed.start(1))
+    return levels
+
+
+def forward_floor(levels: Sequence[int], prompt_len: int, block_size: int, length: int | None = None) -> int:
+    """The fewest forwards block-wise decoding can take for a response whose characters have ``levels``
+    (`dependency_levels`) and that is ``length`` tokens long (default: one token per character; positions past the
+    text, e.g. end-of-text tokens, get the highest level: where the text ends is known last), under the
+    one-step-per-forward model: blocks are decoded in order (aligned to absolute positions, so the first may be
+    partial), every block takes at least one forward, and a block whose highest level is ``L`` after earlier
+    blocks reached ``R`` takes ``L − R`` forwards (each forward resolves one more level).
+    Measured decoders sit above it; the gap is what sharper confidence could still win.
+    """
+    if block_size < 1 or prompt_len < 0:
+        raise ValueError(f"need block_size >= 1 and prompt_len >= 0, got {block_size} and {prompt_len}")
+    levels = list(levels)
+    if length is not None:
+        levels = levels[:length] + [max(levels, default=0)] * (length - len(levels))
+    top: dict[int, int] = {}
+    for j, level in enumerate(levels):
+        b = (prompt_len + j) // block_size
+        top[b] = max(top.get(b, 0), level)
+    forwards, resolved = 0, -1
+    for b in sorted(top):
+        forwards += max(1, top[b] - resolved)
+        resolved = max(resolved, top[b])
+    return forwards
