@@ -385,7 +385,7 @@ class RolloutDataModule(LightningDataModule):
 
     def diagnostics(self, batches: list[RolloutBatch]) -> dict[str, float]:
         """`rollout_diagnostics` of the drawn rollouts (groups renumbered across refill rounds), with the task's
-        answer styles when it has them (``Task.response_style``)."""
+        answer styles when it has them (``Task.response_style``) and the verifier's verdicts once scored."""
         from lrl.metrics.diagnostics import rollout_diagnostics
 
         batches = [b for b in batches if len(b)]
@@ -402,6 +402,7 @@ class RolloutDataModule(LightningDataModule):
             torch.cat([b.group_index + o for b, o in zip(batches, offsets.tolist())]),
             styles=[classify(t) for t in texts] if classify is not None else None,
             style_names=getattr(self.task, "style_names", ()),
+            correct=torch.cat([b.correct for b in batches]) if all(b.correct is not None for b in batches) else None,
         )
 
     def next_batch(self) -> RolloutBatch:

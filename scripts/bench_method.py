@@ -132,7 +132,7 @@ def run_curves(run_dir: Path) -> dict[str, list[float]]:
         acc.Reload()
         for tag in acc.Tags()["scalars"]:
             if tag.startswith(("style/", "timing/", "rollout/forwards", "rollout/tokens", "rollout/distinct",
-                               "rollout/tpf_std")):
+                               "rollout/tpf_std", "rollout/tpf_var")):
                 curves[tag] = [e.value for e in acc.Scalars(tag)]
     return curves
 
@@ -306,10 +306,12 @@ def write_outputs(payload: dict, out: Path) -> str:
 
 
 def phase_table(curves: dict[str, list[dict]]) -> str:
-    """Markdown: mean seconds per RL step of each phase (rollout, reward, training) and the rollout diagnostics
-    at the first and last RL step, per method (means over seeds)."""
+    """Markdown: mean seconds per RL step of each phase (rollout, reward, training), the rollout diagnostics at the
+    first and last RL step, and the share of the within-group TPF variance of correct answers that lies between
+    different texts (mean over the run; `lrl.metrics.diagnostics`), per method (means over seeds)."""
     lines = ["| method | rollout s/step | reward s/step | train s/step | forwards/resp. (first → last step) | "
-             "distinct texts/group (first → last) |", "|---|---|---|---|---|---|"]
+             "distinct texts/group (first → last) | TPF variance between texts, correct answers |",
+             "|---|---|---|---|---|---|---|"]
 
     def mean_of(runs, key, pick):
         vals = [pick(r[key]) for r in runs if r.get(key)]
@@ -323,7 +325,8 @@ def phase_table(curves: dict[str, list[dict]]) -> str:
             f"{mean_of(runs, 'rollout/forwards_per_response', lambda v: v[0]):.2f} → "
             f"{mean_of(runs, 'rollout/forwards_per_response', lambda v: v[-1]):.2f} | "
             f"{mean_of(runs, 'rollout/distinct_texts_per_group', lambda v: v[0]):.2f} → "
-            f"{mean_of(runs, 'rollout/distinct_texts_per_group', lambda v: v[-1]):.2f} |"
+            f"{mean_of(runs, 'rollout/distinct_texts_per_group', lambda v: v[-1]):.2f} | "
+            f"{mean_of(runs, 'rollout/tpf_var_between_texts_correct', avg):.2f} |"
         )
     return "\n".join(lines)
 

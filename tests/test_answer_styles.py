@@ -110,6 +110,17 @@ def test_rollout_diagnostics_by_hand() -> None:
     assert d["style/chain"] == pytest.approx(5 / 6) and d["style/padded"] == pytest.approx(1 / 6)
     assert d["style/spaced"] == 0.0 and d["style/other"] == 0.0
     assert d["rollout/mixed_style_groups"] == pytest.approx(0.5)
+    # group 0: total sum of squares around 4 is 4 + 0 + 4 = 8; the texts' means ("a": 3 twice, "b": 6 once) give
+    # 2·1 + 1·4 = 6 between texts; group 1 is flat → 6 / 8. Among correct answers (the two "a") all is luck: 0.
+    assert d["rollout/tpf_var_between_texts"] == pytest.approx(0.75)
+    assert "rollout/tpf_var_between_texts_correct" not in d
+    correct = torch.tensor([True, True, False, True, True, True])
+    dc = rollout_diagnostics(texts, tpf, forwards, lengths, group, correct=correct)
+    assert dc["rollout/tpf_var_between_texts_correct"] == pytest.approx(0.0)
+    flat = rollout_diagnostics(texts, torch.full((6,), 3.0), forwards, lengths, group, correct=correct)
+    assert "rollout/tpf_var_between_texts" not in flat and "rollout/tpf_var_between_texts_correct" not in flat
+    with pytest.raises(ValueError, match="6 texts but 5 correctness flags"):
+        rollout_diagnostics(texts, tpf, forwards, lengths, group, correct=correct[:5])
     assert "style/chain" not in rollout_diagnostics(texts, tpf, forwards, lengths, group)
     with pytest.raises(ValueError, match="6 texts but 5 tpf"):
         rollout_diagnostics(texts, tpf[:5], forwards, lengths, group)
@@ -177,3 +188,26 @@ def test_dependency_levels_and_forward_floor_by_hand():
     assert forward_floor([0, 1, 2], 2, 4, length=6) == 3 and forward_floor([0, 1], 2, 4) == 2
     with pytest.raises(ValueError, match="block_size >= 1"):
         forward_floor([0], 0, 0)
+
+
+def test_datamodule_diagnostics_renumber_refill_rounds_and_pass_verdicts() -> None:
+    """Two refill rounds of one group each: the groups stay apart, and the verifier's verdicts reach the
+    correct-only variance share (same numbers as `test_rollout_diagnostics_by_hand`)."""
+    from types import SimpleNamespace
+
+    from datamodules.rollout import RolloutDataModule
+    from lrl.rollout import RolloutBatch
+
+    def batch(texts, lengths, forwards, correct):
+        n = len(texts)
+        return RolloutBatch(prompt_ids=[[0]] * n, response_ids=[[1] * k for k in lengths], texts=texts,
+                            step_maps=[list(range(1, k + 1)) for k in lengths], num_forwards=torch.tensor(forwards),
+                            num_store_passes=torch.zeros(n, dtype=torch.long), finish_reasons=["stop"] * n,
+                            group_index=torch.zeros(n, dtype=torch.long), correct=torch.tensor(correct))
+
+    rounds = [batch(["a", "a", "b"], [4, 4, 6], [2, 1, 1], [True, True, False]),  # TPF 2, 4, 6
+              batch(["c", "c", "c"], [3, 3, 3], [1, 1, 1], [True, True, True])]  # TPF 3, 3, 3
+    d = RolloutDataModule.diagnostics(SimpleNamespace(task=SyntheticArithmetic()), rounds)
+    assert d["rollout/distinct_texts_per_group"] == pytest.approx(1.5)  # 2 and 1, not 3 in one merged group
+    assert d["rollout/tpf_var_between_texts"] == pytest.approx(0.75)
+    assert d["rollout/tpf_var_between_texts_correct"] == pytest.approx(0.0)

@@ -189,13 +189,16 @@ def test_method_table_forwards_styles_and_phases(tmp_path):
     assert row.endswith("| 0.62 | 1.00 |")  # forwards × base = 5 / 8; AUP × base
     curves = {"LightningRL": [
         {"timing/rollout_s": [2.0, 4.0], "timing/train_s": [1.0, 1.0], "rollout/forwards_per_response": [8.0, 4.0],
-         "rollout/distinct_texts_per_group": [3.0, 5.0], "style/chain": [1.0, 0.0], "style/padded": [0.0, 1.0]},
+         "rollout/distinct_texts_per_group": [3.0, 5.0], "style/chain": [1.0, 0.0], "style/padded": [0.0, 1.0],
+         "rollout/tpf_var_between_texts_correct": [0.1, 0.3]},
         {"timing/rollout_s": [6.0], "timing/train_s": [3.0], "rollout/forwards_per_response": [6.0],
-         "rollout/distinct_texts_per_group": [1.0], "style/chain": [0.5], "style/padded": [0.5]},
+         "rollout/distinct_texts_per_group": [1.0], "style/chain": [0.5], "style/padded": [0.5],
+         "rollout/tpf_var_between_texts_correct": [0.6]},
     ]}
     phases = phase_table(curves)
-    # rollout: mean of per-run means (3 and 6); reward never logged; forwards first (8, 6) → last (4, 6)
-    assert "| LightningRL | 4.50 | nan | 2.00 | 7.00 → 5.00 | 2.00 → 3.00 |" in phases
+    # rollout: mean of per-run means (3 and 6); reward never logged; forwards first (8, 6) → last (4, 6); the
+    # between-text variance share: mean of run means 0.2 and 0.6
+    assert "| LightningRL | 4.50 | nan | 2.00 | 7.00 → 5.00 | 2.00 → 3.00 | 0.40 |" in phases
     plot_styles(curves, tmp_path / "styles.png")
     assert (tmp_path / "styles.png").stat().st_size > 0
 

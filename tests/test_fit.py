@@ -102,6 +102,8 @@ def test_fit_changes_parameters_and_logs_documented_keys(straight_run, peaky_che
         "rollout/logprob_abs_diff/mean",
         "rollout/logprob_abs_diff/max",
         "rollout/logprob_corr",
+        "rollout/distinct_texts_per_group",
+        "rollout/tpf_var_between_texts",
     ):
         assert key in keys, f"{key} not logged; got {sorted(keys)}"
     assert cli.trainer.logged_metrics["weight_version"] == 4.0
