@@ -4,11 +4,12 @@ For a character-level synthetic base, decodes held-out problems (greedy, or ``--
 problem) at threshold φ and labels every character of every answer by role (`lrl.tasks.answer_styles.answer_roles`:
 ``operand`` copied from the question, ``carried`` copy of an earlier result, computed ``result``, ``layout``; the
 positions after the text, e.g. end-of-text tokens, are ``stop``). Per style it reports forwards per response, the
-forwards that unmask a single token (the sequential part of decoding) and which role that token had, and per role
-the mean step inside its block at which it was unmasked (1 = the block's first forward), and how many ``other``
-answers mix two styles or are malformed (`lrl.tasks.answer_styles.other_kind`). A style is faster on the
-model only if its roles are unmasked earlier; this is how the layout hypotheses of the multi-style task were
-tested (README, "Multi-style task").
+fewest a decoder computing one step of the chain per forward could take (``floor``,
+`lrl.tasks.answer_styles.forward_floor`), the forwards that unmask a single token (the sequential part of
+decoding) and which role that token had, and per role the mean step inside its block at which it was unmasked
+(1 = the block's first forward), and how many ``other`` answers mix two styles or are malformed
+(`lrl.tasks.answer_styles.other_kind`). A style is faster on the model only if its roles are unmasked earlier;
+this is how the layout hypotheses of the multi-style task were tested (README, "Multi-style task").
 
     python scripts/forward_anatomy.py --checkpoint outputs/base/styles_b16 [--threshold 0.9] [--samples 0]
 """
@@ -37,8 +38,9 @@ ALL_ROLES = (*ROLES, "stop")
 
 
 def anatomy(texts, step_maps, prompt_lens, block_size: int, styles) -> dict[str, dict]:
-    """Per style: responses, forwards and single-token forwards per response, single-token forwards by role per
-    response, and per role the mean in-block step of unmasking and its token count.
+    """Per style: responses, forwards, their one-step-per-forward floor and single-token forwards per response,
+    single-token forwards by role per response, and per role the mean in-block step of unmasking and its token
+    count.
 
     Args:
         texts: N decoded answers, one character per response token (positions past the text are ``stop``).
