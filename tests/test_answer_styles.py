@@ -211,3 +211,46 @@ def test_datamodule_diagnostics_renumber_refill_rounds_and_pass_verdicts() -> No
     assert d["rollout/distinct_texts_per_group"] == pytest.approx(1.5)  # 2 and 1, not 3 in one merged group
     assert d["rollout/tpf_var_between_texts"] == pytest.approx(0.75)
     assert d["rollout/tpf_var_between_texts_correct"] == pytest.approx(0.0)
+
+
+def test_group_anatomy_by_hand():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from group_anatomy import format_group_anatomy, group_anatomy
+
+    # group 0 mixes styles: two samples of one chain text (TPF 4 and 2), a padded answer (TPF 6), a wrong answer
+    # (TPF 4); group 1: four identical chain answers at TPF 3
+    texts = ["c1", "c1", "p1", "x", "c2", "c2", "c2", "c2"]
+    styles = ["chain", "chain", "padded", "other"] + ["chain"] * 4
+    tpf = [4.0, 2.0, 6.0, 4.0] + [3.0] * 4
+    forwards = [8, 16, 6, 8] + [10] * 4
+    lengths = [32, 32, 36, 32] + [30] * 4
+    correct = [True, True, True, False] + [True] * 4
+    res = group_anatomy(texts, tpf, forwards, lengths, correct, styles, 4)
+    assert res["per_style"]["chain"] == pytest.approx(
+        {"samples": 6, "accuracy": 1.0, "tpf": 18 / 6, "forwards": 64 / 6, "tokens": 184 / 6})
+    assert res["distinct_texts_per_group"] == 2.0 and res["mixed_style_groups"] == 1
+    # group 0: TPF sum of squares around 4 is 8, of which 2 (the two "c1" around their mean 3) + 4 ("p1") between
+    # texts; among the correct three (4, 2, 6) the same 6 of 8
+    assert res["tpf_var_between_texts"] == pytest.approx(0.75)
+    assert res["tpf_var_between_texts_correct"] == pytest.approx(0.75)
+    # z(TPF) in group 0 (std √2): 0, −√2, +√2, 0
+    assert res["z_tpf_in_mixed_groups"] == pytest.approx({"chain": -(2 ** 0.5) / 2, "padded": 2 ** 0.5, "other": 0.0})
+    # −forwards −8, −16, −6, −8: mean −9.5, std √14.75
+    s = 14.75 ** 0.5
+    assert res["z_neg_forwards_in_mixed_groups"] == pytest.approx(
+        {"chain": (1.5 - 6.5) / 2 / s, "padded": 3.5 / s, "other": 1.5 / s})
+    # correct padded (6, 6, 36) against the correct chain answers' means (3, 12, 32)
+    assert res["paired_vs_reference"] == {"padded": pytest.approx({"groups": 1, "tpf": 3.0, "forwards": -6.0,
+                                                                   "tokens": 4.0})}
+    # totals 1, 1 − √2, 1 + √2, −1: a right answer on top
+    assert res["groups_right_and_wrong"] == 1 and res["groups_where_a_wrong_answer_tops_the_reward"] == 0
+    assert "| padded | 1 | 100.0 | 6.00 | 6.00 | 36.0 | +1.41 |" in format_group_anatomy(res)
+    # a fast wrong answer: z = −3/7 for the three right ones (totals 4/7), +13/7 for the wrong one (6/7)
+    fast_wrong = group_anatomy(["a", "a", "a", "b"], [2.0, 2.0, 2.0, 10.0], [9, 9, 9, 2], [18, 18, 18, 20],
+                               [True, True, True, False], ["chain"] * 3 + ["other"], 4)
+    assert fast_wrong["groups_where_a_wrong_answer_tops_the_reward"] == 1
+    with pytest.raises(ValueError, match="divisible by group_size=3"):
+        group_anatomy(texts, tpf, forwards, lengths, correct, styles, 3)
