@@ -222,6 +222,22 @@ def test_rl_runs_count_rl_steps_in_the_progress_bar(tiny_checkpoint, tmp_path, m
     assert not isinstance(sft.trainer.progress_bar_callback, RLProgressBar)
 
 
+def test_in_process_cli_from_a_script_with_its_own_arguments_warns_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    """Scripts (build_base, bench_method) call `cli_main(args)` while sys.argv holds their own options: LightningCLI's
+    "args and command line" warning is expected there and filtered, like the other warnings our design triggers."""
+    import warnings
+
+    from lrl.cli import cli_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["build_base.py", "--skip-train"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli_main(["--config", str(ROOT / "configs" / "quickstart.yaml"), "--checkpoint", str(tiny_checkpoint),
+                  "--block_size", "4"], run=False)
+    assert not [w for w in caught if "args parameter" in str(w.message)], [str(w.message) for w in caught]
+
+
 def test_aup_all_points_column_keeps_points_past_the_drop_line():
     """d3LLM's AUP drops a point > 5 points below the 1-token point; the extra column keeps it (hand numbers)."""
     from bench_method import summarize
