@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -305,6 +306,11 @@ def write_outputs(payload: dict, out: Path) -> str:
     return table
 
 
+def _or_dash(value: float) -> str:
+    """A table cell: ``-`` for a figure the run did not log (runs from before the diagnostic existed)."""
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
 def phase_table(curves: dict[str, list[dict]]) -> str:
     """Markdown: mean seconds per RL step of each phase (rollout, reward, training), the rollout diagnostics at the
     first and last RL step, and the share of the within-group TPF variance of correct answers that lies between
@@ -326,7 +332,7 @@ def phase_table(curves: dict[str, list[dict]]) -> str:
             f"{mean_of(runs, 'rollout/forwards_per_response', lambda v: v[-1]):.2f} | "
             f"{mean_of(runs, 'rollout/distinct_texts_per_group', lambda v: v[0]):.2f} → "
             f"{mean_of(runs, 'rollout/distinct_texts_per_group', lambda v: v[-1]):.2f} | "
-            f"{mean_of(runs, 'rollout/tpf_var_between_texts_correct', avg):.2f} |"
+            f"{_or_dash(mean_of(runs, 'rollout/tpf_var_between_texts_correct', avg))} |"
         )
     return "\n".join(lines)
 

@@ -199,6 +199,9 @@ def test_method_table_forwards_styles_and_phases(tmp_path):
     # rollout: mean of per-run means (3 and 6); reward never logged; forwards first (8, 6) → last (4, 6); the
     # between-text variance share: mean of run means 0.2 and 0.6
     assert "| LightningRL | 4.50 | nan | 2.00 | 7.00 → 5.00 | 2.00 → 3.00 | 0.40 |" in phases
+    del curves["LightningRL"][0]["rollout/tpf_var_between_texts_correct"], curves["LightningRL"][1][
+        "rollout/tpf_var_between_texts_correct"]
+    assert phase_table(curves).splitlines()[-1].endswith("| 2.00 → 3.00 | - |")  # runs from before the diagnostic
     plot_styles(curves, tmp_path / "styles.png")
     assert (tmp_path / "styles.png").stat().st_size > 0
 
