@@ -12,7 +12,7 @@ from lrl.metrics.diagnostics import rollout_diagnostics
 from lrl.tasks import SyntheticArithmetic, get_task
 from lrl.tasks.answer_styles import STYLE_NAMES, classify_style, render_answer
 
-ALL = {"chain": 1.0, "padded": 1.0, "spaced": 1.0}
+ALL = {"chain": 1.0, "padded": 1.0, "spaced": 1.0, "ans": 1.0}
 
 
 @pytest.fixture(scope="module")
@@ -21,10 +21,12 @@ def mixed() -> SyntheticArithmetic:
 
 
 def _reference_steps(text: str) -> tuple[list[tuple[int, str, int, int]], int]:
-    """Slow reference parse of any style: whitespace dropped, numbers read as integers."""
+    """Slow reference parse of any style: whitespace dropped, numbers read as integers, ``ans`` read as the
+    previous step's result."""
     body, box = text.rsplit("\\boxed{", 1)
-    steps = re.findall(r"(\d+)([+*-])(\d+)=(\d+)\.", body.replace(" ", ""))
-    ops = [(int(a), s, int(b), int(c)) for a, s, b, c in steps]
+    ops = []
+    for a, s, b, c in re.findall(r"(\d+|ans)([+*-])(\d+)=(\d+)\.", body.replace(" ", "")):
+        ops.append((ops[-1][3] if a == "ans" else int(a), s, int(b), int(c)))
     return ops, int(box.rstrip("}"))
 
 
@@ -52,10 +54,12 @@ def test_style_layouts_by_hand() -> None:
     assert render_answer("chain", ops, 86) == "9*9=81. 81+5=86. \\boxed{86}"
     assert render_answer("padded", ops, 86) == "09*09=81. 81+05=86. \\boxed{86}"
     assert render_answer("spaced", ops, 86) == "9 * 9 = 81. 81 + 5 = 86. \\boxed{86}"
+    assert render_answer("ans", ops, 86) == "9*9=81. ans+5=86. \\boxed{86}"
+    assert classify_style("9*9=81. ans+5=86. \\boxed{86}") == "ans"
     assert classify_style("  09*09=81. 81+05=86. \\boxed{86}\n") == "padded"
     assert classify_style("12+15=27. \\boxed{27}") == "chain"  # no one-digit number: reads as chain
     for other in ("09*9=81. \\boxed{81}", "9*9=81. 81 + 5 = 86. \\boxed{86}", "9*9=81.", "", "\\boxed{3}",
-                  "9*9=081. \\boxed{81}"):
+                  "9*9=081. \\boxed{81}", "ans+5=86. \\boxed{86}", "9*9=81. ans+05=86. \\boxed{86}"):
         assert classify_style(other) == "other", other
     with pytest.raises(ValueError, match="unknown answer style 'fancy'"):
         render_answer("fancy", ops, 86)
@@ -133,6 +137,8 @@ def test_answer_roles_label_copies_results_and_layout():
     # o: copied from the question, r: computed, c: copy of an earlier result, l: layout
     assert "".join(r[0] for r in answer_roles(text)) == "ooloolrrllccloolrrlllllllllccl"
     assert set(answer_roles("not an answer")) == {"layout"}
+    # `ans` refers to the previous result without copying it: layout, not a carried copy
+    assert "".join(r[0] for r in answer_roles("9*9=81. ans+5=86. \\boxed{86}")) == "ololrrllllllolrrlllllllllccl"
 
 
 def test_other_kind_tells_mixed_layouts_from_malformed_text():
@@ -177,6 +183,8 @@ def test_dependency_levels_and_forward_floor_by_hand():
     assert dependency_levels(text) == expected
     assert dependency_levels("09*09=81. 81+05=86. \\boxed{86}") == [0] * 16 + [1, 1] + [0] * 9 + [1, 1] + [0]
     assert dependency_levels("not an answer") == [0] * 13
+    # `ans` is layout (level 0): only the results and the boxed copy wait
+    assert dependency_levels("9*9=81. ans+5=86. \\boxed{86}") == [0] * 14 + [1, 1] + [0] * 9 + [1, 1] + [0]
     # block 0 holds levels 0 and 1: two forwards; block 1 only needs level 1, already resolved: one
     assert forward_floor(expected, 0, 16) == 3
     # prompt of 4, blocks of 8: [0..3] level 0 → 1, [4..11] level 0 → 1, [12..19] reaches 1 → 1, [20..26] → 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lrl.cli import cli_main
 
@@ -53,6 +54,8 @@ def test_config_piece_composes(piece, tiny_checkpoint, tmp_path, monkeypatch):
     # the synthetic task's pieces come with the model piece of their committed base (48 new tokens fit its block)
     model = {"synthetic.yaml": "tiny.yaml", "synthetic_styles.yaml": "styles_b16.yaml"}.get(piece.name)
     stack = [base, ROOT / "configs" / "model" / model, piece] if model else [base, piece]
+    if piece.parent.name == "model" and "data" in yaml.safe_load(piece.read_text()):
+        stack = [ROOT / "configs" / "quickstart.yaml", piece]  # a base that carries its synthetic task's styles
     cli = _instantiate(tiny_checkpoint, stack, *extra)
     assert cli.model is not None and cli.datamodule is not None
 

@@ -50,22 +50,28 @@ Op = tuple[int, str, int, int]  # (left operand, symbol, right operand, result)
 OTHER = "other"
 
 
-def _chain(op: Op) -> str:
+def _chain(op: Op, k: int) -> str:
     left, symbol, right, result = op
     return f"{left}{symbol}{right}={result}."
 
 
-def _padded(op: Op) -> str:
+def _padded(op: Op, k: int) -> str:
     left, symbol, right, result = op
     return f"{left:02d}{symbol}{right:02d}={result:02d}."
 
 
-def _spaced(op: Op) -> str:
+def _spaced(op: Op, k: int) -> str:
     left, symbol, right, result = op
     return f"{left} {symbol} {right} = {result}."
 
 
-STEP_RENDERERS: dict[str, Callable[[Op], str]] = {"chain": _chain, "padded": _padded, "spaced": _spaced}
+def _ans(op: Op, k: int) -> str:
+    left, symbol, right, result = op
+    return f"{left}{symbol}{right}={result}." if k == 0 else f"ans{symbol}{right}={result}."
+
+
+STEP_RENDERERS: dict[str, Callable[[Op, int], str]] = {"chain": _chain, "padded": _padded, "spaced": _spaced,
+                                                       "ans": _ans}
 STYLE_NAMES: tuple[str, ...] = tuple(STEP_RENDERERS)
 
 _NUM = r"(?:0|[1-9]\d?)"  # a value in [0, 99] without padding
@@ -75,6 +81,7 @@ _PATTERNS: dict[str, re.Pattern[str]] = {
     "padded": re.compile(rf"(?:\d\d{_SYM}\d\d=\d\d\. )+{_BOX}"),
     "chain": re.compile(rf"(?:{_NUM}{_SYM}{_NUM}={_NUM}\. )+{_BOX}"),
     "spaced": re.compile(rf"(?:{_NUM} {_SYM} {_NUM} = {_NUM}\. )+{_BOX}"),
+    "ans": re.compile(rf"{_NUM}{_SYM}{_NUM}={_NUM}\. (?:ans{_SYM}{_NUM}={_NUM}\. )+{_BOX}"),
 }
 
 
@@ -82,11 +89,11 @@ def render_answer(style: str, ops: Sequence[Op], result: int) -> str:
     """The response of ``style`` for the worked steps ``ops``: steps, then ``\\boxed{result}``."""
     if style not in STEP_RENDERERS:
         raise ValueError(f"unknown answer style {style!r}; available: {', '.join(STYLE_NAMES)}")
-    return " ".join(STEP_RENDERERS[style](tuple(op)) for op in ops) + f" \\boxed{{{result}}}"
+    return " ".join(STEP_RENDERERS[style](tuple(op), k) for k, op in enumerate(ops)) + f" \\boxed{{{result}}}"
 
 
 def classify_style(text: str) -> str:
-    """The style ``text`` is written in (``chain``, ``padded``, ``spaced``), or ``"other"``.
+    """The style ``text`` is written in (``chain``, ``padded``, ``spaced``, ``ans``), or ``"other"``.
 
     Only the layout is checked, not the arithmetic. Surrounding whitespace is ignored. A response whose numbers are
     all two-digit reads the same in ``chain`` and ``padded``; it counts as ``chain`` (the padded style is told by
@@ -95,7 +102,7 @@ def classify_style(text: str) -> str:
     text = text.strip()
     if _PATTERNS["padded"].fullmatch(text) and re.search(r"(?:^|[^\d])0\d", text):
         return "padded"
-    for style in ("chain", "spaced"):
+    for style in ("chain", "spaced", "ans"):
         if _PATTERNS[style].fullmatch(text):
             return style
     return OTHER
@@ -119,7 +126,7 @@ def distinguishable(ops: Sequence[Op]) -> bool:
 
 # Roles of the characters of an answer, for measuring which ones wait (scripts/forward_anatomy.py).
 ROLES: tuple[str, ...] = ("operand", "carried", "result", "layout")
-_STEP = re.compile(r"(\d+)\s*[+\-*]\s*(\d+)\s*=\s*(\d+)\.")
+_STEP = re.compile(r"(\d+|ans)\s*[+\-*]\s*(\d+)\s*=\s*(\d+)\.")
 _BOXED_VALUE = re.compile(r"\\boxed\{(\d+)\}")
 
 
@@ -130,7 +137,8 @@ def answer_roles(text: str) -> list[str]:
     symbols, separators, spaces, ``\\boxed{}``). Characters of text that is not a worked chain count as layout."""
     roles = ["layout"] * len(text)
     for k, m in enumerate(_STEP.finditer(text)):
-        for group, role in ((1, "carried" if k else "operand"), (2, "operand"), (3, "result")):
+        left = "layout" if m.group(1) == "ans" else "carried" if k else "operand"
+        for group, role in ((1, left), (2, "operand"), (3, "result")):
             roles[m.start(group):m.end(group)] = [role] * (m.end(group) - m.start(group))
     boxed = _BOXED_VALUE.search(text)
     if boxed:
@@ -154,7 +162,7 @@ def dependency_levels(text: str) -> list[int]:
     steps = list(_STEP.finditer(text))
     for k, m in enumerate(steps):
         levels[m.start(3):m.end(3)] = [k] * (m.end(3) - m.start(3))
-        if k:
+        if k and m.group(1) != "ans":
             levels[m.start(1):m.end(1)] = [k - 1] * (m.end(1) - m.start(1))
     boxed = _BOXED_VALUE.search(text)
     if boxed and steps:

@@ -162,7 +162,7 @@ class SyntheticArithmetic(MathTask):
         train_seed: Seed of the train split.
         eval_seed: Seed of the eval/test split.
         steps: Allowed numbers of operations; each problem draws one uniformly.
-        styles: Answer styles and their mixing weights (``chain``, ``padded``, ``spaced``), e.g.
+        styles: Answer styles and their mixing weights (``chain``, ``padded``, ``spaced``, ``ans``), e.g.
             ``{"chain": 0.7, "padded": 0.3}``; weights need not sum to 1.
     """
 
@@ -235,7 +235,7 @@ class SyntheticArithmetic(MathTask):
         return (*(k for k, w in self.styles.items() if w > 0), OTHER)
 
     def response_style(self, text: str) -> str:
-        """The answer style of a completion (``chain``, ``padded``, ``spaced``) or ``"other"``."""
+        """The answer style of a completion (``chain``, ``padded``, ``spaced``, ``ans``) or ``"other"``."""
         return classify_style(text)
 
     def target_response(self, record: Mapping[str, Any]) -> str:
