@@ -150,6 +150,10 @@ def test_other_kind_tells_mixed_layouts_from_malformed_text():
         assert classify_style(malformed) == "other" and other_kind(malformed) == "malformed", malformed
     # a value that is 0 keeps its zero (no digit follows it)
     assert classify_style("2-2=0. 0+05=5. \\boxed{5}") == "other" and other_kind("2-2=0. 0+05=5. \\boxed{5}") == "mixed"
+    # `ans` in some steps and copies in others: mixed; an `ans` in the first step names nothing: malformed
+    steps_mixed = "9*9=81. ans+5=86. 86-6=80. \\boxed{80}"
+    assert classify_style(steps_mixed) == "other" and other_kind(steps_mixed) == "mixed"
+    assert other_kind("ans*9=81. ans+5=86. \\boxed{86}") == "malformed"
 
 
 def test_forward_anatomy_counts_by_hand():

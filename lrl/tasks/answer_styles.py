@@ -123,11 +123,22 @@ _LEADING_ZERO = re.compile(r"(?<!\d)0(\d)")
 
 
 def other_kind(text: str) -> str:
-    """Why a response is ``"other"``: ``"mixed"`` when it is a well-formed chain once the padding is dropped (it
-    mixes `chain` and `padded` numbers), else ``"malformed"`` (characters doubled, dropped or misplaced, what
-    unmasking neighbouring positions together produces). Only meaningful for responses `classify_style` calls
-    ``"other"``."""
-    return "mixed" if classify_style(_LEADING_ZERO.sub(r"\1", text)) == "chain" else "malformed"
+    """Why a response is ``"other"``: ``"mixed"`` when it is a well-formed chain once the padding is dropped and
+    every ``ans`` is replaced by the result it names (it mixes the layouts of two styles), else ``"malformed"``
+    (characters doubled, dropped or misplaced, what unmasking neighbouring positions together produces). Only
+    meaningful for responses `classify_style` calls ``"other"``."""
+    return "mixed" if classify_style(_resolve_ans(_LEADING_ZERO.sub(r"\1", text))) == "chain" else "malformed"
+
+
+def _resolve_ans(text: str) -> str:
+    """``text`` with each step's ``ans`` replaced by the previous step's result (left alone in a first step)."""
+    parts, pos, previous = [], 0, None
+    for m in _STEP.finditer(text):
+        if m.group(1) == "ans" and previous is not None:
+            parts += [text[pos:m.start(1)], previous]
+            pos = m.end(1)
+        previous = m.group(3)
+    return "".join(parts) + text[pos:]
 
 
 def distinguishable(ops: Sequence[Op]) -> bool:
