@@ -12,7 +12,8 @@ task at threshold φ and temperature T (what RL rollouts see) and reports:
 * in groups with correct answers of a style and of ``--reference``, the mean paired difference (style −
   reference) of TPF, forwards and tokens: the choice the task offers *within* a problem, which averages over
   all problems can hide;
-* how many groups mixing right and wrong answers give a wrong answer the highest total reward (±1 + z(TPF)).
+* the mean TPF of correct and of wrong answers, and how many groups mixing right and wrong answers give a wrong
+  answer the highest total reward (±1 + z(TPF)).
 
     python scripts/group_anatomy.py --checkpoint outputs/base/styles_b16 [--prompts 128] [--group-size 8]
 """
@@ -100,6 +101,8 @@ def group_anatomy(texts, tpf, forwards, lengths, correct, styles, group_size: in
         "z_neg_forwards_in_mixed_groups": {s: statistics.fmean(v) for s, v in sorted(z_fwd.items())},
         "paired_vs_reference": {s: {"groups": len(d["tpf"]), **{k: statistics.fmean(v) for k, v in d.items()}}
                                 for s, d in sorted(paired.items())},
+        "tpf_correct": statistics.fmean([tpf[i] for i in range(n) if correct[i]] or [float("nan")]),
+        "tpf_wrong": statistics.fmean([tpf[i] for i in range(n) if not correct[i]] or [float("nan")]),
         "groups_right_and_wrong": mixed_outcome,
         "groups_where_a_wrong_answer_tops_the_reward": wrong_on_top,
     }
@@ -120,7 +123,8 @@ def format_group_anatomy(res: dict, reference: str = "chain") -> str:
     lines.append(f"\ndistinct texts per group {res['distinct_texts_per_group']:.2f}; share of the within-group TPF "
                  f"variance between different texts: {share(res['tpf_var_between_texts'])} (all answers), "
                  f"{share(res['tpf_var_between_texts_correct'])} (correct answers); groups mixing styles "
-                 f"{res['mixed_style_groups']}; a wrong answer tops the reward (±1 + z(TPF)) in "
+                 f"{res['mixed_style_groups']}; TPF of correct / wrong answers {res['tpf_correct']:.2f} / "
+                 f"{res['tpf_wrong']:.2f}; a wrong answer tops the reward (±1 + z(TPF)) in "
                  f"{res['groups_where_a_wrong_answer_tops_the_reward']} of {res['groups_right_and_wrong']} groups "
                  "with right and wrong answers")
     return "\n".join(lines)

@@ -259,6 +259,7 @@ def test_group_anatomy_by_hand():
                                                                    "tokens": 4.0})}
     # totals 1, 1 − √2, 1 + √2, −1: a right answer on top
     assert res["groups_right_and_wrong"] == 1 and res["groups_where_a_wrong_answer_tops_the_reward"] == 0
+    assert res["tpf_correct"] == pytest.approx((4 + 2 + 6 + 12) / 7) and res["tpf_wrong"] == 4.0
     assert "| padded | 1 | 100.0 | 6.00 | 6.00 | 36.0 | +1.41 |" in format_group_anatomy(res)
     # a fast wrong answer: z = −3/7 for the three right ones (totals 4/7), +13/7 for the wrong one (6/7)
     fast_wrong = group_anatomy(["a", "a", "a", "b"], [2.0, 2.0, 2.0, 10.0], [9, 9, 9, 2], [18, 18, 18, 20],
