@@ -32,13 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from lrl.algorithms.reward_shaping import group_normalize, shape_rewards  # noqa: E402
 from lrl.metrics.diagnostics import rollout_diagnostics  # noqa: E402
-
-
-def _z(values: list[float]) -> list[float] | None:
-    """Population z-scores, None for a flat list (the reward's convention: a flat group gets 0 everywhere)."""
-    mean, std = statistics.fmean(values), statistics.pstdev(values)
-    return None if std < 1e-6 else [(v - mean) / std for v in values]
 
 
 def group_anatomy(texts, tpf, forwards, lengths, correct, styles, group_size: int, reference: str = "chain") -> dict:
@@ -67,18 +62,23 @@ def group_anatomy(texts, tpf, forwards, lengths, correct, styles, group_size: in
             "forwards": statistics.fmean(forwards[i] for i in rows),
             "tokens": statistics.fmean(lengths[i] for i in rows),
         }
-    diag = rollout_diagnostics(texts, torch.tensor(tpf, dtype=torch.float), torch.tensor(forwards),
-                               torch.tensor(lengths), torch.arange(n) // group_size, correct=torch.tensor(correct))
-    z_tpf, z_fwd = defaultdict(list), defaultdict(list)
+    group_index = torch.arange(n) // group_size
+    tpf_t, correct_t = torch.tensor(tpf, dtype=torch.float), torch.tensor(correct)
+    diag = rollout_diagnostics(texts, tpf_t, torch.tensor(forwards), torch.tensor(lengths), group_index,
+                               correct=correct_t)
+    # the reward's own terms: z-scores within each group (0 for a flat group) and ±1 + z(TPF) (spec §3.3)
+    z_of = {"tpf": group_normalize(tpf_t, group_index).tolist(),
+            "neg_forwards": group_normalize(-torch.tensor(forwards, dtype=torch.float), group_index).tolist()}
+    total = shape_rewards(correct_t, tpf_t, group_index)["total"].tolist()
+    z_by_style = {key: defaultdict(list) for key in z_of}
     paired: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     mixed_outcome = wrong_on_top = 0
     for rows in groups:
         if len({styles[i] for i in rows}) > 1:
-            for scores, values in ((z_tpf, [tpf[i] for i in rows]), (z_fwd, [-float(forwards[i]) for i in rows])):
-                z = _z(values)
-                if z is not None:
-                    for i, zi in zip(rows, z):
-                        scores[styles[i]].append(zi)
+            for key, z in z_of.items():
+                if any(z[i] != 0.0 for i in rows):  # a flat group ranks nothing
+                    for i in rows:
+                        z_by_style[key][styles[i]].append(z[i])
         ref = [i for i in rows if correct[i] and styles[i] == reference]
         for style in {styles[i] for i in rows} - {reference}:
             other = [i for i in rows if correct[i] and styles[i] == style]
@@ -88,17 +88,15 @@ def group_anatomy(texts, tpf, forwards, lengths, correct, styles, group_size: in
                                               - statistics.fmean(values[i] for i in ref))
         if 0 < sum(bool(correct[i]) for i in rows) < len(rows):
             mixed_outcome += 1
-            z = _z([tpf[i] for i in rows]) or [0.0] * len(rows)
-            total = [(1.0 if correct[i] else -1.0) + zi for i, zi in zip(rows, z)]
-            wrong_on_top += not correct[rows[max(range(len(rows)), key=total.__getitem__)]]
+            wrong_on_top += not correct[max(rows, key=total.__getitem__)]
     return {
         "per_style": per_style,
         "distinct_texts_per_group": diag["rollout/distinct_texts_per_group"],
         "tpf_var_between_texts": diag.get("rollout/tpf_var_between_texts"),
         "tpf_var_between_texts_correct": diag.get("rollout/tpf_var_between_texts_correct"),
         "mixed_style_groups": sum(len({styles[i] for i in rows}) > 1 for rows in groups),
-        "z_tpf_in_mixed_groups": {s: statistics.fmean(v) for s, v in sorted(z_tpf.items())},
-        "z_neg_forwards_in_mixed_groups": {s: statistics.fmean(v) for s, v in sorted(z_fwd.items())},
+        **{f"z_{key}_in_mixed_groups": {s: statistics.fmean(v) for s, v in sorted(by_style.items())}
+           for key, by_style in z_by_style.items()},
         "paired_vs_reference": {s: {"groups": len(d["tpf"]), **{k: statistics.fmean(v) for k, v in d.items()}}
                                 for s, d in sorted(paired.items())},
         "tpf_correct": statistics.fmean([tpf[i] for i in range(n) if correct[i]] or [float("nan")]),
