@@ -103,9 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
     if configs:
         from lrl.cli import merged_config
 
-        # the task as the config trains it (styles), with the default sizes: the RL demo's held-out set
+        # the task as the config trains it (styles, problem family), with the default sizes: the RL demo's held-out set
         kw = merged_config(configs).get("data", {}).get("init_args", {}).get("task_kwargs") or {}
-        task_kwargs = {k: v for k, v in kw.items() if k == "styles"}
+        task_kwargs = {k: v for k, v in kw.items() if k in ("styles", "family")}
     summary: dict = {"checkpoint": checkpoint, "task_kwargs": task_kwargs}
     if not args.skip_train:
         from lrl.cli import cli_main

@@ -10,7 +10,7 @@ import torch
 
 from lrl.metrics.diagnostics import rollout_diagnostics
 from lrl.tasks import SyntheticArithmetic, get_task
-from lrl.tasks.answer_styles import STYLE_NAMES, classify_style, render_answer
+from lrl.tasks.answer_styles import LAYOUT_STYLES, classify_style, render_answer
 
 ALL = {"chain": 1.0, "padded": 1.0, "spaced": 1.0, "ans": 1.0}
 
@@ -34,7 +34,7 @@ def test_every_style_of_every_problem_is_correct_and_recognised(mixed: Synthetic
     records = mixed.load("train")[:150] + mixed.load("eval")[:50]
     texts, per_row = [], []
     for r in records:
-        for style in STYLE_NAMES:
+        for style in LAYOUT_STYLES:
             text = render_answer(style, r["ops"], r["result"])
             assert classify_style(text) == style, (style, text)
             ops, boxed = _reference_steps(text)
@@ -47,6 +47,49 @@ def test_every_style_of_every_problem_is_correct_and_recognised(mixed: Synthetic
             texts.append(text)
             per_row.append(r)
     assert mixed.score(texts, per_row) == [1.0] * len(texts)  # the real math verifier
+
+
+def test_sums_every_style_is_correct_recognised_and_has_the_dependencies_it_claims() -> None:
+    task = SyntheticArithmetic(num_train=600, num_eval=100, family="sums", styles={"chain": 0.5, "pairs": 0.5})
+    records = task.load("train")[:150] + task.load("eval")[:50]
+    texts, per_row = [], []
+    for r in records:
+        q = [int(v) for v in re.findall(r"\d+", r["question"])]
+        assert len(q) == 4 and sum(q) == r["result"] <= 99 and all(2 <= v <= 24 for v in q)
+        assert r["question"].endswith("How many in all?") and 40 <= len(r["question"]) <= 90
+        for style in ("chain", "pairs"):
+            text = render_answer(style, r["ops"], r["result"])
+            assert classify_style(text) == style, (style, text)
+            ops, boxed = _reference_steps(text)
+            assert boxed == r["result"] and all(a + b == c and s == "+" for a, s, b, c in ops)
+            if style == "chain":  # a running total over the amounts in order
+                assert [op[2] for op in ops] == q[1:] and ops[0][0] == q[0]
+            else:  # two partial sums of the question's amounts, then their total
+                assert ops[0][:3:2] == tuple(q[:2]) and ops[1][:3:2] == tuple(q[2:])
+                assert ops[2][:3:2] == (ops[0][3], ops[1][3])
+            assert 20 <= len(text) <= 40
+            texts.append(text)
+            per_row.append(r)
+    assert task.score(texts, per_row) == [1.0] * len(texts)
+    assert {r["style"] for r in records} == {"chain", "pairs"}
+    assert task.style_names == ("chain", "pairs", "other")
+    # the chains family is untouched by the new argument
+    assert SyntheticArithmetic(family="chains").load("train") == SyntheticArithmetic().load("train")
+
+
+def test_pairs_by_hand() -> None:
+    ops = [[12, "+", 7, 19], [19, "+", 5, 24], [24, "+", 9, 33]]
+    assert render_answer("pairs", ops, 33) == "12+7=19. 5+9=14. 19+14=33. \\boxed{33}"
+    assert classify_style("12+7=19. 19+5=24. 24+9=33. \\boxed{33}") == "chain"
+    # a third step that does not add the two partial sums, or a second that continues the first: not pairs
+    assert classify_style("12+7=19. 5+9=14. 14+19=33. \\boxed{33}") == "chain"
+    assert classify_style("12+7=19. 19+9=28. 19+28=47. \\boxed{47}") == "chain"
+    with pytest.raises(ValueError, match="style 'pairs' needs a sum of four numbers"):
+        render_answer("pairs", [[9, "*", 9, 81], [81, "+", 5, 86]], 86)
+    with pytest.raises(ValueError, match="style 'pairs' needs family: sums"):
+        SyntheticArithmetic(styles={"chain": 0.5, "pairs": 0.5})
+    with pytest.raises(ValueError, match="unknown family 'products'"):
+        SyntheticArithmetic(family="products")
 
 
 def test_style_layouts_by_hand() -> None:
@@ -182,22 +225,35 @@ def test_dependency_levels_and_forward_floor_by_hand():
     from lrl.tasks.answer_styles import dependency_levels, forward_floor
 
     text = "9*9=81. 81+5=86. \\boxed{86}"
-    # 81 is computable from the question (level 0) and so is its copy; 86 needs 81 (level 1), and so does the box
-    expected = [0] * 13 + [1, 1] + [0] * 9 + [1, 1] + [0]
+    # 81 is computable from the question (level 1) and so is its copy; 86 needs 81 (level 2), and so does the box;
+    # operands and layout need no computation (level 0)
+    expected = [0] * 4 + [1, 1] + [0] * 2 + [1, 1] + [0] * 3 + [2, 2] + [0] * 9 + [2, 2] + [0]
     assert dependency_levels(text) == expected
-    assert dependency_levels("09*09=81. 81+05=86. \\boxed{86}") == [0] * 16 + [1, 1] + [0] * 9 + [1, 1] + [0]
+    assert dependency_levels("09*09=81. 81+05=86. \\boxed{86}") == [0] * 6 + [1, 1] + [0] * 2 + [1, 1] + [0] * 4 + \
+        [2, 2] + [0] * 9 + [2, 2] + [0]
     assert dependency_levels("not an answer") == [0] * 13
     # `ans` is layout (level 0): only the results and the boxed copy wait
-    assert dependency_levels("9*9=81. ans+5=86. \\boxed{86}") == [0] * 14 + [1, 1] + [0] * 9 + [1, 1] + [0]
-    # block 0 holds levels 0 and 1: two forwards; block 1 only needs level 1, already resolved: one
+    assert dependency_levels("9*9=81. ans+5=86. \\boxed{86}") == [0] * 4 + [1, 1] + [0] * 8 + [2, 2] + [0] * 9 + \
+        [2, 2] + [0]
+    # pairs: both partial sums from the question (level 1), their total level 2
+    assert dependency_levels("12+7=19. 5+9=14. 19+14=33. \\boxed{33}") == [0] * 5 + [1, 1] + [0] * 6 + [1, 1] + \
+        [0] * 2 + [1, 1, 0, 1, 1, 0, 2, 2] + [0] * 9 + [2, 2] + [0]
+    # block 0 holds levels 1 and 2: two forwards; block 1 only needs level 2, already committed: one
     assert forward_floor(expected, 0, 16) == 3
-    # prompt of 4, blocks of 8: [0..3] level 0 → 1, [4..11] level 0 → 1, [12..19] reaches 1 → 1, [20..26] → 1
+    # prompt of 4, blocks of 8: [0..3] layout → 1, [4..11] level 1 → 1, [12..19] reaches 2 → 1, [20..26] → 1
     assert forward_floor(expected, 4, 8) == 4
     # three steps in one block: three forwards
-    assert forward_floor([0, 1, 2], 0, 16) == 3
-    # prompt of 2, blocks of 4: levels 0, 1 in block 0 (two forwards), then the padding past the text (length 6)
+    assert forward_floor([0, 1, 2, 3], 0, 16) == 3
+    # prompt of 2, blocks of 4: levels 1, 2 in block 0 (two forwards), then the padding past the text (length 6)
     # fills block 1 at the top level 2 (one forward); without the padding, block 1 does not exist
-    assert forward_floor([0, 1, 2], 2, 4, length=6) == 3 and forward_floor([0, 1], 2, 4) == 2
+    assert forward_floor([1, 2], 2, 4, length=6) == 3 and forward_floor([1, 2], 2, 4) == 2
+    # a block of layout only commits no value: the level-1 result of the next block still costs its forward, and
+    # the level-2 one a second
+    assert forward_floor([0, 0, 1, 2], 0, 2) == 3
+    # the same steps written as pairs (one dependent step fewer) in one block of 32: two forwards against three
+    pairs = dependency_levels("12+7=19. 5+9=14. 19+14=33. \\boxed{33}")
+    chain = dependency_levels("12+7=19. 19+5=24. 24+9=33. \\boxed{33}")
+    assert forward_floor(pairs, 0, 64) == 2 and forward_floor(chain, 0, 64) == 3
     with pytest.raises(ValueError, match="block_size >= 1"):
         forward_floor([0], 0, 0)
 

@@ -1,8 +1,9 @@
 """Answer styles of the synthetic task: the same worked steps written in layouts that decode with different
 parallelism under threshold unmasking (issue #12: parallelism as a learnable choice).
 
-Every style writes the same chain of operations, one step per previous result, and ends in ``\\boxed{N}``, so all
-styles need the same computation per token and are scored by the same math verifier. They differ only in layout:
+Every style writes the same operations and ends in ``\\boxed{N}``, so all styles need the same computation per token
+and are scored by the same math verifier. The first four write the chain one step per previous result and differ
+only in layout:
 
 ``chain`` (the original task)::
 
@@ -45,6 +46,16 @@ styles need the same computation per token and are scored by the same math verif
   ``chain`` answers of the same group): where ``ans`` goes is where the two styles part, and the model waits to
   decide it (its layout characters are unmasked alone 1.25 times per answer, ``chain``'s 0.71).
 
+``pairs`` (only for sums of four numbers, ``SyntheticArithmetic(family="sums")``)::
+
+    12+7=19. 5+9=14. 19+14=33. \\boxed{33}      (chain: 12+7=19. 19+5=24. 24+9=33. \\boxed{33})
+
+  The same three additions of the same numbers, grouped as two partial sums and their total instead of a running
+  total. The two partial sums only need numbers of the question, so they can be computed in the same forward:
+  two dependent steps instead of three, at the same length (±2 characters: the second partial sum and the
+  second running total may differ in digits). Unlike the layouts above, the styles differ in the dependency
+  structure of the computation, not in where its characters go.
+
 `classify_style` tells which style a response used (``"other"`` for anything else, which `other_kind` splits into
 layouts mixing two styles and malformed text; on the committed base nearly all are malformed); the padded style
 is recognised by its leading zeros, so problems in multi-style tasks always contain a one-digit number (see
@@ -83,7 +94,19 @@ def _ans(op: Op, k: int) -> str:
 
 STEP_RENDERERS: dict[str, Callable[[Op, int], str]] = {"chain": _chain, "padded": _padded, "spaced": _spaced,
                                                        "ans": _ans}
-STYLE_NAMES: tuple[str, ...] = tuple(STEP_RENDERERS)
+LAYOUT_STYLES: tuple[str, ...] = tuple(STEP_RENDERERS)  # any chain of steps can be written in these
+PAIRS = "pairs"  # restructures the steps of a sum of four numbers rather than re-laying each one out
+STYLE_NAMES: tuple[str, ...] = (*LAYOUT_STYLES, PAIRS)
+
+
+def pairs_steps(ops: Sequence[Op]) -> list[Op]:
+    """The ``pairs`` steps of a running sum of four numbers ``a+b+c+d``: ``a+b``, ``c+d``, then the two partial
+    sums. ``ops`` are its ``chain`` steps (three chained additions)."""
+    ops = [tuple(op) for op in ops]
+    if len(ops) != 3 or any(op[1] != "+" for op in ops) or ops[1][0] != ops[0][3] or ops[2][0] != ops[1][3]:
+        raise ValueError(f"style 'pairs' needs a sum of four numbers (three chained additions), got steps {ops}")
+    (a, _, b, p), (_, _, c, _), (_, _, d, total) = ops
+    return [(a, "+", b, p), (c, "+", d, c + d), (p, "+", c + d, total)]
 
 _NUM = r"(?:0|[1-9]\d?)"  # a value in [0, 99] without padding
 _SYM = r"[+\-*]"
@@ -98,22 +121,27 @@ _PATTERNS: dict[str, re.Pattern[str]] = {
 
 def render_answer(style: str, ops: Sequence[Op], result: int) -> str:
     """The response of ``style`` for the worked steps ``ops``: steps, then ``\\boxed{result}``."""
-    if style not in STEP_RENDERERS:
+    if style not in STYLE_NAMES:
         raise ValueError(f"unknown answer style {style!r}; available: {', '.join(STYLE_NAMES)}")
+    if style == PAIRS:
+        style, ops = "chain", pairs_steps(ops)
     return " ".join(STEP_RENDERERS[style](tuple(op), k) for k, op in enumerate(ops)) + f" \\boxed{{{result}}}"
 
 
 def classify_style(text: str) -> str:
     """The style ``text`` is written in (``chain``, ``padded``, ``spaced``, ``ans``), or ``"other"``.
 
-    Only the layout is checked, not the arithmetic. Surrounding whitespace is ignored. A response whose numbers are
-    all two-digit reads the same in ``chain`` and ``padded``; it counts as ``chain`` (the padded style is told by
-    its leading zeros).
+    Only the layout is checked, not the arithmetic; ``pairs`` is a ``chain`` layout whose third step adds the first
+    two results and whose second step does not start from the first result. Surrounding whitespace is ignored. A
+    response whose numbers are all two-digit reads the same in ``chain`` and ``padded``; it counts as ``chain`` (the
+    padded style is told by its leading zeros).
     """
     text = text.strip()
     if _PATTERNS["padded"].fullmatch(text) and re.search(r"(?:^|[^\d])0\d", text):
         return "padded"
-    for style in ("chain", "spaced", "ans"):
+    if _PATTERNS["chain"].fullmatch(text):
+        return PAIRS if _is_pairs(list(_STEP.finditer(text))) else "chain"
+    for style in ("spaced", "ans"):
         if _PATTERNS[style].fullmatch(text):
             return style
     return OTHER
@@ -127,7 +155,8 @@ def other_kind(text: str) -> str:
     every ``ans`` is replaced by the result it names (it mixes the layouts of two styles), else ``"malformed"``
     (characters doubled, dropped or misplaced, what unmasking neighbouring positions together produces). Only
     meaningful for responses `classify_style` calls ``"other"``."""
-    return "mixed" if classify_style(_resolve_ans(_LEADING_ZERO.sub(r"\1", text))) == "chain" else "malformed"
+    resolved = classify_style(_resolve_ans(_LEADING_ZERO.sub(r"\1", text)))
+    return "mixed" if resolved in ("chain", PAIRS) else "malformed"
 
 
 def _resolve_ans(text: str) -> str:
@@ -152,15 +181,32 @@ _STEP = re.compile(r"(\d+|ans)\s*[+\-*]\s*(\d+)\s*=\s*(\d+)\.")
 _BOXED_VALUE = re.compile(r"\\boxed\{(\d+)\}")
 
 
+def _is_pairs(steps: Sequence[re.Match[str]]) -> bool:
+    """Whether the worked steps (`_STEP` matches) are laid out as ``pairs``: ``a+b=p. c+d=q. p+q=N.``"""
+    return (len(steps) == 3 and steps[1].group(1) != steps[0].group(3)
+            and (steps[2].group(1), steps[2].group(2)) == (steps[0].group(3), steps[1].group(3)))
+
+
+def _step_inputs(steps: Sequence[re.Match[str]]) -> list[tuple[int | None, int | None]]:
+    """For every step, which earlier step's result its left and right operands are (``None``: from the question).
+    In every style but ``pairs``, step ``k > 0`` continues from step ``k − 1`` (written as a copy or as ``ans``)."""
+    if _is_pairs(steps):
+        return [(None, None), (None, None), (0, 1)]
+    return [(k - 1 if k else None, None) for k in range(len(steps))]
+
+
 def answer_roles(text: str) -> list[str]:
-    """The role of every character of ``text`` (any style): ``operand`` (a number copied from the question: the
-    first step's left operand and every right operand), ``carried`` (a copy of an earlier result: later steps'
-    left operands and the boxed value), ``result`` (a computed step result), ``layout`` (everything else:
-    symbols, separators, spaces, ``\\boxed{}``). Characters of text that is not a worked chain count as layout."""
+    """The role of every character of ``text`` (any style): ``operand`` (a number copied from the question),
+    ``carried`` (a copy of an earlier result: in ``chain`` later steps' left operands, in ``pairs`` both operands
+    of the last step, and the boxed value), ``result`` (a computed step result), ``layout`` (everything else:
+    symbols, separators, spaces, ``ans``, ``\\boxed{}``). Characters of text that is not a worked chain count as
+    layout."""
     roles = ["layout"] * len(text)
-    for k, m in enumerate(_STEP.finditer(text)):
-        left = "layout" if m.group(1) == "ans" else "carried" if k else "operand"
-        for group, role in ((1, left), (2, "operand"), (3, "result")):
+    steps = list(_STEP.finditer(text))
+    for m, inputs in zip(steps, _step_inputs(steps)):
+        left = "layout" if m.group(1) == "ans" else "operand" if inputs[0] is None else "carried"
+        right = "operand" if inputs[1] is None else "carried"
+        for group, role in ((1, left), (2, right), (3, "result")):
             roles[m.start(group):m.end(group)] = [role] * (m.end(group) - m.start(group))
     boxed = _BOXED_VALUE.search(text)
     if boxed:
@@ -169,26 +215,29 @@ def answer_roles(text: str) -> list[str]:
 
 
 def dependency_levels(text: str) -> list[int]:
-    """For every character of ``text``, how many chained computations precede knowing it: a lower-bound model of
-    decoding in which one forward can compute one step of the chain (and copy what is already known), but not two
-    chained steps at once.
+    """For every character of ``text``, how many dependent computations it takes to know it: a lower-bound model
+    of decoding in which one forward can compute a step whose inputs are visible (and copy what is already known),
+    but not two dependent steps at once.
 
-    A step's result is level ``k`` for the ``k``-th step (0-based: the first step's operands are all in the
-    question, so its result can be computed in the first forward); a copy of a result (the next step's left
-    operand, the boxed value) has the level of that result; operands copied from the question and the layout are
-    level 0. Where the layout's position depends on a result's digit count (unpadded styles) it is not counted:
-    on the synthetic task it never changes the floor (`forward_floor`), because the next result in the same block
-    is at a higher level anyway. Characters of text that is not a worked chain are level 0.
+    Operands copied from the question, ``ans`` and the layout are level 0 (known without computing); a step whose
+    operands all come from the question is level 1 (computable in the first forward); a step that uses earlier
+    results is one level above the highest of them (in a chain the ``k``-th step, 1-based, is level ``k``; in
+    ``pairs`` the two partial sums are both level 1 and the last step level 2); a copy of a result (a later
+    operand, the boxed value) has the level of that result. Where the layout's position depends on a result's digit
+    count (unpadded styles) it is not counted. Characters of text that is not a worked chain are level 0.
     """
     levels = [0] * len(text)
     steps = list(_STEP.finditer(text))
-    for k, m in enumerate(steps):
-        levels[m.start(3):m.end(3)] = [k] * (m.end(3) - m.start(3))
-        if k and m.group(1) != "ans":
-            levels[m.start(1):m.end(1)] = [k - 1] * (m.end(1) - m.start(1))
+    step_level: list[int] = []
+    for m, inputs in zip(steps, _step_inputs(steps)):
+        step_level.append(1 + max((step_level[j] for j in inputs if j is not None), default=0))
+        levels[m.start(3):m.end(3)] = [step_level[-1]] * (m.end(3) - m.start(3))
+        for group, source in zip((1, 2), inputs):
+            if source is not None and m.group(group) != "ans":
+                levels[m.start(group):m.end(group)] = [step_level[source]] * (m.end(group) - m.start(group))
     boxed = _BOXED_VALUE.search(text)
     if boxed and steps:
-        levels[boxed.start(1):boxed.end(1)] = [len(steps) - 1] * (boxed.end(1) - boxed.start(1))
+        levels[boxed.start(1):boxed.end(1)] = [step_level[-1]] * (boxed.end(1) - boxed.start(1))
     return levels
 
 
@@ -198,8 +247,9 @@ def forward_floor(levels: Sequence[int], prompt_len: int, block_size: int, lengt
     text, e.g. end-of-text tokens, get the highest level: where the text ends is known last), under the
     one-step-per-forward model: blocks are decoded in order (aligned to absolute positions, so the first may be
     partial), every block takes at least one forward, and a block whose highest level is ``L`` after earlier
-    blocks reached ``R`` takes ``L − R`` forwards (each forward resolves one more level).
-    Measured decoders sit above it; the gap is what sharper confidence could still win.
+    blocks committed values up to level ``R`` takes ``L − R`` forwards (each forward computes one more level).
+    A block of question copies and layout commits no value: a result computed in the next block still costs its
+    forward there. Measured decoders sit above it; the gap is what sharper confidence could still win.
     """
     if block_size < 1 or prompt_len < 0:
         raise ValueError(f"need block_size >= 1 and prompt_len >= 0, got {block_size} and {prompt_len}")
@@ -210,7 +260,7 @@ def forward_floor(levels: Sequence[int], prompt_len: int, block_size: int, lengt
     for j, level in enumerate(levels):
         b = (prompt_len + j) // block_size
         top[b] = max(top.get(b, 0), level)
-    forwards, resolved = 0, -1
+    forwards, resolved = 0, 0
     for b in sorted(top):
         forwards += max(1, top[b] - resolved)
         resolved = max(resolved, top[b])

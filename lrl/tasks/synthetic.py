@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lrl.tasks.answer_styles import OTHER, STYLE_NAMES, classify_style, distinguishable, render_answer
+from lrl.tasks.answer_styles import OTHER, PAIRS, STYLE_NAMES, classify_style, distinguishable, render_answer
 from lrl.tasks.base import PLAIN_TEMPLATE, QUESTION_PLACEHOLDER, MathTask
 
 MAX_VALUE = 99  # every operand and result stays in [0, MAX_VALUE]: at most two digits
@@ -33,6 +33,7 @@ MAX_FACTOR = 9  # largest factor of a starting product "a bags of b"
 MAX_STEPS = 3  # keeps targets within MAX_TARGET_CHARS
 MIN_QUESTION_CHARS, MAX_QUESTION_CHARS = 40, 90
 MIN_TARGET_CHARS, MAX_TARGET_CHARS = 20, 40
+FAMILIES = ("chains", "sums")
 
 HE_NAMES = ("Tom", "Sam", "Max", "Ben")
 SHE_NAMES = ("Ann", "Eva", "Mia", "Liz")
@@ -49,6 +50,12 @@ ADD = "{p} {verb} {b} more."
 SUB = "{p} {verb} {b}."
 MUL = "{p} {verb} them."
 ASK = "How many now?"
+# The `sums` family: four people's amounts, added up.
+SUM_FIRST = "{name} has {a} {obj}."
+SUM_NEXT = "{name} has {a}."
+SUM_ASK = "How many in all?"
+SUM_TERMS = 4
+MAX_TERM = 24  # largest amount of one person (a total over 99 is redrawn)
 _SYMBOLS = {"add": "+", "sub": "-", "mul": "*"}
 
 
@@ -63,7 +70,8 @@ def synthetic_char_set(prompt_template: str = PLAIN_TEMPLATE) -> str:
     The character-level demo tokenizer is built from it.
     """
     words = [*HE_NAMES, *SHE_NAMES, "He", "She", *OBJECTS, *CONTAINERS, *ADD_VERBS, *SUB_VERBS, *MUL_VERBS.values()]
-    templates = "".join(_literal_chars(t) for t in (START, START_PRODUCT, ADD, SUB, MUL, ASK))
+    templates = "".join(_literal_chars(t) for t in (START, START_PRODUCT, ADD, SUB, MUL, ASK,
+                                                     SUM_FIRST, SUM_NEXT, SUM_ASK))
     answer_chars = string.digits + "".join(_SYMBOLS.values()) + "=. #" + "\\boxed{}"
     prompt_chars = prompt_template.replace(QUESTION_PLACEHOLDER, "")
     return "".join(sorted(set("".join(words) + templates + answer_chars + prompt_chars)))
@@ -121,6 +129,33 @@ def generate_problem(rng: random.Random, num_steps: int) -> dict[str, Any]:
     }
 
 
+def generate_sum_problem(rng: random.Random) -> dict[str, Any]:
+    """One random ``sums`` problem: four people's amounts (2–24 each, total ≤ 99), asked for in all.
+
+    Returns the record of `generate_problem`, its worked steps a running total (``chain``), e.g.
+    ``"Tom has 12 pens. Ann has 7. Max has 5. Eva has 9. How many in all?"`` →
+    ``"12+7=19. 19+5=24. 24+9=33. #### 33"``; the ``pairs`` style groups the same numbers as two partial sums.
+    """
+    while True:
+        terms = [rng.randint(2, MAX_TERM) for _ in range(SUM_TERMS)]
+        if sum(terms) <= MAX_VALUE:
+            break
+    names = rng.sample([*HE_NAMES, *SHE_NAMES], SUM_TERMS)
+    sentences = [SUM_FIRST.format(name=names[0], a=terms[0], obj=rng.choice(OBJECTS))]
+    sentences += [SUM_NEXT.format(name=name, a=a) for name, a in zip(names[1:], terms[1:])]
+    ops, x = [], terms[0]
+    for a in terms[1:]:
+        ops.append([x, "+", a, x + a])
+        x += a
+    return {
+        "question": " ".join([*sentences, SUM_ASK]),
+        "answer": f"{' '.join(_step_text('+', left, a, total) for left, _, a, total in ops)} #### {x}",
+        "result": x,
+        "num_steps": len(ops),
+        "ops": ops,
+    }
+
+
 def _random_operation(rng: random.Random, x: int, pronoun: str) -> tuple[str, str, int, int]:
     """A random operation that keeps the result in [0, MAX_VALUE]: (sentence, symbol, operand, result)."""
     feasible = []
@@ -151,8 +186,12 @@ class SyntheticArithmetic(MathTask):
     Answer styles (`lrl.tasks.answer_styles`): every record is assigned a style drawn with the weights of
     ``styles`` (stored as ``record["style"]``), which its SFT target is written in. With one style the task is the
     original single-style task, problem for problem. With several, problems whose styles would read the same are
-    skipped (every problem has a one-digit number), so the split differs from the single-style one; every style
-    of every problem is a correct answer for the verifier.
+    skipped (in ``chains`` every problem has a one-digit number), so the split differs from the single-style one;
+    every style of every problem is a correct answer for the verifier.
+
+    Problem families: ``chains`` (the original, 1–3 chained operations) and ``sums`` (four people's amounts added
+    up, `generate_sum_problem`), the family of the ``pairs`` style: two partial sums computable together instead
+    of a running total, one dependent step fewer at about the same length.
 
     Args:
         name: Registry name.
@@ -161,9 +200,11 @@ class SyntheticArithmetic(MathTask):
         num_eval: Eval/test problems.
         train_seed: Seed of the train split.
         eval_seed: Seed of the eval/test split.
-        steps: Allowed numbers of operations; each problem draws one uniformly.
-        styles: Answer styles and their mixing weights (``chain``, ``padded``, ``spaced``, ``ans``), e.g.
-            ``{"chain": 0.7, "padded": 0.3}``; weights need not sum to 1.
+        steps: Allowed numbers of operations of ``chains`` problems; each problem draws one uniformly (``sums``
+            problems always have three).
+        styles: Answer styles and their mixing weights (``chain``, ``padded``, ``spaced``, ``ans``, and ``pairs``
+            for ``sums``), e.g. ``{"chain": 0.7, "padded": 0.3}``; weights need not sum to 1.
+        family: Which problems: ``chains`` or ``sums``.
     """
 
     name: str = "synthetic"
@@ -174,6 +215,7 @@ class SyntheticArithmetic(MathTask):
     eval_seed: int = 1
     steps: tuple[int, ...] = (2, 3)
     styles: dict[str, float] = field(default_factory=lambda: {"chain": 1.0})
+    family: str = "chains"
     _cache: dict[str, list[dict[str, Any]]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -192,6 +234,10 @@ class SyntheticArithmetic(MathTask):
             raise ValueError(f"{self.name}: unknown styles {unknown}; available: {', '.join(STYLE_NAMES)}")
         if any(not w >= 0 for w in self.styles.values()) or sum(self.styles.values()) <= 0:
             raise ValueError(f"{self.name}: styles weights must be >= 0 with a positive sum, got {self.styles}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"{self.name}: unknown family {self.family!r}; available: {', '.join(FAMILIES)}")
+        if self.family != "sums" and self.styles.get(PAIRS, 0) > 0:
+            raise ValueError(f"{self.name}: style {PAIRS!r} needs family: sums (sums of four numbers)")
         if QUESTION_PLACEHOLDER not in self.prompt_template:
             raise ValueError(f"{self.name}: prompt_template must contain {QUESTION_PLACEHOLDER!r}")
 
@@ -219,8 +265,14 @@ class SyntheticArithmetic(MathTask):
         for _ in range(max_attempts):
             if len(records) == count:
                 break
-            record = generate_problem(rng, rng.choice(self.steps))
-            if record["question"] in seen or (multi and not distinguishable(record["ops"])):
+            if self.family == "sums":
+                record = generate_sum_problem(rng)
+                # every style must read as itself (e.g. `pairs` is not `chain` when the third amount is the first sum)
+                apart = all(classify_style(render_answer(k, record["ops"], record["result"])) == k for k in names)
+            else:
+                record = generate_problem(rng, rng.choice(self.steps))
+                apart = not multi or distinguishable(record["ops"])
+            if record["question"] in seen or not apart:
                 continue
             seen.add(record["question"])
             record["style"] = names[0] if not multi else rng.choices(names, weights)[0]
@@ -235,7 +287,7 @@ class SyntheticArithmetic(MathTask):
         return (*(k for k, w in self.styles.items() if w > 0), OTHER)
 
     def response_style(self, text: str) -> str:
-        """The answer style of a completion (``chain``, ``padded``, ``spaced``, ``ans``) or ``"other"``."""
+        """The answer style of a completion (``chain``, ``padded``, ``spaced``, ``ans``, ``pairs``) or ``"other"``."""
         return classify_style(text)
 
     def target_response(self, record: Mapping[str, Any]) -> str:
