@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--samples", type=int, default=0, help="temperature-1 samples per problem (0: greedy)")
     ap.add_argument("--num-eval", type=int, default=200)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--family", default="chains", help="problem family of the synthetic task (chains, sums)")
     ap.add_argument("--styles", default='{"chain": 0.7, "padded": 0.3}',
                     help="task styles as JSON (only the classifier and the problem set depend on them)")
     ap.add_argument("--out", default=None, help="also write the figures as JSON here")
@@ -124,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     lm, tok = load_checkpoint(args.checkpoint)
     lm.eval()
-    task = get_task("synthetic", num_eval=args.num_eval, styles=json.loads(args.styles))
+    task = get_task("synthetic", num_eval=args.num_eval, styles=json.loads(args.styles), family=args.family)
     records = task.load("test")[: args.num_eval]
     greedy = args.samples == 0
     sp = SamplingParams(block_size=lm.bd.block_size, greedy=greedy, max_new_tokens=args.max_new_tokens,

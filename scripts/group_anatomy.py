@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threshold", type=float, default=0.9)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--family", default="chains", help="problem family of the synthetic task (chains, sums)")
     ap.add_argument("--styles", default='{"chain": 0.7, "padded": 0.3}', help="task styles as JSON")
     ap.add_argument("--reference", default="chain", help="style the paired differences are taken against")
     ap.add_argument("--seed", type=int, default=0)
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     lm, tok = load_checkpoint(args.checkpoint)
     lm.eval()
-    task = get_task("synthetic", styles=json.loads(args.styles))
+    task = get_task("synthetic", styles=json.loads(args.styles), family=args.family)
     records = task.load("train")[: args.prompts]
     sp = SamplingParams(block_size=lm.bd.block_size, greedy=False, max_new_tokens=args.max_new_tokens,
                         stop_token_ids=(tok.eos_token_id,), threshold=args.threshold,

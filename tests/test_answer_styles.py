@@ -217,7 +217,7 @@ def test_forward_anatomy_counts_by_hand():
     assert a["mean_block_step_by_role"] == {"operand": 1.0, "result": 2.0, "layout": 1.0, "stop": 1.0}
     assert a["tokens_per_response_by_role"] == {"operand": 2.0, "result": 1.0, "layout": 3.0, "stop": 1.0}
     assert res["b"]["forwards_per_response"] == 1 and res["b"]["single_token_forwards_per_response"] == 0
-    # one step (every character level 0) over blocks 0, 1 and 2: the floor is one forward per block
+    # one step (its result level 1, in block 1) over blocks 0, 1 and 2: the floor is one forward per block
     assert a["floor_forwards_per_response"] == 3 and res["b"]["floor_forwards_per_response"] == 3
 
 
