@@ -144,17 +144,24 @@ def merged_config(paths: list[str]) -> dict:
     """What ``lrl fit --config A --config B ...`` reads from YAML: later files override earlier ones key by key.
 
     For scripts that need a few values (checkpoint, block size, thresholds) of the same composition they pass on
-    to the CLI. ``init_args`` dictionaries merge recursively; lists and scalars are replaced.
+    to the CLI. Sections and class configurations (``class_path`` / ``init_args``) merge recursively, as
+    jsonargparse merges them; the value of one argument is replaced whole, a dictionary too (a later
+    ``task_kwargs: {styles: ...}`` drops the earlier ``task_kwargs``, as the CLI does), and so are lists and scalars.
     """
     from pathlib import Path
 
     import yaml
 
-    def merge(a: dict, b: dict) -> dict:
+    def merge(a: dict, b: dict, arguments: bool = False) -> dict:
+        """``arguments``: ``a`` and ``b`` map argument names to values (the contents of an ``init_args``)."""
         out = dict(a)
         for key, value in b.items():
             both_dicts = isinstance(value, dict) and isinstance(out.get(key), dict)
-            out[key] = merge(out[key], value) if both_dicts else value
+            class_config = both_dicts and bool({"class_path", "init_args"} & set(value))
+            if both_dicts and (class_config or not arguments):
+                out[key] = merge(out[key], value, arguments=key == "init_args")
+            else:
+                out[key] = value
         return out
 
     cfg: dict = {}

@@ -96,9 +96,31 @@ def test_merged_config_overrides_in_order(tmp_path):
     (tmp_path / "b.yaml").write_text("block_size: 16\nmodel:\n  init_args: {lr: 2.0, betas: [3]}\n")
     merged = merged_config([str(tmp_path / "a.yaml"), str(tmp_path / "b.yaml")])
     assert merged == {"block_size": 16, "model": {"init_args": {"lr": 2.0, "betas": [3], "keep": "x"}}}
+    # an argument whose value is a dictionary is replaced whole, as LightningCLI does; class configs still merge
+    (tmp_path / "d.yaml").write_text("data:\n  init_args: {task_kwargs: {num_train: 5, styles: {a: 1}}, seed: 1}\n"
+                                     "trainer:\n  logger: {class_path: L, init_args: {name: x, version: v}}\n")
+    (tmp_path / "e.yaml").write_text("data:\n  init_args: {task_kwargs: {styles: {b: 1}}}\n"
+                                     "trainer:\n  logger: {init_args: {version: w}}\n")
+    merged = merged_config([str(tmp_path / "d.yaml"), str(tmp_path / "e.yaml")])
+    assert merged["data"] == {"init_args": {"task_kwargs": {"styles": {"b": 1}}, "seed": 1}}
+    assert merged["trainer"] == {"logger": {"class_path": "L", "init_args": {"name": "x", "version": "w"}}}
     (tmp_path / "c.yaml").write_text("- 1\n")
     with pytest.raises(ValueError, match="c.yaml: a config must be a YAML mapping"):
         merged_config([str(tmp_path / "c.yaml")])
+
+
+def test_merged_config_reads_the_task_the_cli_builds(tiny_checkpoint, tmp_path, monkeypatch):
+    """Scripts (bench_method, build_base) read task arguments with `merged_config`; a model piece that sets the
+    task's styles must give them the task the CLI trains on (a deep merge once added the quickstart's `padded` to
+    the `sums` piece's styles, so the benchmark evaluated other held-out problems than it trained for)."""
+    from lrl.cli import merged_config
+
+    monkeypatch.chdir(tmp_path)
+    for piece in ("styles_pairs_b16.yaml", "styles_ans_b16.yaml"):
+        stack = [ROOT / "configs" / "quickstart.yaml", ROOT / "configs" / "model" / piece]
+        cli = _instantiate(tiny_checkpoint, stack)
+        merged = merged_config([str(p) for p in stack])["data"]["init_args"]["task_kwargs"]
+        assert merged == cli.datamodule.hparams.task_kwargs, piece
 
 
 def _expect_error(tiny_checkpoint, capsys, *args, match: str):

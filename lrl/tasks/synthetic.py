@@ -11,6 +11,12 @@ Example::
     answer:   "7+5=12. 12-3=9. #### 9"
     target:   "7+5=12. 12-3=9. \\boxed{9}"
 
+The ``sums`` family (``SyntheticArithmetic(family="sums")``) asks for the total of four people's amounts::
+
+    question: "Liz has 14 cards. Ben has 15. Max has 3. Mia has 10. How many in all?"
+    target:   "14+15=29. 29+3=32. 32+10=42. \\boxed{42}"      (chain: a running total)
+              "14+15=29. 3+10=13. 29+13=42. \\boxed{42}"      (pairs: two partial sums, then their total)
+
 Sizes (checked by the tests) suit a character-level model with block size ~8 and ~48 new tokens: questions
 40–90 characters, targets 20–40 characters. The vocabulary is deliberately small.
 """
