@@ -197,6 +197,7 @@ class RolloutDataModule(LightningDataModule):
         self.rl_step = 0
         self._order: list[int] | None = None
         self.skipped_long = 0
+        self._styles_seen: set[str] = set()  # answer styles seen in rollouts so far (diagnostics)
         self._steps_per_epoch = steps_per_epoch
         self.stop_ids: tuple[int, ...] = ()
 
@@ -394,14 +395,19 @@ class RolloutDataModule(LightningDataModule):
         offsets = torch.cumsum(torch.tensor([0] + [b.num_groups for b in batches[:-1]]), 0)
         texts = [t for b in batches for t in b.texts]
         classify = getattr(self.task, "response_style", None)
+        styles = [classify(t) for t in texts] if classify is not None else None
+        # a style outside the task's mix (a `padded` answer from a base that knew it) is logged from its first
+        # appearance on, as 0 when absent: Lightning would otherwise repeat its last share at every later step
+        self._styles_seen.update(styles or ())
+        names = (*getattr(self.task, "style_names", ()), *sorted(self._styles_seen))
         return rollout_diagnostics(
             texts,
             torch.cat([b.tpf for b in batches]),
             torch.cat([b.num_forwards for b in batches]),
             torch.cat([b.response_lengths for b in batches]),
             torch.cat([b.group_index + o for b, o in zip(batches, offsets.tolist())]),
-            styles=[classify(t) for t in texts] if classify is not None else None,
-            style_names=getattr(self.task, "style_names", ()),
+            styles=styles,
+            style_names=tuple(dict.fromkeys(names)),
             correct=torch.cat([b.correct for b in batches]) if all(b.correct is not None for b in batches) else None,
         )
 

@@ -275,10 +275,18 @@ def test_datamodule_diagnostics_renumber_refill_rounds_and_pass_verdicts() -> No
 
     rounds = [batch(["a", "a", "b"], [4, 4, 6], [2, 1, 1], [True, True, False]),  # TPF 2, 4, 6
               batch(["c", "c", "c"], [3, 3, 3], [1, 1, 1], [True, True, True])]  # TPF 3, 3, 3
-    d = RolloutDataModule.diagnostics(SimpleNamespace(task=SyntheticArithmetic()), rounds)
+    dm = SimpleNamespace(task=SyntheticArithmetic(), _styles_seen=set())
+    d = RolloutDataModule.diagnostics(dm, rounds)
     assert d["rollout/distinct_texts_per_group"] == pytest.approx(1.5)  # 2 and 1, not 3 in one merged group
     assert d["rollout/tpf_var_between_texts"] == pytest.approx(0.75)
     assert d["rollout/tpf_var_between_texts_correct"] == pytest.approx(0.0)
+    # a style outside the task's mix (here `padded` on the chain-only task) is logged from its first appearance
+    # on, as 0 once it is gone, so no stale share is repeated
+    padded, chain = "09*09=81. \\boxed{81}", "9*9=81. \\boxed{81}"
+    d = RolloutDataModule.diagnostics(dm, [batch([padded, chain, chain, chain], [4] * 4, [1] * 4, [True] * 4)])
+    assert (d["style/chain"], d["style/padded"], d["style/other"]) == (0.75, 0.25, 0.0)
+    d = RolloutDataModule.diagnostics(dm, [batch([chain, chain], [4, 4], [1, 1], [True, True])])
+    assert (d["style/chain"], d["style/padded"], d["style/other"]) == (1.0, 0.0, 0.0)
 
 
 def test_group_anatomy_by_hand():
