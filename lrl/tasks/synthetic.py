@@ -56,8 +56,7 @@ ADD = "{p} {verb} {b} more."
 SUB = "{p} {verb} {b}."
 MUL = "{p} {verb} them."
 ASK = "How many now?"
-# The `sums` family: four people's amounts, added up.
-SUM_FIRST = "{name} has {a} {obj}."
+# The `sums` family: four people's amounts, added up (the first sentence is START).
 SUM_NEXT = "{name} has {a}."
 SUM_ASK = "How many in all?"
 SUM_TERMS = 4
@@ -77,7 +76,7 @@ def synthetic_char_set(prompt_template: str = PLAIN_TEMPLATE) -> str:
     """
     words = [*HE_NAMES, *SHE_NAMES, "He", "She", *OBJECTS, *CONTAINERS, *ADD_VERBS, *SUB_VERBS, *MUL_VERBS.values()]
     templates = "".join(_literal_chars(t) for t in (START, START_PRODUCT, ADD, SUB, MUL, ASK,
-                                                     SUM_FIRST, SUM_NEXT, SUM_ASK))
+                                                     SUM_NEXT, SUM_ASK))
     answer_chars = string.digits + "".join(_SYMBOLS.values()) + "=. #" + "\\boxed{}"
     prompt_chars = prompt_template.replace(QUESTION_PLACEHOLDER, "")
     return "".join(sorted(set("".join(words) + templates + answer_chars + prompt_chars)))
@@ -147,7 +146,7 @@ def generate_sum_problem(rng: random.Random) -> dict[str, Any]:
         if sum(terms) <= MAX_VALUE:
             break
     names = rng.sample([*HE_NAMES, *SHE_NAMES], SUM_TERMS)
-    sentences = [SUM_FIRST.format(name=names[0], a=terms[0], obj=rng.choice(OBJECTS))]
+    sentences = [START.format(name=names[0], a=terms[0], obj=rng.choice(OBJECTS))]
     sentences += [SUM_NEXT.format(name=name, a=a) for name, a in zip(names[1:], terms[1:])]
     ops, x = [], terms[0]
     for a in terms[1:]:
