@@ -102,6 +102,9 @@ class RolloutDataModule(LightningDataModule):
         distill_coefficient: its weight; distill_norm: its per-group normalisation.
         joint_normalization: sum raw rewards, then normalise once (ablation of the decoupled normalisation).
         truncated_is_wrong: responses that hit ``max_new_tokens`` count as wrong.
+        require_worked_steps: a right final answer counts as correct (accuracy reward and NLL) only when the
+            task's check of its worked steps holds (``Task.worked_steps_hold``; the synthetic task): a format
+            condition against correct boxes over garbled steps. Evaluation still scores the final answer alone.
         advantage: ``batch`` (paper Eq. 7), ``prompt_group`` or ``prompt_group_center`` (spec §3.5).
         refill: draw new prompts for filtered groups until the batch is full (paper); False = released code.
         max_refill_rounds: bound on rollout rounds per step, the first included.
@@ -151,6 +154,7 @@ class RolloutDataModule(LightningDataModule):
         distill_norm: Literal["z_score", "minmax", "none"] = "z_score",
         joint_normalization: bool = False,
         truncated_is_wrong: bool = True,
+        require_worked_steps: bool = False,
         advantage: Literal["batch", "prompt_group", "prompt_group_center"] = "batch",
         refill: bool = True,
         max_refill_rounds: int = 4,
@@ -213,6 +217,11 @@ class RolloutDataModule(LightningDataModule):
             self.task = get_task(self.hparams.task, **kwargs)
             self.tokenizer = load_tokenizer(self.checkpoint)
             self._use_checkpoint_generation_settings()
+            if self.hparams.require_worked_steps and not hasattr(self.task, "worked_steps_hold"):
+                raise ValueError(
+                    f"data.require_worked_steps=true but task {self.hparams.task!r} has no check of worked steps "
+                    "(the synthetic task has one)"
+                )
         if stage in (None, "fit") and not self.train_records:
             self.train_records = self._fit_prompts(self.task.load(self.hparams.train_split))
             if not self.train_records:
@@ -351,6 +360,12 @@ class RolloutDataModule(LightningDataModule):
         hp = self.hparams
         per_row = [records[int(g)] for g in batch.group_index]
         acc = torch.tensor(self.task.score(batch.texts, per_row), dtype=torch.float32)
+        check = getattr(self.task, "worked_steps_hold", None)
+        if check is not None:
+            hold = torch.tensor([check(t) for t in batch.texts], dtype=torch.bool)
+            batch.stats["right_answers_bad_steps"] = float(((acc >= 1.0) & ~hold).sum())
+            if hp.require_worked_steps:
+                acc = torch.where(hold, acc, torch.zeros_like(acc))
         correct = acc >= 1.0
         if hp.truncated_is_wrong:
             correct = apply_length_penalty(correct, batch.truncated, enabled=True)
@@ -462,6 +477,11 @@ class RolloutDataModule(LightningDataModule):
         counts["reward/timeouts"] = float(_reset_verifier_timeouts())
         counts["filter/refilled"] = max(0, counts["filter/drawn"] - target)
         counts.update(self.diagnostics(drawn))
+        if any("right_answers_bad_steps" in b.stats for b in drawn):
+            # share of responses whose final answer is right over worked steps that do not hold (garbled work)
+            counts["rollout/right_answer_bad_steps"] = (
+                sum(b.stats.get("right_answers_bad_steps", 0.0) for b in drawn) / max(1, sum(len(b) for b in drawn))
+            )
         self.step_in_epoch += 1
         self.rl_step += 1
         if not kept_parts:

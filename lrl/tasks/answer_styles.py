@@ -198,6 +198,33 @@ def _step_inputs(steps: Sequence[re.Match[str]]) -> list[tuple[int | None, int |
     return [(k - 1 if k else None, None) for k in range(len(steps))]
 
 
+def worked_steps_hold(text: str) -> bool:
+    """Whether the worked steps of ``text`` are a consistent computation of its boxed answer: the layout is one of
+    the styles (`classify_style` is not ``"other"``), every step's arithmetic holds, every carried number (a copy or
+    ``ans``) equals the result it carries, and the boxed value is the last step's result. Numbers copied from the
+    question are not checked (the text alone does not have them); the final answer is the verifier's job.
+
+    A correct box over garbled steps is what threshold decoding produces when neighbouring positions are unmasked
+    together, and a reward that reads only the box pays for it (README, "Sums of four amounts").
+    """
+    if classify_style(text) == OTHER:
+        return False
+    text = text.strip()
+    steps = list(_STEP.finditer(text))
+    results: list[int] = []
+    for m, inputs in zip(steps, _step_inputs(steps)):
+        left = results[-1] if m.group(1) == "ans" else int(m.group(1))
+        right, result = int(m.group(2)), int(m.group(3))
+        if any(source is not None and value != results[source] for source, value in zip(inputs, (left, right))):
+            return False
+        symbol = text[m.end(1):m.start(2)].strip()
+        if {"+": left + right, "-": left - right, "*": left * right}[symbol] != result:
+            return False
+        results.append(result)
+    boxed = _BOXED_VALUE.search(text)
+    return bool(results) and boxed is not None and int(boxed.group(1)) == results[-1]
+
+
 def answer_roles(text: str) -> list[str]:
     """The role of every character of ``text`` (any style): ``operand`` (a number copied from the question),
     ``carried`` (a copy of an earlier result: in ``chain`` later steps' left operands, in ``pairs`` both operands

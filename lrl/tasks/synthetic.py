@@ -29,7 +29,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lrl.tasks.answer_styles import OTHER, PAIRS, STYLE_NAMES, classify_style, distinguishable, render_answer
+from lrl.tasks.answer_styles import (
+    OTHER,
+    PAIRS,
+    STYLE_NAMES,
+    classify_style,
+    distinguishable,
+    render_answer,
+    worked_steps_hold,
+)
 from lrl.tasks.base import PLAIN_TEMPLATE, QUESTION_PLACEHOLDER, MathTask
 
 MAX_VALUE = 99  # every operand and result stays in [0, MAX_VALUE]: at most two digits
@@ -294,6 +302,11 @@ class SyntheticArithmetic(MathTask):
     def response_style(self, text: str) -> str:
         """The answer style of a completion (``chain``, ``padded``, ``spaced``, ``ans``, ``pairs``) or ``"other"``."""
         return classify_style(text)
+
+    def worked_steps_hold(self, text: str) -> bool:
+        """Whether a completion's worked steps are a consistent computation of its boxed answer
+        (`lrl.tasks.answer_styles.worked_steps_hold`); the check behind ``data.require_worked_steps``."""
+        return worked_steps_hold(text)
 
     def target_response(self, record: Mapping[str, Any]) -> str:
         """The SFT target in the record's style: the worked steps followed by ``\\boxed{N}``, e.g.
