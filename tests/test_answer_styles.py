@@ -331,3 +331,64 @@ def test_group_anatomy_by_hand():
     assert fast_wrong["groups_where_a_wrong_answer_tops_the_reward"] == 1
     with pytest.raises(ValueError, match="divisible by group_size=3"):
         group_anatomy(texts, tpf, forwards, lengths, correct, styles, 3)
+
+
+def test_worked_steps_hold_for_every_style_and_not_for_garbled_work(mixed: SyntheticArithmetic) -> None:
+    from lrl.tasks.answer_styles import worked_steps_hold
+
+    sums = SyntheticArithmetic(num_train=300, num_eval=50, family="sums", styles={"chain": 0.5, "pairs": 0.5})
+    for task, styles in ((mixed, LAYOUT_STYLES), (sums, ("chain", "pairs"))):
+        for r in task.load("train")[:100]:
+            for style in styles:
+                assert task.worked_steps_hold(render_answer(style, r["ops"], r["result"])), (style, r["ops"])
+    # garbled work under a right box (42 = 14+15+3+10), each broken in one way
+    assert worked_steps_hold(" 14+15=29. 3+10=13. 29+13=42. \\boxed{42}\n")
+    assert not worked_steps_hold("14+15=29. 29+3=33. 33+9=42. \\boxed{42}")  # 29+3 is not 33
+    assert not worked_steps_hold("14+15=29. 30+3=33. 33+9=42. \\boxed{42}")  # carries 30, the result was 29
+    assert not worked_steps_hold("14+15=29. 3+10=13. 29+13=42. \\boxed{41}")  # box is not the last result
+    assert not worked_steps_hold("14+15=29. 3+10=13. 2+13=15. 15+27=42. \\boxed{42}")  # continues a wrong result
+    assert not worked_steps_hold("14+15=29. 3+10=13.. 29+13=42. \\boxed{42}")  # no style's layout
+    assert not worked_steps_hold("\\boxed{42}")  # no steps at all
+    assert worked_steps_hold("9*9=81. ans+5=86. \\boxed{86}") and not worked_steps_hold("9*9=81. ans+5=87. \\boxed{87}")
+    assert worked_steps_hold("09*09=81. 81-05=76. \\boxed{76}")
+
+
+def test_require_worked_steps_gates_the_accuracy_reward_not_the_verifier() -> None:
+    from types import SimpleNamespace
+
+    from datamodules.rollout import RolloutDataModule
+    from lrl.rollout import RolloutBatch
+
+    task = SyntheticArithmetic(num_train=10, num_eval=5, family="sums", styles={"chain": 0.5, "pairs": 0.5})
+    record = {"question": "Liz has 14 cards. Ben has 15. Max has 3. Mia has 10. How many in all?",
+              "answer": "14+15=29. 29+3=32. 32+10=42. #### 42"}
+    texts = ["14+15=29. 29+3=32. 32+10=42. \\boxed{42}",  # chain, right
+             "14+15=29. 3+10=13. 29+13=42. \\boxed{42}",  # pairs, right
+             "14+15=29. 3+10=13. 29+12=42. \\boxed{42}",  # right box over a wrong step
+             "14+15=29. 29+3=32. 32+10=42. \\boxed{43}"]  # wrong box
+    n = len(texts)
+
+    def scored(require: bool) -> RolloutBatch:
+        hp = SimpleNamespace(truncated_is_wrong=True, acc_reward="pm1", tpf_reward="none", tpf_coefficient=0.0,
+                             joint_normalization=False, step_penalty=None, distill_teacher=None,
+                             require_worked_steps=require)
+        batch = RolloutBatch(prompt_ids=[[0]] * n, response_ids=[[1] * 8] * n, texts=texts,
+                             step_maps=[list(range(1, 9))] * n, num_forwards=torch.full((n,), 4),
+                             num_store_passes=torch.zeros(n, dtype=torch.long), finish_reasons=["stop"] * n,
+                             group_index=torch.zeros(n, dtype=torch.long))
+        RolloutDataModule.score(SimpleNamespace(task=task, hparams=hp), batch, [record])
+        return batch
+
+    assert task.score(texts, [record] * n) == [1.0, 1.0, 1.0, 0.0]  # the verifier reads the box only
+    off, on = scored(False), scored(True)
+    assert off.correct.tolist() == [True, True, True, False] and off.rewards["acc"].tolist() == [1, 1, 1, -1]
+    assert on.correct.tolist() == [True, True, False, False] and on.rewards["acc"].tolist() == [1, 1, -1, -1]
+    assert on.stats["right_answers_bad_steps"] == off.stats["right_answers_bad_steps"] == 1.0
+
+
+def test_require_worked_steps_needs_a_task_that_checks_them(tiny_checkpoint) -> None:
+    from datamodules.rollout import RolloutDataModule
+
+    dm = RolloutDataModule(checkpoint=str(tiny_checkpoint), task="gsm8k", require_worked_steps=True)
+    with pytest.raises(ValueError, match="data.require_worked_steps=true but task 'gsm8k' has no check"):
+        dm.setup("fit")
