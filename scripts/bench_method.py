@@ -171,10 +171,11 @@ def summarize(results: dict[str, list[list[dict]]], select: float) -> dict[str, 
     y_max = max(p["accuracy"] for runs in results.values() for pts in runs for p in pts)
     out = {}
     for name, runs in results.items():
-        accs, tpfs, aups, full, fwd, toks, styles = [], [], [], [], [], [], []
+        accs, sound, tpfs, aups, full, fwd, toks, styles = [], [], [], [], [], [], [], []
         for pts in runs:
             sel = selected_point(pts, select)
             accs.append(sel["accuracy"])
+            sound.append(float("nan") if sel.get("sound_accuracy") is None else sel["sound_accuracy"])
             tpfs.append(sel["tpf"])
             fwd.append(sel.get("forwards_per_response", float("nan")))
             toks.append(sel.get("tokens_per_response", float("nan")))
@@ -184,7 +185,8 @@ def summarize(results: dict[str, list[list[dict]]], select: float) -> dict[str, 
             # d3LLM drops points > 5 accuracy points below the curve's first (1-token) point; without that rule
             # a run whose φ = 0.9 point sits just past the line is not reduced to its TPF-1 point
             full.append(aup(curve, y_max=y_max, y_min_offset=float("inf")) if y_max > 0 else 0.0)
-        out[name] = {"acc": accs, "tpf": tpfs, "aup": aups, "aup_all_points": full, "forwards": fwd, "tokens": toks,
+        out[name] = {"acc": accs, "sound_acc": sound, "tpf": tpfs, "aup": aups, "aup_all_points": full,
+                     "forwards": fwd, "tokens": toks,
                      "y_max": y_max,
                      "styles": {k: statistics.fmean(s.get(k, 0.0) for s in styles)
                                 for k in dict.fromkeys(k for st in styles for k in st)}}
@@ -205,8 +207,8 @@ def method_table(summary: dict[str, dict], select: float, base: str = "SFT base"
     b_tpf, b_aup, b_acc = statistics.fmean(b["tpf"]), statistics.fmean(b["aup"]), statistics.fmean(b["acc"])
     b_fwd = statistics.fmean(b.get("forwards", [float("nan")]))
     lines = [f"| method | acc % @ φ={select:g} | TPF @ φ={select:g} | AUP | AUP, all points | forwards/resp. | "
-             "tokens/resp. | styles | Δacc vs base | TPF × base | forwards × base | AUP × base |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "tokens/resp. | styles | sound steps % | Δacc vs base | TPF × base | forwards × base | AUP × base |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         acc, tpf, aupv = (statistics.fmean(s[k]) for k in ("acc", "tpf", "aup"))
         fwd = s.get("forwards", [float("nan")])
@@ -215,6 +217,7 @@ def method_table(summary: dict[str, dict], select: float, base: str = "SFT base"
             f"| {name} | {_ms(s['acc'], '{:.1f}')} | {_ms(s['tpf'], '{:.2f}')} | {_ms(s['aup'], '{:.1f}')} | "
             f"{_ms(s.get('aup_all_points', [float('nan')]), '{:.1f}')} | {_ms(fwd, '{:.2f}')} | "
             f"{statistics.fmean(s.get('tokens', [float('nan')])):.1f} | {styles} | "
+            f"{_ms(s.get('sound_acc', [float('nan')]), '{:.1f}')} | "
             f"{acc - b_acc:+.1f} | {tpf / b_tpf if b_tpf else float('nan'):.2f} | "
             f"{statistics.fmean(fwd) / b_fwd if b_fwd else float('nan'):.2f} | "
             f"{aupv / b_aup if b_aup else float('nan'):.2f} |"

@@ -392,3 +392,15 @@ def test_require_worked_steps_needs_a_task_that_checks_them(tiny_checkpoint) -> 
     dm = RolloutDataModule(checkpoint=str(tiny_checkpoint), task="gsm8k", require_worked_steps=True)
     with pytest.raises(ValueError, match="data.require_worked_steps=true but task 'gsm8k' has no check"):
         dm.setup("fit")
+
+
+def test_sound_accuracy_counts_right_answers_over_steps_that_hold() -> None:
+    from lrl.evaluation.pareto import sound_accuracy
+    from lrl.tasks import get_task
+
+    task = SyntheticArithmetic(num_train=10, num_eval=5, family="sums", styles={"chain": 0.5, "pairs": 0.5})
+    texts = ["14+15=29. 3+10=13. 29+13=42. \\boxed{42}", "14+15=29. 3+10=13. 29+12=42. \\boxed{42}",
+             "14+15=29. 3+10=13. 29+13=42. \\boxed{42}", "garbled \\boxed{42}"]
+    # right, right over a wrong step, verifier says wrong (say another question), right without steps
+    assert sound_accuracy(task, texts, [1.0, 1.0, 0.0, 1.0]) == 25.0
+    assert sound_accuracy(get_task("gsm8k"), texts, [1.0] * 4) is None  # a task without the check

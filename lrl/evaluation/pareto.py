@@ -34,6 +34,9 @@ class ParetoPoint:
     num_responses: int
     # per answer style (tasks with `response_style`): share, accuracy (%), tpf, forwards and tokens per response
     styles: dict[str, dict[str, float]] = field(default_factory=dict)
+    # % of responses with the right final answer whose worked steps also hold (tasks with `worked_steps_hold`):
+    # the verifier reads only the final answer, and a small model can box the right total over wrong steps
+    sound_accuracy: float | None = None
 
     @property
     def forwards_per_response(self) -> float:
@@ -148,6 +151,7 @@ def run_pareto_sweep(
                 wall_s=wall,
                 num_responses=len(batch),
                 styles=style_breakdown(task, batch, scores),
+                sound_accuracy=sound_accuracy(task, batch.texts, scores),
             )
         )
     curve = [(p.tpf, p.accuracy) for p in points]
@@ -155,6 +159,15 @@ def run_pareto_sweep(
     ymax = y_max if y_max is not None else best
     value = aup(curve, y_max=ymax) if ymax > 0 else 0.0
     return ParetoResult(points=points, aup=value, y_max=ymax, frontier=pareto_frontier(curve))
+
+
+def sound_accuracy(task, texts, scores) -> float | None:
+    """% of ``texts`` scored correct whose worked steps hold (``task.worked_steps_hold``); None for tasks without
+    the check or an empty batch."""
+    check = getattr(task, "worked_steps_hold", None)
+    if check is None or not len(texts):
+        return None
+    return 100.0 * sum(float(s) >= 1.0 and check(t) for t, s in zip(texts, scores)) / len(texts)
 
 
 def style_breakdown(task, batch, scores) -> dict[str, dict[str, float]]:
@@ -183,13 +196,14 @@ def style_breakdown(task, batch, scores) -> dict[str, dict[str, float]]:
 def format_table(result: ParetoResult) -> str:
     """A Markdown table of the sweep (one row per decoding setting) plus the AUP line."""
     rows = [
-        "| setting | accuracy % | TPF | tokens | forwards | forwards/response | styles | wall s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| setting | accuracy % | sound steps % | TPF | tokens | forwards | forwards/response | styles | wall s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result.points:
         styles = " ".join(f"{k} {v['share']:.0%}" for k, v in p.styles.items() if v["share"] > 0) or "-"
+        sound = "-" if p.sound_accuracy is None else f"{p.sound_accuracy:.1f}"
         rows.append(
-            f"| {p.setting} | {p.accuracy:.1f} | {p.tpf:.2f} | {p.tokens} | {p.forwards} | "
+            f"| {p.setting} | {p.accuracy:.1f} | {sound} | {p.tpf:.2f} | {p.tokens} | {p.forwards} | "
             f"{p.forwards_per_response:.2f} | {styles} | {p.wall_s:.1f} |"
         )
     rows.append(f"\nAUP = {result.aup:.1f} (y_max = {result.y_max:.1f}; d3LLM definition, α = 3)")
