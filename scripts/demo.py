@@ -1,8 +1,9 @@
 """`make demo`: LightningRL end to end on a tiny block-diffusion model, on a CPU, in minutes.
 
-1. the base model: a tiny block-16 block-diffusion LM SFT'd on the multi-style synthetic arithmetic task
-   (`configs/sft/styles.yaml`: 70 % `chain` answers, 30 % fixed-width `padded` ones that decode in fewer forwards),
-   committed in outputs/base/styles_b16 (rebuilt from the committed block-16 base with --rebuild-base);
+1. the base model: a tiny block-16 block-diffusion LM SFT'd on the `sums` task (four amounts added up, answered
+   as a running total, `chain`, or as two partial sums and their total, `pairs`, which has one dependent step fewer
+   and decodes in fewer forwards), committed in outputs/base/styles_pairs_b16 (rebuilt in two SFT stages from the
+   committed multi-style base with --rebuild-base);
 2. the "before" frontier: accuracy, TPF, forwards per response and answer styles of the base over a threshold sweep
    on held-out problems;
 3. LightningRL: `lrl fit --config configs/quickstart.yaml` (paper profile);
@@ -27,8 +28,10 @@ os.chdir(ROOT)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 RUN = ROOT / "outputs" / "quickstart"
 QUICKSTART = "configs/quickstart.yaml"
-# how the base is rebuilt: the committed block-16 base continued on the multi-style task
-BASE_CONFIGS = ("configs/sft_tiny.yaml", "configs/sft/styles.yaml")
+# how the base is rebuilt: the committed multi-style block-16 base continued on the `sums` task (50/50), then on
+# 70 % `pairs` (each stage writes the checkpoint the next one starts from)
+BASE_STAGES = (("configs/sft_tiny.yaml", "configs/sft/styles_sums.yaml"),
+               ("configs/sft_tiny.yaml", "configs/sft/styles_sums_pairs.yaml"))
 
 
 def quiet() -> None:
@@ -55,9 +58,10 @@ def build_base(base: Path, rebuild: bool) -> float:
         return 0.0
     from lrl.cli import cli_main
 
-    banner(f"1/4 block-diffusion SFT of the tiny base model ({' + '.join(BASE_CONFIGS)})")
     start = time.perf_counter()
-    cli_main(["fit", *(a for c in BASE_CONFIGS for a in ("--config", c))])
+    for k, configs in enumerate(BASE_STAGES, 1):
+        banner(f"1/4 SFT of the tiny base model, stage {k}/{len(BASE_STAGES)} ({' + '.join(configs)})")
+        cli_main(["fit", *(a for c in configs for a in ("--config", c))])
     return time.perf_counter() - start
 
 
@@ -160,6 +164,9 @@ def before_after_table(before, after, select: float) -> str:
     b_sel, a_sel = before.point(select), after.point(select)
     lines = ["| metric (held-out, greedy) | SFT base | LightningRL | ratio |", "|---|---|---|---|",
              row(f"accuracy % @ φ={select:g}", b_sel.accuracy, a_sel.accuracy),
+             *([row(f"right answers over sound steps % @ φ={select:g}", b_sel.sound_accuracy,
+                    a_sel.sound_accuracy)] if b_sel.sound_accuracy is not None and a_sel.sound_accuracy is not None
+               else []),
              row(f"TPF @ φ={select:g}", b_sel.tpf, a_sel.tpf, "{:.2f}"),
              row(f"forwards per response @ φ={select:g}", b_sel.forwards_per_response, a_sel.forwards_per_response,
                  "{:.2f}"),
