@@ -119,7 +119,8 @@ def evaluate(lm, tok, task, records, thresholds, block_size, max_new, planner_th
                            planner_thresholds=list(planner_thresholds))
     return [{"setting": p.setting, "threshold": p.threshold, "accuracy": p.accuracy, "tpf": p.tpf,
              "forwards_per_response": p.forwards_per_response, "tokens_per_response": p.tokens_per_response,
-             "styles": {k: v["share"] for k, v in p.styles.items()}} for p in res.points]
+             "styles": {k: v["share"] for k, v in p.styles.items()}, "sound_accuracy": p.sound_accuracy}
+            for p in res.points]
 
 
 def run_curves(run_dir: Path) -> dict[str, list[float]]:

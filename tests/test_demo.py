@@ -78,6 +78,11 @@ def test_method_table_numbers():
     row = next(line for line in lines if line.startswith("| LightningRL"))
     assert "| 49.0 ± 1.0 | 5.00 ± 1.00 |" in row
     assert "| -1.0 | 2.50 |" in row  # Δacc vs base = 49 − 50; TPF × base = 5 / 2
+    assert "| - | – | -1.0 |" in row  # no styles, and no sound-steps figure where the task has no check
+    results["LightningRL"][0][1]["sound_accuracy"] = 40.0
+    results["LightningRL"][1][1]["sound_accuracy"] = 44.0
+    row = next(line for line in method_table(summarize(results, 0.9), 0.9).splitlines() if "LightningRL" in line)
+    assert "| 42.0 ± 2.0 | -1.0 |" in row
     assert "over 2 seed(s)" in table
 
 
