@@ -54,6 +54,9 @@ ABLATIONS: dict[str, list[str]] = {
         "--data.init_args.tpf_coefficient=0.0",
     ],
     "LightningRL, no NLL": ["--model.init_args.nll_weight=0.0"],
+    # the TPF reward's own effect without the NLL term's sharpening (compare with "LightningRL, no NLL")
+    "LightningRL, no NLL, no TPF reward": ["--model.init_args.nll_weight=0.0", "--data.init_args.tpf_reward=none",
+                                           "--data.init_args.tpf_coefficient=0.0"],
     "LightningRL, joint norm.": ["--data.init_args.joint_normalization=true"],
     "LightningRL, no TPF filter": ["--trainer.callbacks.init_args.tpf_range_threshold=null"],
 }

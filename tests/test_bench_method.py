@@ -28,6 +28,8 @@ def test_benchmark_method_instantiates(method, tiny_checkpoint, tmp_path, monkey
     want_estimator = {"LightningRL, single-pass": "single_pass", "LightningRL, masked-states": "masked_states",
                       "LightningRL, masked-states, no TPF reward": "masked_states"}
     assert hp.estimator == want_estimator.get(method, "trajectory")
-    assert (hp.nll_weight == 0.0) == (method in ("GRPO(traj)", "LightningRL, no NLL"))
-    no_tpf = ("GRPO(traj)", "LightningRL, no TPF reward", "LightningRL, masked-states, no TPF reward")
+    no_nll = ("GRPO(traj)", "LightningRL, no NLL", "LightningRL, no NLL, no TPF reward")
+    assert (hp.nll_weight == 0.0) == (method in no_nll)
+    no_tpf = ("GRPO(traj)", "LightningRL, no TPF reward", "LightningRL, masked-states, no TPF reward",
+              "LightningRL, no NLL, no TPF reward")
     assert (data.tpf_reward == "none") == (method in no_tpf)
