@@ -33,7 +33,7 @@ def evaluate(checkpoint: str, *, thresholds: list[float], num_eval: int, max_new
     """Accuracy, TPF (Σ tokens ÷ Σ forwards), forwards per response and per-style figures of greedy decodes per
     unmasking setting; with ``samples`` > 0 also of that many temperature-1 samples per prompt at each threshold
     (what RL sees)."""
-    from lrl.evaluation.pareto import style_breakdown
+    from lrl.evaluation.pareto import sound_accuracy, style_breakdown
 
     lm, tok = load_checkpoint(checkpoint, block_size=block_size)
     lm.eval()
@@ -62,6 +62,7 @@ def evaluate(checkpoint: str, *, thresholds: list[float], num_eval: int, max_new
             "forwards_per_response": float(out.num_forwards.float().mean()),
             "stopped": float((~out.truncated).float().mean()), "seconds": secs,
             "styles": style_breakdown(task, out, scores), "example": out.texts[0],
+            "sound_accuracy": sound_accuracy(task, out.texts, scores),
         })
     return rows
 
@@ -125,8 +126,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['forwards_per_response']:>9.2f}{r['stopped']:>9.2f}{r['seconds']:>7.1f}  {r['example']!r}")
         for style, st in r["styles"].items():
             if st["share"] > 0:
+                sound = f", sound steps {st['sound_accuracy']:.1f} %" if "sound_accuracy" in st else ""
                 print(f"  {style:<14}{st['accuracy'] / 100:>10.3f}{st['tpf']:>8.2f}{st['tokens_per_response']:>8.1f}"
-                      f"{st['forwards_per_response']:>9.2f}  share {st['share']:.0%}")
+                      f"{st['forwards_per_response']:>9.2f}  share {st['share']:.0%}{sound}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(summary, indent=2))

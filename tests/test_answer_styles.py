@@ -404,3 +404,29 @@ def test_sound_accuracy_counts_right_answers_over_steps_that_hold() -> None:
     # right, right over a wrong step, verifier says wrong (say another question), right without steps
     assert sound_accuracy(task, texts, [1.0, 1.0, 0.0, 1.0]) == 25.0
     assert sound_accuracy(get_task("gsm8k"), texts, [1.0] * 4) is None  # a task without the check
+
+
+def test_style_breakdown_by_hand() -> None:
+    from lrl.evaluation.pareto import style_breakdown
+    from lrl.rollout import RolloutBatch
+
+    task = SyntheticArithmetic(num_train=10, num_eval=5, family="sums", styles={"chain": 0.5, "pairs": 0.5})
+    texts = ["14+15=29. 29+3=32. 32+10=42. \\boxed{42}",  # chain, right, sound
+             "14+15=29. 29+3=33. 33+9=42. \\boxed{42}",  # chain, right box over a wrong step
+             "14+15=29. 3+10=13. 29+13=42. \\boxed{42}",  # pairs, right, sound
+             "14+15=29. 3+10=13. 29+13=42. \\boxed{42}",  # pairs, scored wrong (another question, say)
+             "42"]  # other
+    lengths = [40, 40, 40, 40, 2]
+    batch = RolloutBatch(prompt_ids=[[0]] * 5, response_ids=[[1] * k for k in lengths], texts=texts,
+                         step_maps=[list(range(1, k + 1)) for k in lengths],
+                         num_forwards=torch.tensor([12, 10, 8, 12, 1]),
+                         num_store_passes=torch.zeros(5, dtype=torch.long), finish_reasons=["stop"] * 5,
+                         group_index=torch.arange(5))
+    out = style_breakdown(task, batch, [1.0, 1.0, 1.0, 0.0, 1.0])
+    assert list(out) == ["chain", "pairs", "other"]
+    assert out["chain"] == pytest.approx({"share": 0.4, "accuracy": 100.0, "tpf": 80 / 22,
+                                          "forwards_per_response": 11.0, "tokens_per_response": 40.0,
+                                          "sound_accuracy": 50.0})
+    assert out["pairs"] == pytest.approx({"share": 0.4, "accuracy": 50.0, "tpf": 4.0, "forwards_per_response": 10.0,
+                                          "tokens_per_response": 40.0, "sound_accuracy": 50.0})
+    assert out["other"]["accuracy"] == 100.0 and out["other"]["sound_accuracy"] == 0.0

@@ -172,11 +172,13 @@ def sound_accuracy(task, texts, scores) -> float | None:
 
 def style_breakdown(task, batch, scores) -> dict[str, dict[str, float]]:
     """Per answer style of ``task`` (empty when it has no ``response_style``): share of responses, accuracy (%),
-    TPF (Σ tokens ÷ Σ forwards), forwards and tokens per response."""
+    TPF (Σ tokens ÷ Σ forwards), forwards and tokens per response, and with ``task.worked_steps_hold`` the
+    sound accuracy (% of the style's responses that are right over steps that hold)."""
     classify = getattr(task, "response_style", None)
     if classify is None or not len(batch):
         return {}
     labels = [classify(t) for t in batch.texts]
+    check = getattr(task, "worked_steps_hold", None)
     out = {}
     for name in (*getattr(task, "style_names", ()), *sorted(set(labels) - set(getattr(task, "style_names", ())))):
         rows = [i for i, lab in enumerate(labels) if lab == name]
@@ -190,6 +192,9 @@ def style_breakdown(task, batch, scores) -> dict[str, dict[str, float]]:
             "forwards_per_response": forwards / n,
             "tokens_per_response": tokens / n,
         }
+        if check is not None:
+            out[name]["sound_accuracy"] = sound_accuracy(task, [batch.texts[i] for i in rows],
+                                                         [scores[i] for i in rows]) or 0.0
     return out
 
 
