@@ -44,7 +44,9 @@ def _data_files(tmp: Path) -> dict[str, Path]:
     return files
 
 
-GSM = ["--data.init_args.task=gsm8k", "--data.init_args.task_kwargs={}", "--data.init_args.eval_seed=null"]
+# the quickstart checks the synthetic task's worked steps; GSM8K has none to check
+GSM = ["--data.init_args.task=gsm8k", "--data.init_args.task_kwargs={}", "--data.init_args.eval_seed=null",
+       "--data.init_args.require_worked_steps=false"]
 
 # (id, extra arguments (TMP is replaced by the test's folder), text the one-line message must contain)
 CASES = [
@@ -74,11 +76,12 @@ CASES = [
     ("checkpoint_no_weights", ["--checkpoint=TMP/no_weights"], "checkpoint: TMP/no_weights holds no weights"),
     ("checkpoint_truncated", ["--checkpoint=TMP/truncated"], "model.safetensors is truncated or corrupt"),
     ("checkpoint_shard", ["--checkpoint=TMP/shard_missing"], "lacks weight shard(s) ['model-00002-of-00002"),
-    ("data_file_missing", [*GSM[:1], "--data.init_args.task_kwargs={source: TMP/none.jsonl}", GSM[2]],
+    ("worked_steps_check", GSM[:3], "data.init_args.require_worked_steps=true but task 'gsm8k' has no check"),
+    ("data_file_missing", [*GSM[:1], "--data.init_args.task_kwargs={source: TMP/none.jsonl}", *GSM[2:]],
      "dataset file not found: TMP/none.jsonl"),
-    ("data_row_field", [*GSM[:1], "--data.init_args.task_kwargs={source: TMP/rows.jsonl}", GSM[2]],
+    ("data_row_field", [*GSM[:1], "--data.init_args.task_kwargs={source: TMP/rows.jsonl}", *GSM[2:]],
      "TMP/rows.jsonl: gsm8k: record 1 has no field 'answer'"),
-    ("data_not_json", [*GSM[:1], "--data.init_args.task_kwargs={source: TMP/broken.jsonl}", GSM[2]],
+    ("data_not_json", [*GSM[:1], "--data.init_args.task_kwargs={source: TMP/broken.jsonl}", *GSM[2:]],
      "TMP/broken.jsonl: line 2 is not valid JSON"),
 ]
 
