@@ -16,9 +16,10 @@ from lrl.models.sharding import unwrap
 
 class ParetoFrontierCheckpoint(Callback):
     """Every ``every_n_steps`` RL steps, run the Pareto sweep (`lrl.evaluation`) on the held-out split, log
-    ``pareto/aup``, ``pareto/acc@φ``, ``pareto/tpf@φ`` and the frontier plot to TensorBoard, and save an HF
-    checkpoint of the policy. Of the evaluated checkpoints only those on the frontier of (TPF, accuracy) at the
-    ``select_threshold`` decoding setting, plus the best-AUP one, are kept on disk.
+    ``pareto/aup``, ``pareto/acc@φ``, ``pareto/tpf@φ`` (``pareto/sound@φ`` for tasks that check worked steps) and
+    the frontier plot to TensorBoard, and save an HF checkpoint of the policy. Of the evaluated checkpoints only
+    those on the frontier of (TPF, accuracy) at the ``select_threshold`` decoding setting, plus the best-AUP one,
+    are kept on disk.
 
     Args:
         dirpath: where checkpoints and ``pareto.json`` files go (default: ``<log_dir>/pareto``).
@@ -75,6 +76,8 @@ class ParetoFrontierCheckpoint(Callback):
             key = "static" if p.threshold is None else f"{p.threshold:g}"
             metrics[f"pareto/acc@{key}"] = p.accuracy
             metrics[f"pareto/tpf@{key}"] = p.tpf
+            if p.sound_accuracy is not None:  # right answers over worked steps that hold (the synthetic task)
+                metrics[f"pareto/sound@{key}"] = p.sound_accuracy
         if at_start:  # Lightning forbids step-level self.log in on_train_start: write to the loggers directly
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)

@@ -530,6 +530,8 @@ class LightningRLModule(PlannerTraining, LightningModule):
                 f"{p.threshold:g}"
             metrics[f"val/acc@{key}"] = p.accuracy
             metrics[f"val/tpf@{key}"] = p.tpf
+            if p.sound_accuracy is not None:
+                metrics[f"val/sound@{key}"] = p.sound_accuracy
         self.log_dict(metrics, batch_size=len(batch["records"]))
         self.last_pareto = result
         if self.trainer is not None and self.trainer.is_global_zero and self.trainer.state.fn in ("validate", "test"):

@@ -42,7 +42,7 @@ def test_sweep_points_and_artefacts(tiny_checkpoint, tmp_path):
 
 def test_lrl_validate_writes_pareto(tiny_checkpoint, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli_main(
+    cli = cli_main(
         [
             "validate",
             "--config",
@@ -65,3 +65,9 @@ def test_lrl_validate_writes_pareto(tiny_checkpoint, tmp_path, monkeypatch):
     data = json.loads(found[0].read_text())
     assert [p["setting"] for p in data["points"]] == ["static_1tok", "dynamic@0.9", "dynamic@0.5"]
     assert found[0].with_name("pareto.png").exists()
+    # the synthetic task checks worked steps: its sound accuracy is logged beside the verifier's
+    metrics = cli.trainer.callback_metrics
+    for p in data["points"]:
+        key = "static" if p["threshold"] is None else f"{p['threshold']:g}"
+        assert float(metrics[f"val/sound@{key}"]) == pytest.approx(p["sound_accuracy"])
+        assert p["sound_accuracy"] <= p["accuracy"]
