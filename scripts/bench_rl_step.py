@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--tpf", type=int, default=4, help="fixed tokens per forward of the rollout (static strategy)")
     ap.add_argument("--decode-attention", choices=["dense", "lengths", "flex", "auto"], default="auto")
+    ap.add_argument("--cuda-graphs", action="store_true", help="rollout with NativeEngine(cuda_graphs=True)")
     ap.add_argument("--micro-batch-size", type=int, default=16)
     ap.add_argument("--max-copies", type=int, default=8)
     ap.add_argument("--rows-per-forward", type=int, default=8)
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = _tokenizer(args.tokenizer or ("ids" if args.shape == "tiny" else "qwen"), policy.hf_config.vocab_size)
     rollout_lm = copy.deepcopy(policy).eval().requires_grad_(False)
     rollout_lm.decode_attention = args.decode_attention
-    engine = NativeEngine(rollout_lm, tokenizer, max_rows=args.prompts * args.samples)
+    engine = NativeEngine(rollout_lm, tokenizer, max_rows=args.prompts * args.samples, cuda_graphs=args.cuda_graphs)
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-6)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -173,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"shape": args.shape, "device": str(device), "dtype": args.dtype, "prompts": args.prompts,
               "samples": args.samples, "prompt_len": args.prompt_len, "max_new_tokens": args.max_new_tokens,
               "block_size": args.block_size, "static_tpf": args.tpf, "estimator": "trajectory",
+              "cuda_graphs": args.cuda_graphs, "decode_attention": args.decode_attention,
               "params": sum(p.numel() for p in policy.parameters()), "torch": torch.__version__, **info,
               "seconds": {k: round(v, 3) for k, v in clock.seconds.items()}, "total_s": round(total, 3)}
     if device.type == "cuda":

@@ -38,6 +38,8 @@ def test_bench_engine_floors_and_engine_tpf(tmp_path):
     assert set(runs) == {(2, 1), (2, 2)}
     for (rows, tpf), r in runs.items():
         assert r["tpf"] == tpf and r["tokens"] == rows * 8  # static strategy: exactly block_size/tpf steps a block
+        # 2 blocks of 4/tpf denoising forwards, and one store pass between them (none after the last block)
+        assert r["ms_per_forward"] == pytest.approx(r["seconds"] / (2 * 4 // tpf + 1) * 1e3)
 
 
 def test_bench_engine_rejects_a_tpf_that_does_not_divide_the_block():
@@ -45,6 +47,8 @@ def test_bench_engine_rejects_a_tpf_that_does_not_divide_the_block():
 
     with pytest.raises(SystemExit, match="must divide"):
         bench_engine.main(["--shape", "tiny", "--device", "cpu", "--block-size", "4", "--tpf", "3"])
+    with pytest.raises(SystemExit, match="--cuda-graphs needs --device cuda"):
+        bench_engine.main(["--shape", "tiny", "--device", "cpu", "--cuda-graphs"])
 
 
 def test_bench_rl_step_tiny_on_cpu(tmp_path):

@@ -208,12 +208,14 @@ class BlockDiffusionLM(nn.Module):
         return self.logits(states) if head is None else head(states, self.model.get_output_embeddings())
 
     # ------------------------------------------------------------------ inference primitives
-    def new_cache(self, rows: int, max_len: int) -> BlockKVCache:
+    def new_cache(self, rows: int, max_len: int, capacity: int | None = None) -> BlockKVCache:
+        """An empty `BlockKVCache` for ``rows`` rows of ``max_len`` slots (buffers for ``capacity`` rows)."""
         cfg = self.hf_config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
         return BlockKVCache(
-            cfg.num_hidden_layers, rows, max_len, kv_heads, head_dim, dtype=self.dtype, device=self.device
+            cfg.num_hidden_layers, rows, max_len, kv_heads, head_dim, dtype=self.dtype, device=self.device,
+            capacity=capacity,
         )
 
     @torch.no_grad()

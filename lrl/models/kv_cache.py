@@ -6,6 +6,11 @@ each prompt is. ``lengths[r]`` is the number of committed (stored) slots; the bl
 permanent only when the caller advances ``lengths`` (the store pass), otherwise the next forward overwrites it.
 This avoids concatenating the whole cache at each denoising step.
 
+The K/V live in buffers allocated once with room for ``capacity`` rows; the cache's rows are their first
+``num_rows`` rows. Copying a prompt's prefill to its G samples and dropping finished rows move rows inside those
+buffers, never reallocate them, so tensors that address the buffers (CUDA graphs, `lrl.models.cuda_graphs`) stay
+valid for the cache's whole life.
+
 The object implements the one method transformers' attention layers call on a cache, ``update``.
 """
 
@@ -15,12 +20,22 @@ import torch
 
 
 class BlockKVCache:
-    """K/V buffers of shape (rows, max_len, kv_heads, head_dim) per layer, plus per-row committed lengths."""
+    """K/V buffers of shape (capacity, max_len, kv_heads, head_dim) per layer, plus per-row committed lengths.
 
-    def __init__(self, num_layers: int, rows: int, max_len: int, kv_heads: int, head_dim: int, *, dtype, device):
-        shape = (rows, max_len, kv_heads, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+    Args:
+        num_layers, rows, max_len, kv_heads, head_dim: cache geometry (``rows`` rows in use at the start).
+        capacity: rows the buffers hold (default ``rows``); `repeat_interleave` can grow the rows in use up to it
+            without reallocating.
+    """
+
+    def __init__(self, num_layers: int, rows: int, max_len: int, kv_heads: int, head_dim: int, *, dtype, device,
+                 capacity: int | None = None):
+        capacity = rows if capacity is None else capacity
+        if capacity < rows:
+            raise ValueError(f"capacity ({capacity}) must be at least rows ({rows})")
+        shape = (capacity, max_len, kv_heads, head_dim)
+        self.key_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.value_buffers = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = torch.zeros(rows, dtype=torch.long, device=device)
         self.last_hidden: torch.Tensor | None = None  # (rows, hidden) at slot lengths-1; used by shifted models
         self.max_len = max_len
@@ -29,8 +44,23 @@ class BlockKVCache:
         self._kv_len = 0
 
     @property
+    def capacity(self) -> int:
+        return self.key_buffers[0].shape[0] if self.key_buffers else 0
+
+    @property
     def num_rows(self) -> int:
         return self.lengths.shape[0]
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        """Per layer, the (num_rows, max_len, kv_heads, head_dim) K of the rows in use (views of the buffers)."""
+        n = self.num_rows
+        return [b[:n] for b in self.key_buffers]
+
+    @property
+    def values(self) -> list[torch.Tensor]:
+        n = self.num_rows
+        return [b[:n] for b in self.value_buffers]
 
     def bind(self, rows: torch.Tensor | None, slots: torch.Tensor, kv_len: int) -> None:
         """Set where the next forward writes (slots, (A, T)) and how many slots it reads (kv_len)."""
@@ -40,8 +70,9 @@ class BlockKVCache:
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write (A, H, T, D) K/V at the bound slots; return the (A, H, kv_len, D) K/V the chunk attends to."""
-        kb, vb = self.keys[layer_idx], self.values[layer_idx]
-        rows = self._rows if self._rows is not None else torch.arange(kb.shape[0], device=kb.device)
+        n = self.num_rows
+        kb, vb = self.key_buffers[layer_idx][:n], self.value_buffers[layer_idx][:n]
+        rows = self._rows if self._rows is not None else torch.arange(n, device=kb.device)
         kb[rows[:, None], self._slots] = key_states.transpose(1, 2).to(kb.dtype)
         vb[rows[:, None], self._slots] = value_states.transpose(1, 2).to(vb.dtype)
         if self._rows is None:
@@ -51,11 +82,36 @@ class BlockKVCache:
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def repeat_interleave(self, repeats: int) -> BlockKVCache:
-        """Give each row ``repeats`` copies in place (the G samples of a prompt share its prefill)."""
-        if repeats != 1:
-            self.keys = [k.repeat_interleave(repeats, dim=0) for k in self.keys]
-            self.values = [v.repeat_interleave(repeats, dim=0) for v in self.values]
-            self.lengths = self.lengths.repeat_interleave(repeats)
-            if self.last_hidden is not None:
-                self.last_hidden = self.last_hidden.repeat_interleave(repeats, dim=0)
+        """Give each row ``repeats`` copies in place (the G samples of a prompt share its prefill); the buffers are
+        reallocated only when they lack the capacity."""
+        if repeats == 1:
+            return self
+        n, new = self.num_rows, self.num_rows * repeats
+        for bufs in (self.key_buffers, self.value_buffers):
+            for i, b in enumerate(bufs):
+                rows = b[:n].repeat_interleave(repeats, dim=0)
+                if b.shape[0] >= new:
+                    b[:new] = rows
+                else:
+                    bufs[i] = rows
+        self.lengths = self.lengths.repeat_interleave(repeats)
+        if self.last_hidden is not None:
+            self.last_hidden = self.last_hidden.repeat_interleave(repeats, dim=0)
         return self
+
+    def reset(self, rows: int) -> None:
+        """Empty the cache for reuse with ``rows`` rows in use (the buffers stay where they are)."""
+        if rows > self.capacity:
+            raise ValueError(f"reset: {rows} rows exceed the cache's capacity of {self.capacity}")
+        self.lengths = torch.zeros(rows, dtype=torch.long, device=self.lengths.device)
+        self.last_hidden = None
+
+    def keep_rows(self, idx: torch.Tensor) -> None:
+        """Keep rows ``idx`` (ascending), moved to the front of the buffers in place; the others are dropped."""
+        n = idx.numel()
+        for bufs in (self.key_buffers, self.value_buffers):
+            for b in bufs:  # layer by layer, so at most one layer's kept rows are held twice
+                b[:n] = b[idx]
+        self.lengths = self.lengths[idx]
+        if self.last_hidden is not None:
+            self.last_hidden = self.last_hidden[idx]

@@ -56,11 +56,20 @@ class NativeEngine(RolloutGenerator):
         tokenizer: used to encode string prompts and decode responses.
         max_rows: most rows (prompts × samples) decoded at once; larger requests run in chunks of whole groups.
         progress: show a progress bar (off by default inside training).
+        cuda_graphs: replay the one-block forwards as CUDA graphs (`lrl.models.cuda_graphs`), for small batches
+            where eager decoding is launch-bound. The engine then keeps one KV cache (and the graphs captured over
+            it) from call to call, grown when a call needs more rows or slots; `release` frees it. Needs the model
+            on CUDA; rows whose pattern is not a key length fall back to the eager forward.
     """
 
-    def __init__(self, lm: BlockDiffusionLM, tokenizer, *, max_rows: int = 512, progress: bool = False):
+    def __init__(self, lm: BlockDiffusionLM, tokenizer, *, max_rows: int = 512, progress: bool = False,
+                 cuda_graphs: bool = False):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        if cuda_graphs and lm.device.type != "cuda":
+            raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {lm.device}")
+        self.cuda_graphs = cuda_graphs
+        self._graphs = None  # BlockForwardGraphs over the kept cache
         self.lm = lm
         self.tokenizer = tokenizer
         self.max_rows = max_rows
@@ -100,6 +109,28 @@ class NativeEngine(RolloutGenerator):
             for dst, src in todo:
                 dst.copy_(src.to(dst.device, dst.dtype))
         self.weight_version = self.weight_version + 1 if version is None else int(version)
+
+    def release(self) -> None:
+        """Free the KV cache and CUDA graphs kept between calls (``cuda_graphs=True``)."""
+        self._graphs = None
+
+    def _cache(self, rows: int, capacity: int, slots: int, block_size: int):
+        """A cache for ``rows`` prefilled rows growing to ``capacity``; with CUDA graphs, the kept one when it
+        is large enough and of the same block size (its graphs stay valid), else a new one."""
+        if not self.cuda_graphs:
+            return self.lm.new_cache(rows, slots)
+        from lrl.models.cuda_graphs import BlockForwardGraphs
+
+        kept = self._graphs
+        if (kept is None or kept.block_size != block_size or kept.cache.capacity < capacity
+                or kept.cache.max_len < slots):
+            if kept is not None:
+                capacity, slots = max(capacity, kept.cache.capacity), max(slots, kept.cache.max_len)
+            self._graphs = None  # free the old buffers first
+            cache = self.lm.new_cache(rows, slots, capacity=capacity)
+            self._graphs = BlockForwardGraphs(self.lm, cache, block_size=block_size)
+        self._graphs.cache.reset(rows)
+        return self._graphs.cache
 
     def encode(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
         out = []
@@ -147,7 +178,7 @@ class NativeEngine(RolloutGenerator):
         g, n = sp.samples_per_prompt, len(prompts)
         plen = torch.tensor([len(p) for p in prompts], device=dev)
         slots = int(((plen + sp.max_new_tokens + bsz - 1) // bsz * bsz).max())
-        cache = lm.new_cache(n, slots)
+        cache = self._cache(n, n * g, slots, bsz)
         full = plen // bsz * bsz
         width = int(full.max())
         with _fast_attention(lm):
@@ -175,8 +206,13 @@ class NativeEngine(RolloutGenerator):
             pos = cache.lengths[:, None] + offs  # (A, B) absolute positions of each row's current block
             in_budget = pos < st.budget[:, None]
             store = st.storing.long() * bsz if storing_any else None
-            logits = self.lm.forward_chunk(cache, st.cur, block_size=bsz, key_valid=in_budget, store=store,
-                                           return_states=plan_gen is not None)
+            logits = None
+            if self._graphs is not None:
+                logits = self._graphs.forward(st.cur, key_valid=in_budget, store=store,
+                                              return_states=plan_gen is not None)
+            if logits is None:
+                logits = self.lm.forward_chunk(cache, st.cur, block_size=bsz, key_valid=in_budget, store=store,
+                                               return_states=plan_gen is not None)
             if plan_gen is not None:
                 logits, states = logits
 
@@ -346,12 +382,7 @@ class _LiveRows:
         idx = keep.nonzero().squeeze(1)
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name)[idx])
-        for i in range(len(cache.keys)):  # layer by layer, so at most one layer is held twice
-            cache.keys[i] = cache.keys[i][idx]
-            cache.values[i] = cache.values[i][idx]
-        cache.lengths = cache.lengths[idx]
-        if cache.last_hidden is not None:
-            cache.last_hidden = cache.last_hidden[idx]
+        cache.keep_rows(idx)
 
 
 _MASK_CACHE: dict = {}  # the current forward's additive mask, built once and shared by every layer
