@@ -55,11 +55,10 @@ def floors(lm, rows: int, block_size: int, bandwidth_gbs: float, peak_tflops: fl
 
 
 def block_forward_ms(lm, rows: int, plen: int, bs: int, device, warmup: int, repeats: int, mixed: bool = False,
-                     graphs: bool = False, compile: bool = False):
+                     graphs: bool = False):
     """Median ms of one block forward over ``rows`` rows with ``plen`` cached tokens each (``mixed``: cache
     lengths spread evenly over whole blocks from bs to plen, the RL case where rows sit at different positions;
-    ``graphs``: the CUDA-graph replay of `lrl.models.cuda_graphs`, capture excluded by the warm-up; ``compile``: its
-    decoder layers compiled)."""
+    ``graphs``: the CUDA-graph replay of `lrl.models.cuda_graphs`, capture excluded by the warm-up)."""
     vocab = lm.hf_config.vocab_size
     g = torch.Generator(device=device).manual_seed(rows)
     prompt = torch.randint(0, vocab - 1, (rows, plen), device=device, generator=g)
@@ -75,13 +74,13 @@ def block_forward_ms(lm, rows: int, plen: int, bs: int, device, warmup: int, rep
     if graphs:
         from lrl.models.cuda_graphs import BlockForwardGraphs
 
-        runner = BlockForwardGraphs(lm, cache, block_size=bs, compile=compile)
+        runner = BlockForwardGraphs(lm, cache, block_size=bs)
         return timed(lambda: runner.forward(block), device, max(warmup, 1), repeats)
     return timed(lambda: lm.forward_chunk(cache, block, block_size=bs), device, warmup, repeats)
 
 
 def engine_tokens_per_s(lm, rows: int, plen: int, bs: int, max_new: int, tpf: int, device,
-                        cuda_graphs: bool = False, compile_layers: bool = False) -> dict:
+                        cuda_graphs: bool = False) -> dict:
     from lrl.rollout import NativeEngine, SamplingParams
 
     vocab = lm.hf_config.vocab_size
@@ -89,7 +88,7 @@ def engine_tokens_per_s(lm, rows: int, plen: int, bs: int, max_new: int, tpf: in
     prompts = torch.randint(1, vocab - 1, (rows, plen), generator=g).tolist()
     sp = SamplingParams(block_size=bs, remasking_strategy="low_confidence_static", denoising_steps=bs // tpf,
                         max_new_tokens=max_new, temperature=1.0, seed=0)
-    engine = NativeEngine(lm, _IdTokenizer(), max_rows=rows, cuda_graphs=cuda_graphs, compile_layers=compile_layers)
+    engine = NativeEngine(lm, _IdTokenizer(), max_rows=rows, cuda_graphs=cuda_graphs)
     engine.generate(prompts, sp)  # warm-up (kernels, allocator, graph capture)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -101,7 +100,7 @@ def engine_tokens_per_s(lm, rows: int, plen: int, bs: int, max_new: int, tpf: in
     tokens = sum(len(r) for r in batch.response_ids)
     forwards = int(batch.num_forwards.max() + batch.num_store_passes.max())  # rows advance in lockstep here
     return {"tokens_per_s": tokens / seconds, "tpf": batch.batch_tpf, "seconds": seconds, "tokens": tokens,
-            "ms_per_forward": seconds / forwards * 1e3, "cuda_graphs": cuda_graphs, "compiled": compile_layers}
+            "ms_per_forward": seconds / forwards * 1e3, "cuda_graphs": cuda_graphs}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -119,8 +118,6 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also time the block forward with these decode_attention kernels, equal and mixed rows")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="also time the CUDA-graph block forward (equal rows) and engine runs with cuda_graphs=True")
-    ap.add_argument("--compile", action="store_true",
-                    help="with --cuda-graphs, also time the graph of torch.compile'd decoder layers")
     ap.add_argument("--bandwidth-gbs", type=float, default=4800.0, help="memory bandwidth, GB/s (H200: 4800)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense peak, TFLOP/s (H200 bf16: 989)")
     ap.add_argument("--tpf", type=int, default=4, help="fixed tokens per forward of the static-strategy run")
@@ -136,8 +133,6 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--tpf={args.tpf} must divide --block-size={bs} (static strategy: block_size/tpf steps)")
     if args.cuda_graphs and not args.device.startswith("cuda"):
         raise SystemExit("--cuda-graphs needs --device cuda")
-    if args.compile and not args.cuda_graphs:
-        raise SystemExit("--compile needs --cuda-graphs (it times the compiled graph)")
     if args.bandwidth_gbs <= 0 or args.peak_tflops <= 0:
         raise SystemExit("--bandwidth-gbs and --peak-tflops must be > 0")
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -172,15 +167,6 @@ def main(argv: list[str] | None = None) -> dict:
                 row["graphs_mfu"] = row["flop_floor_ms"] / row["graphs_block_forward_ms"]
             except RuntimeError as err:
                 row["graphs_error"] = f"{type(err).__name__}: {err}"[:500]
-        if args.cuda_graphs and args.compile:
-            try:
-                row["compiled_graphs_block_forward_ms"] = block_forward_ms(lm, rows, plen, bs, device, args.warmup,
-                                                                           args.repeats, graphs=True, compile=True)
-                row["compiled_graphs_x_weight_read_floor"] = (row["compiled_graphs_block_forward_ms"]
-                                                              / row["weight_read_floor_ms"])
-                row["compiled_graphs_mfu"] = row["flop_floor_ms"] / row["compiled_graphs_block_forward_ms"]
-            except Exception as err:  # noqa: BLE001 - inductor raises many types; the other figures still come out
-                row["compiled_graphs_error"] = f"{type(err).__name__}: {err}"[:500]
         result["forward"].append(row)
         print(f"rows {rows:4d}: {row['block_forward_ms']:8.2f} ms/forward   weight-read floor "
               f"{row['weight_read_floor_ms']:.2f} ms (x{row['x_weight_read_floor']:.2f})   FLOP floor "
@@ -195,20 +181,13 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"     graphs: equal rows {row['graphs_block_forward_ms']:8.2f} ms "
                   f"(x{row['graphs_x_weight_read_floor']:.2f} weight-read floor, MFU {row['graphs_mfu']:.1%})",
                   flush=True)
-        if "compiled_graphs_block_forward_ms" in row:
-            print(f"   compiled: equal rows {row['compiled_graphs_block_forward_ms']:8.2f} ms "
-                  f"(x{row['compiled_graphs_x_weight_read_floor']:.2f} weight-read floor, "
-                  f"MFU {row['compiled_graphs_mfu']:.1%})", flush=True)
-        elif "compiled_graphs_error" in row:
-            print(f"   compiled: failed: {row['compiled_graphs_error']}", flush=True)
     for rows in args.engine_batches if args.engine_batches is not None else args.batches:
         for tpf in sorted({1, args.tpf}):
             for graphs in [False, True] if args.cuda_graphs else [False]:
                 try:
                     run = {"rows": rows, "static_tpf": tpf,
-                           **engine_tokens_per_s(lm, rows, plen, bs, args.max_new_tokens, tpf, device, graphs,
-                                                 graphs and args.compile)}
-                except Exception as err:  # noqa: BLE001 - a failed capture or compile is reported, not fatal
+                           **engine_tokens_per_s(lm, rows, plen, bs, args.max_new_tokens, tpf, device, graphs)}
+                except RuntimeError as err:
                     if not graphs:
                         raise
                     result["engine"].append({"rows": rows, "static_tpf": tpf, "cuda_graphs": True,
@@ -216,8 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
                     print(f"engine rows {rows:4d} graphs failed: {err}", flush=True)
                     continue
                 result["engine"].append(run)
-                label = (" compiled" if args.compile else " graphs") if graphs else ""
-                print(f"engine rows {rows:4d} TPF {run['tpf']:.2f}{label:9}: "
+                print(f"engine rows {rows:4d} TPF {run['tpf']:.2f}{' graphs' if graphs else '       '}: "
                       f"{run['tokens_per_s']:10.1f} tokens/s  {run['ms_per_forward']:7.2f} ms/forward", flush=True)
     if device.type == "cuda":
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)

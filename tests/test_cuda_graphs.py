@@ -133,5 +133,3 @@ def test_engine_decodes_the_same_through_static_forwards(peaky_checkpoint):
 def test_engine_refuses_cuda_graphs_off_cuda(tiny_lm, tiny_tokenizer):
     with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
         NativeEngine(tiny_lm, tiny_tokenizer, cuda_graphs=True)
-    with pytest.raises(ValueError, match="compile_layers=True needs cuda_graphs=True"):
-        NativeEngine(tiny_lm, tiny_tokenizer, compile_layers=True)

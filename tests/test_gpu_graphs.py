@@ -98,20 +98,3 @@ def test_bench_engine_graphs_on_cuda():
     assert {(r["rows"], r["static_tpf"], r["cuda_graphs"]) for r in res["engine"]} == {
         (rows, tpf, g) for rows in (1, 4) for tpf in (1, 2) for g in (False, True)}
     assert all(r["tpf"] == r["static_tpf"] for r in res["engine"])
-
-
-def test_compiled_layers_in_the_graph_match_eager(bf16_lm):
-    """Decoder layers compiled inside the captured forward (fused kernels) give the eager forward's logits, and the
-    model's modules are left as they were (no compiled wrapper in its state dict or its own forward)."""
-    from lrl.models.cuda_graphs import BlockForwardGraphs
-
-    lm = bf16_lm
-    names = list(lm.state_dict())
-    block = torch.tensor([[7, 8, 9, 10], [lm.bd.mask_token_id] * 4, [11, 12, 13, 14]], device=CUDA)
-    key_valid = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]], dtype=torch.bool, device=CUDA)
-    caches = {c: _prefilled(lm, [8, 4, 12], capacity=4) for c in (True, False)}
-    outs = {c: BlockForwardGraphs(lm, cache, block_size=4, kv_step=8, capture=c, compile=c).forward(
-        block, key_valid=key_valid) for c, cache in caches.items()}
-    torch.testing.assert_close(outs[True][key_valid].float(), outs[False][key_valid].float(), atol=6e-2, rtol=6e-2)
-    assert list(lm.state_dict()) == names
-    assert all("forward" not in vars(layer) for layer in lm.model.model.layers)

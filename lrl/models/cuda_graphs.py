@@ -10,11 +10,6 @@ launched from Python. A CUDA graph replays all of them with one launch, but fixe
   key-length attention of `lrl.models.decode_attention`, with a key-padding mask);
 * the cache is a `BlockKVCache`, whose buffers never move while rows are added or dropped.
 
-With ``compile=True`` each decoder layer runs through `torch.compile` (inductor) inside the captured forward: the
-graph then replays fused kernels for the RMS norms, rotary embedding, residual adds and SiLU gate, which are about
-half the kernel time of an eager block forward at SDAR-8B shape (scripts/profile_block_forward.py). Compiling takes
-seconds to a minute per new shape, once.
-
 The logits, the logit shift and the store pass's bookkeeping run outside the graph, from its final states: they
 are a few kernels, and the logits' (rows × T × V) size would otherwise be fixed by the bucket. Without capture
 (CPU, or ``capture=False``) the same shape-static forward runs eagerly; that is how its equality with
@@ -23,8 +18,6 @@ are a few kernels, and the logits' (rows × T × V) size would otherwise be fixe
 
 from __future__ import annotations
 
-import contextlib
-import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -73,12 +66,9 @@ class BlockForwardGraphs:
         block_size: block size of the forwards (T).
         kv_step: key lengths are padded to a multiple of this many slots (fewer graphs, a little more attention).
         capture: capture CUDA graphs (default: when the cache is on CUDA); False runs the same forward eagerly.
-        compile: run each decoder layer through `torch.compile` in these forwards (fused elementwise kernels);
-            the model's own modules and parameters are untouched (its training forward stays eager).
     """
 
-    def __init__(self, lm, cache: BlockKVCache, *, block_size: int, kv_step: int = 128, capture: bool | None = None,
-                 compile: bool = False):
+    def __init__(self, lm, cache: BlockKVCache, *, block_size: int, kv_step: int = 128, capture: bool | None = None):
         if kv_step < 1:
             raise ValueError(f"kv_step must be >= 1, got {kv_step}")
         self.lm, self.cache, self.block_size, self.kv_step = lm, cache, block_size, kv_step
@@ -86,7 +76,6 @@ class BlockForwardGraphs:
         self.capture = device.type == "cuda" if capture is None else capture
         if self.capture and device.type != "cuda":
             raise ValueError("capture=True needs the cache on a CUDA device")
-        self.compile = compile
         self.shapes: dict[tuple[int, int], _Shape] = {}
         self._pool = None
 
@@ -141,25 +130,8 @@ class BlockForwardGraphs:
     def _static_forward(self, shape: _Shape) -> torch.Tensor:
         kvl.register()
         mask = kvl.KVLengths(shape.lens, uniform=False, kernel="lengths")
-        with self.lm._attn_impl(kvl.LENGTHS_IMPL), self._compiled_layers():
+        with self.lm._attn_impl(kvl.LENGTHS_IMPL):
             return self.lm._decoder(shape.ids, shape.pos, mask, cache=_BufferView(self.cache, shape))
-
-    @contextlib.contextmanager
-    def _compiled_layers(self):
-        """With ``compile``, the decoder layers call one compiled forward (shared by all layers: their parameters
-        are its inputs) for the duration of the block; the instance attribute leaves names and state dicts alone."""
-        if not self.compile:
-            yield
-            return
-        layers = list(self.lm.model.model.layers)
-        fn = _compiled_forward(type(layers[0]))
-        for layer in layers:
-            layer.forward = functools.partial(fn, layer)
-        try:
-            yield
-        finally:
-            for layer in layers:
-                vars(layer).pop("forward", None)
 
     def _run(self, shape: _Shape, fresh: bool) -> None:
         if not self.capture:
@@ -180,8 +152,3 @@ class BlockForwardGraphs:
             shape.graph = graph
         shape.graph.replay()
         shape.replays += 1
-
-
-@functools.cache
-def _compiled_forward(layer_cls):
-    return torch.compile(layer_cls.forward)

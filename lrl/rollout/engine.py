@@ -60,19 +60,15 @@ class NativeEngine(RolloutGenerator):
             where eager decoding is launch-bound. The engine then keeps one KV cache (and the graphs captured over
             it) from call to call, grown when a call needs more rows or slots; `release` frees it. Needs the model
             on CUDA; rows whose pattern is not a key length fall back to the eager forward.
-        compile_layers: with ``cuda_graphs``, compile the decoder layers inside the graphs (`torch.compile`: fused
-            elementwise kernels; seconds to a minute of compiling per new shape).
     """
 
     def __init__(self, lm: BlockDiffusionLM, tokenizer, *, max_rows: int = 512, progress: bool = False,
-                 cuda_graphs: bool = False, compile_layers: bool = False):
+                 cuda_graphs: bool = False):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if cuda_graphs and lm.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {lm.device}")
-        if compile_layers and not cuda_graphs:
-            raise ValueError("compile_layers=True needs cuda_graphs=True")
-        self.cuda_graphs, self.compile_layers = cuda_graphs, compile_layers
+        self.cuda_graphs = cuda_graphs
         self._graphs = None  # BlockForwardGraphs over the kept cache
         self.lm = lm
         self.tokenizer = tokenizer
@@ -132,7 +128,7 @@ class NativeEngine(RolloutGenerator):
                 capacity, slots = max(capacity, kept.cache.capacity), max(slots, kept.cache.max_len)
             self._graphs = None  # free the old buffers first
             cache = self.lm.new_cache(rows, slots, capacity=capacity)
-            self._graphs = BlockForwardGraphs(self.lm, cache, block_size=block_size, compile=self.compile_layers)
+            self._graphs = BlockForwardGraphs(self.lm, cache, block_size=block_size)
         self._graphs.cache.reset(rows)
         return self._graphs.cache
 
