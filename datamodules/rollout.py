@@ -36,6 +36,9 @@ class RolloutBackend:
         max_rows: most rows decoded at once by the native engine.
         dtype: dtype of the native engine's weight copy (e.g. ``bfloat16`` on GPU; None = the policy's).
         progress: show a progress bar during rollouts.
+        cuda_graphs: native engine on CUDA: replay its one-block forwards as CUDA graphs (2–5× faster block
+            forwards at 1–16 rows on an H200, about the same at 128 rows; the engine keeps its KV cache between
+            rollouts). See `lrl.models.cuda_graphs`.
         urls: SGLang server (or router) URLs.
         sglang: extra keyword arguments of `lrl.rollout.sglang_client.SGLangRolloutGenerator`.
     """
@@ -44,6 +47,7 @@ class RolloutBackend:
     max_rows: int = 512
     dtype: str | None = None
     progress: bool = False
+    cuda_graphs: bool = False
     urls: list[str] = field(default_factory=list)
     sglang: dict[str, Any] = field(default_factory=dict)
 
@@ -206,6 +210,13 @@ class RolloutDataModule(LightningDataModule):
         self.stop_ids: tuple[int, ...] = ()
 
     # ------------------------------------------------------------------ setup
+    def check_device(self, device: torch.device | None) -> None:
+        """Refuse rollout options the training device cannot run (None: not known yet)."""
+        cfg = self.rollout_cfg
+        if cfg.kind == "native" and cfg.cuda_graphs and device is not None and device.type != "cuda":
+            raise ValueError(f"data.rollout.cuda_graphs=true needs the policy on a CUDA device (the trainer runs on "
+                             f"{device}): use trainer.accelerator=gpu or set it false")
+
     def setup(self, stage: str | None = None) -> None:
         from lrl.models import load_tokenizer
         from lrl.tasks import get_task
@@ -222,6 +233,7 @@ class RolloutDataModule(LightningDataModule):
                     f"data.require_worked_steps=true but task {self.hparams.task!r} has no check of worked steps "
                     "(the synthetic task has one)"
                 )
+        self.check_device(getattr(getattr(self.trainer, "strategy", None), "root_device", None))
         if stage in (None, "fit") and not self.train_records:
             self.train_records = self._fit_prompts(self.task.load(self.hparams.train_split))
             if not self.train_records:
@@ -302,7 +314,8 @@ class RolloutDataModule(LightningDataModule):
         lm.eval().requires_grad_(False)
         if cfg.dtype:
             lm.to(getattr(torch, cfg.dtype))
-        return NativeEngine(lm, module.tokenizer, max_rows=cfg.max_rows, progress=cfg.progress)
+        return NativeEngine(lm, module.tokenizer, max_rows=cfg.max_rows, progress=cfg.progress,
+                            cuda_graphs=cfg.cuda_graphs)
 
     def get_generator(self) -> RolloutGenerator:
         if self.generator is None:

@@ -70,6 +70,7 @@ class LRLCLI(LightningCLI):
         from datamodules.rollout import RolloutDataModule
 
         if isinstance(self.datamodule, RolloutDataModule):
+            self.datamodule.check_device(self.trainer.strategy.root_device)
             self.datamodule.setup("fit" if self.subcommand == "fit" else None)
 
     def before_validate(self) -> None:

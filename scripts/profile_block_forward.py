@@ -2,6 +2,9 @@
 the eager run of the shape-static forward that `lrl.models.cuda_graphs` captures (a replay runs the same kernels).
 
     python scripts/profile_block_forward.py --shape sdar-8b --rows 1 --out outputs/gpu/profile_8b.json
+    python scripts/profile_block_forward.py --shape tiny --device cpu --rows 2 --block-size 4 --prompt-len 8  # smoke
+
+On CPU the same table lists operators by self CPU time (there are no kernels). Prints the table; writes JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from bench_forward import SHAPES, build  # noqa: E402
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="sdar-8b")
+    ap.add_argument("--device", default="cuda")
     ap.add_argument("--rows", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=32)
@@ -30,8 +34,9 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     from lrl.models.cuda_graphs import BlockForwardGraphs
 
-    dev, bs, plen = torch.device("cuda"), args.block_size, args.prompt_len
-    lm = build(args.shape, dev, torch.bfloat16, bs, "sdpa").eval()
+    dev, bs, plen = torch.device(args.device), args.block_size, args.prompt_len
+    cuda = dev.type == "cuda"
+    lm = build(args.shape, dev, torch.bfloat16 if cuda else torch.float32, bs, "sdpa").eval()
     cache = lm.new_cache(args.rows, plen + bs)
     prompt = torch.randint(0, lm.hf_config.vocab_size - 1, (args.rows, plen), device=dev)
     lm.decode_attention = "dense"
@@ -40,29 +45,37 @@ def main(argv=None) -> dict:
     block = torch.full((args.rows, bs), lm.bd.mask_token_id, device=dev)
     for _ in range(2):
         runner.forward(block)
-    torch.cuda.synchronize()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(args.repeats):
             runner.forward(block)
-        torch.cuda.synchronize()
+        sync()
     per = defaultdict(lambda: [0.0, 0])
     for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if ev.device_type == torch.autograd.DeviceType.CUDA and t > 0:
+        if cuda:
+            t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+            t = t if ev.device_type == torch.autograd.DeviceType.CUDA else 0
+        else:
+            t = ev.self_cpu_time_total
+        if t > 0:
             per[ev.key][0] += t / args.repeats / 1e3
             per[ev.key][1] += ev.count // args.repeats
     rows = sorted(([k[:110], round(ms, 4), n] for k, (ms, n) in per.items()), key=lambda r: -r[1])
     total = sum(r[1] for r in rows)
     kernels = sum(r[2] for r in rows)
-    res = {"shape": args.shape, "rows": args.rows, "gpu_ms_per_forward": round(total, 3),
-           "kernels_per_forward": kernels, "top": rows[: args.top]}
-    print(f"{args.shape} rows {args.rows}: {total:.2f} ms of kernels per forward, {kernels} kernels")
+    res = {"shape": args.shape, "device": str(dev), "rows": args.rows, "ms_per_forward": round(total, 3),
+           "calls_per_forward": kernels, "top": rows[: args.top]}
+    print(f"{args.shape} rows {args.rows}: {total:.2f} ms of {'kernels' if cuda else 'operators'} per forward, "
+          f"{kernels} {'kernels' if cuda else 'operator calls'}")
     for name, ms, n in rows[: args.top]:
         print(f"{ms:8.3f} ms {n:5d}x  {name}")
     if args.out:
-        Path(args.out).write_text(json.dumps(res, indent=2))
+        from lrl.evaluation.pareto import atomic_write
+
+        atomic_write(args.out, json.dumps(res, indent=2).encode())
     return res
 
 

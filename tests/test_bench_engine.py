@@ -63,3 +63,15 @@ def test_bench_rl_step_tiny_on_cpu(tmp_path):
     assert res["responses"] == 4 and res["response_tokens"] == 32 and res["rollout_tpf"] == 2.0
     assert res["weight_version"] == 1 and res["engine_matches_policy"]
 
+
+
+def test_profile_block_forward_tiny_on_cpu(tmp_path):
+    import profile_block_forward
+
+    out = tmp_path / "profile.json"
+    res = profile_block_forward.main(["--shape", "tiny", "--device", "cpu", "--rows", "2", "--block-size", "4",
+                                      "--prompt-len", "8", "--repeats", "2", "--top", "1000", "--out", str(out)])
+    assert json.loads(out.read_text()) == res
+    assert res["calls_per_forward"] == sum(n for _, _, n in res["top"]) > 0
+    assert res["ms_per_forward"] == pytest.approx(sum(ms for _, ms, _ in res["top"]), abs=1e-2)
+    assert any("linear" in name or "addmm" in name or "mm" in name for name, _, _ in res["top"])

@@ -76,6 +76,8 @@ CASES = [
     ("checkpoint_no_weights", ["--checkpoint=TMP/no_weights"], "checkpoint: TMP/no_weights holds no weights"),
     ("checkpoint_truncated", ["--checkpoint=TMP/truncated"], "model.safetensors is truncated or corrupt"),
     ("checkpoint_shard", ["--checkpoint=TMP/shard_missing"], "lacks weight shard(s) ['model-00002-of-00002"),
+    ("cuda_graphs_on_cpu", ["--data.init_args.rollout.cuda_graphs=true"],
+     "data.init_args.rollout.cuda_graphs=true needs the policy on a CUDA device (the trainer runs on cpu)"),
     ("worked_steps_check", GSM[:3], "data.init_args.require_worked_steps=true but task 'gsm8k' has no check"),
     ("data_file_missing", [*GSM[:1], "--data.init_args.task_kwargs={source: TMP/none.jsonl}", *GSM[2:]],
      "dataset file not found: TMP/none.jsonl"),

@@ -133,3 +133,11 @@ def test_engine_decodes_the_same_through_static_forwards(peaky_checkpoint):
 def test_engine_refuses_cuda_graphs_off_cuda(tiny_lm, tiny_tokenizer):
     with pytest.raises(ValueError, match="cuda_graphs=True needs the model on a CUDA device"):
         NativeEngine(tiny_lm, tiny_tokenizer, cuda_graphs=True)
+
+
+def test_serve_refuses_cuda_graphs_off_cuda(tiny_checkpoint):
+    from lrl.serve import build_app, build_parser
+
+    args = build_parser().parse_args(["--model", str(tiny_checkpoint), "--device", "cpu", "--cuda-graphs"])
+    with pytest.raises(SystemExit, match="--cuda-graphs needs a CUDA device, the model is on cpu"):
+        build_app(args)
