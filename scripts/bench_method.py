@@ -344,6 +344,13 @@ def phase_table(curves: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def plotted_styles(tags) -> list[str]:
+    """The ``style/<name>`` curves a style plot draws: every style but ``other``, except that of exactly two
+    styles only the second is drawn (the first is its complement, up to ``other``)."""
+    styles = sorted(t for t in tags if t.startswith("style/") and t != "style/other")
+    return styles[1:] if len(styles) == 2 else styles
+
+
 def plot_styles(curves: dict[str, list[dict]], path: Path) -> None:
     """Share of each answer style in the rollouts over RL steps, one line per method and style (mean over seeds)."""
     import matplotlib
@@ -353,8 +360,7 @@ def plot_styles(curves: dict[str, list[dict]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
     for name, runs in curves.items():
-        tags = sorted({t for r in runs for t in r if t.startswith("style/") and t != "style/other"})
-        for tag in tags[1:] if len(tags) > 1 else tags:  # two styles: one line (the other is its complement)
+        for tag in plotted_styles({t for r in runs for t in r}):
             series = [r[tag] for r in runs if tag in r]
             n = min(len(v) for v in series)
             ax.plot(range(1, n + 1), [statistics.fmean(v[i] for v in series) for i in range(n)],

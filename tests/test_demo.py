@@ -209,6 +209,12 @@ def test_method_table_forwards_styles_and_phases(tmp_path):
     assert phase_table(curves).splitlines()[-1].endswith("| 2.00 → 3.00 | - |")  # runs from before the diagnostic
     plot_styles(curves, tmp_path / "styles.png")
     assert (tmp_path / "styles.png").stat().st_size > 0
+    from bench_method import plotted_styles
+
+    # two styles: one line (its complement is the other); three (one seen only briefly): every one of them
+    assert plotted_styles({"style/chain", "style/pairs", "style/other", "timing/train_s"}) == ["style/pairs"]
+    assert plotted_styles({"style/chain", "style/pairs", "style/padded", "style/other"}) == [
+        "style/chain", "style/padded", "style/pairs"]
 
 
 def test_rl_runs_count_rl_steps_in_the_progress_bar(tiny_checkpoint, tmp_path, monkeypatch):
