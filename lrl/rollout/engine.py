@@ -126,7 +126,7 @@ class NativeEngine(RolloutGenerator):
                 or kept.cache.max_len < slots):
             if kept is not None:
                 capacity, slots = max(capacity, kept.cache.capacity), max(slots, kept.cache.max_len)
-            self._graphs = None  # free the old buffers first
+            kept = self._graphs = None  # free the old buffers before allocating the new ones
             cache = self.lm.new_cache(rows, slots, capacity=capacity)
             self._graphs = BlockForwardGraphs(self.lm, cache, block_size=block_size)
         self._graphs.cache.reset(rows)
