@@ -13,7 +13,9 @@ A forward cannot be faster than the larger of the two. ``mfu`` is the FLOP floor
 
 Engine tokens/s: ``rows`` prompts of ``--prompt-len`` tokens decode ``--max-new-tokens`` tokens with the static
 strategy (``block_size / tpf`` denoising steps per block, so every block takes exactly that many forwards; random
-weights cannot give a realistic dynamic TPF), no stop tokens. Prints one JSON object (also written to ``--out``).
+weights cannot give a realistic dynamic TPF), no stop tokens, with ``ms_per_forward`` per engine iteration.
+``--cuda-graphs`` adds the CUDA-graph block forward (`lrl.models.cuda_graphs`) and engine runs with
+``NativeEngine(cuda_graphs=True)``. Prints one JSON object (also written to ``--out``).
 """
 
 from __future__ import annotations
