@@ -36,8 +36,8 @@ class RolloutBackend:
         max_rows: most rows decoded at once by the native engine.
         dtype: dtype of the native engine's weight copy (e.g. ``bfloat16`` on GPU; None = the policy's).
         progress: show a progress bar during rollouts.
-        cuda_graphs: native engine on CUDA: replay its one-block forwards as CUDA graphs (2–5× faster block
-            forwards at 1–16 rows on an H200, about the same at 128 rows; the engine keeps its KV cache between
+        cuda_graphs: native engine on CUDA: replay its one-block forwards as CUDA graphs (1.8–5× the engine's
+            tokens/s at 1–16 rows on an H200, about the same at 64–128 rows; the engine keeps its KV cache between
             rollouts). See `lrl.models.cuda_graphs`.
         urls: SGLang server (or router) URLs.
         sglang: extra keyword arguments of `lrl.rollout.sglang_client.SGLangRolloutGenerator`.
