@@ -37,8 +37,8 @@ class RolloutBackend:
         dtype: dtype of the native engine's weight copy (e.g. ``bfloat16`` on GPU; None = the policy's).
         progress: show a progress bar during rollouts.
         cuda_graphs: native engine on CUDA: replay its one-block forwards as CUDA graphs (1.8–5× the engine's
-            tokens/s at 1–16 rows on an H200, the block forward about the same at 64–128 rows; the engine keeps its KV cache between
-            rollouts). See `lrl.models.cuda_graphs`.
+            tokens/s at 1–16 rows on an H200, the block forward about the same at 64–128 rows; the engine keeps
+            its KV cache between rollouts). See `lrl.models.cuda_graphs`.
         urls: SGLang server (or router) URLs.
         sglang: extra keyword arguments of `lrl.rollout.sglang_client.SGLangRolloutGenerator`.
     """
