@@ -39,23 +39,6 @@ class _Shape:
     replays: int = field(default=0)
 
 
-class _BufferView:
-    """The first R rows of a cache's buffers as a transformers cache: writes the chunk at ``pos``, reads
-    ``kv_len`` slots. Only fixed tensors are touched, so the forward can be captured."""
-
-    def __init__(self, cache: BlockKVCache, shape: _Shape):
-        self.cache, self.shape = cache, shape
-        self.rows = torch.arange(shape.ids.shape[0], device=shape.ids.device)[:, None]
-
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        r, s = self.shape.ids.shape[0], self.shape.kv_len
-        kb = self.cache.key_buffers[layer_idx][:r]
-        vb = self.cache.value_buffers[layer_idx][:r]
-        kb[self.rows, self.shape.pos] = key_states.transpose(1, 2).to(kb.dtype)
-        vb[self.rows, self.shape.pos] = value_states.transpose(1, 2).to(vb.dtype)
-        return kb[:, :s].transpose(1, 2), vb[:, :s].transpose(1, 2)
-
-
 class BlockForwardGraphs:
     """Shape-static one-block forwards over one cache, captured as CUDA graphs per (row bucket, key bucket).
 
@@ -130,8 +113,9 @@ class BlockForwardGraphs:
     def _static_forward(self, shape: _Shape) -> torch.Tensor:
         kvl.register()
         mask = kvl.KVLengths(shape.lens, uniform=False, kernel="lengths")
+        self.cache.bind(None, shape.pos, shape.kv_len, buffer_rows=shape.ids.shape[0])  # fixed tensors only
         with self.lm._attn_impl(kvl.LENGTHS_IMPL):
-            return self.lm._decoder(shape.ids, shape.pos, mask, cache=_BufferView(self.cache, shape))
+            return self.lm._decoder(shape.ids, shape.pos, mask, cache=self.cache)
 
     def _run(self, shape: _Shape, fresh: bool) -> None:
         if not self.capture:

@@ -42,6 +42,7 @@ class BlockKVCache:
         self._rows: torch.Tensor | None = None
         self._slots: torch.Tensor | None = None
         self._kv_len = 0
+        self._buffer_rows: int | None = None
 
     @property
     def capacity(self) -> int:
@@ -62,15 +63,20 @@ class BlockKVCache:
         n = self.num_rows
         return [b[:n] for b in self.value_buffers]
 
-    def bind(self, rows: torch.Tensor | None, slots: torch.Tensor, kv_len: int) -> None:
-        """Set where the next forward writes (slots, (A, T)) and how many slots it reads (kv_len)."""
+    def bind(self, rows: torch.Tensor | None, slots: torch.Tensor, kv_len: int, *,
+             buffer_rows: int | None = None) -> None:
+        """Set where the next forward writes (slots, (A, T)) and how many slots it reads (kv_len).
+
+        ``buffer_rows`` (with ``rows=None``): the forward's A rows are the first A rows of the buffers, whether in
+        use or not (the padded rows of a CUDA-graph forward, `lrl.models.cuda_graphs`); default the rows in use.
+        """
         if kv_len > self.max_len:
             raise ValueError(f"KV cache overflow: need {kv_len} slots, the cache holds {self.max_len}")
-        self._rows, self._slots, self._kv_len = rows, slots, kv_len
+        self._rows, self._slots, self._kv_len, self._buffer_rows = rows, slots, kv_len, buffer_rows
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write (A, H, T, D) K/V at the bound slots; return the (A, H, kv_len, D) K/V the chunk attends to."""
-        n = self.num_rows
+        n = self.num_rows if self._buffer_rows is None else self._buffer_rows
         kb, vb = self.key_buffers[layer_idx][:n], self.value_buffers[layer_idx][:n]
         rows = self._rows if self._rows is not None else torch.arange(n, device=kb.device)
         kb[rows[:, None], self._slots] = key_states.transpose(1, 2).to(kb.dtype)
