@@ -13,6 +13,7 @@ The run's base checkpoint (its ``checkpoint`` argument, the architecture and tok
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 from pathlib import Path
 
@@ -23,15 +24,23 @@ sys.path.insert(0, str(ROOT))
 def export_policy(ckpt: str | Path, out: str | Path, base: str | None = None) -> Path:
     """Write the policy weights of ``ckpt`` to the HF directory ``out`` (atomically, as `save_checkpoint` writes:
     an existing ``out`` is replaced only once the new one is complete)."""
+    import torch
+
     from lrl.models import save_checkpoint
     from lrl.module import LightningRLModule
 
     ckpt, out = Path(ckpt), Path(out)
     if not ckpt.is_file():
         raise FileNotFoundError(f"--ckpt: no checkpoint file at {ckpt}")
-    overrides = {"checkpoint": base} if base else {}
+    source: str | io.BytesIO = str(ckpt)
+    if base:  # `checkpoint` is also the name of Lightning's own loader argument: override it in the saved hparams
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state["hyper_parameters"]["checkpoint"] = base
+        source = io.BytesIO()
+        torch.save(state, source)
+        source.seek(0)
     # a frozen reference is not needed to export: kl_beta=0 skips loading it
-    module = LightningRLModule.load_from_checkpoint(str(ckpt), map_location="cpu", kl_beta=0.0, **overrides)
+    module = LightningRLModule.load_from_checkpoint(source, map_location="cpu", kl_beta=0.0)
     save_checkpoint(module.policy, out, tokenizer=module.tokenizer)  # atomic: a temp sibling swapped in
     return out
 
