@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 
-from lrl.rewards import code as sandbox
+from lrl.rewards import code_sandbox as sandbox  # the probe state (_bwrap_ok) lives there
 from lrl.rewards.code import CodeResult, extract_code, run_tests, sandbox_info, score_code
 
 HAS_BWRAP = sandbox.bwrap_available()
