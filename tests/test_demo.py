@@ -207,6 +207,10 @@ def test_method_table_forwards_styles_and_phases(tmp_path):
     del curves["LightningRL"][0]["rollout/tpf_var_between_texts_correct"], curves["LightningRL"][1][
         "rollout/tpf_var_between_texts_correct"]
     assert phase_table(curves).splitlines()[-1].endswith("| 2.00 → 3.00 | - |")  # runs from before the diagnostic
+    # 16 steps: the last eighth is the last 2 (6 and 4: 5.00), not the last step alone
+    long = {"LightningRL": [{"rollout/forwards_per_response": [10.0] * 14 + [6.0, 4.0],
+                             "rollout/distinct_texts_per_group": [3.0] * 15 + [1.0]}]}
+    assert "| 10.00 → 5.00 | 3.00 → 2.00 |" in phase_table(long)
     plot_styles(curves, tmp_path / "styles.png")
     assert (tmp_path / "styles.png").stat().st_size > 0
     from bench_method import plotted_styles
