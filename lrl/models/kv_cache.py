@@ -42,7 +42,8 @@ class BlockKVCache:
         self._rows: torch.Tensor | None = None
         self._slots: torch.Tensor | None = None
         self._kv_len = 0
-        self._buffer_rows: int | None = None
+        self._n = 0
+        self._write_rows: torch.Tensor | None = None
 
     @property
     def capacity(self) -> int:
@@ -72,15 +73,16 @@ class BlockKVCache:
         """
         if kv_len > self.max_len:
             raise ValueError(f"KV cache overflow: need {kv_len} slots, the cache holds {self.max_len}")
-        self._rows, self._slots, self._kv_len, self._buffer_rows = rows, slots, kv_len, buffer_rows
+        self._rows, self._slots, self._kv_len = rows, slots, kv_len
+        self._n = self.num_rows if buffer_rows is None else buffer_rows
+        # the write index, built once per forward rather than once per layer
+        self._write_rows = (rows if rows is not None else torch.arange(self._n, device=slots.device))[:, None]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Write (A, H, T, D) K/V at the bound slots; return the (A, H, kv_len, D) K/V the chunk attends to."""
-        n = self.num_rows if self._buffer_rows is None else self._buffer_rows
-        kb, vb = self.key_buffers[layer_idx][:n], self.value_buffers[layer_idx][:n]
-        rows = self._rows if self._rows is not None else torch.arange(n, device=kb.device)
-        kb[rows[:, None], self._slots] = key_states.transpose(1, 2).to(kb.dtype)
-        vb[rows[:, None], self._slots] = value_states.transpose(1, 2).to(vb.dtype)
+        kb, vb = self.key_buffers[layer_idx][: self._n], self.value_buffers[layer_idx][: self._n]
+        kb[self._write_rows, self._slots] = key_states.transpose(1, 2).to(kb.dtype)
+        vb[self._write_rows, self._slots] = value_states.transpose(1, 2).to(vb.dtype)
         if self._rows is None:
             k, v = kb[:, : self._kv_len], vb[:, : self._kv_len]
         else:
