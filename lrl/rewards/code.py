@@ -43,8 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
-from lrl.rewards.code_sandbox import _execute, _Run
-from lrl.rewards.code_sandbox import bwrap_available, sandbox_info  # noqa: F401 - re-exported
+from lrl.rewards.code_sandbox import _execute, _Run, bwrap_available, sandbox_info  # noqa: F401 - the last two re-exported
 from lrl.rewards.math import EOS_MARKERS, cut_at_eos
 
 TestMode = Literal["function", "stdio"]
