@@ -39,6 +39,11 @@ class RolloutBackend:
         cuda_graphs: native engine on CUDA: replay its one-block forwards as CUDA graphs (1.8–5× the engine's
             tokens/s at 1–16 rows on an H200, the block forward about the same at 64–128 rows; the engine keeps
             its KV cache between rollouts). See `lrl.models.cuda_graphs`.
+        kv_cache_gb: native engine: KV cache budget in GB (10⁹ bytes) per rank. The paged cache holds this many
+            bytes of blocks (`lrl.models.paged_kv`); rows are admitted while pages are free. None: enough for
+            ``max_rows`` rows at the full generation budget (the dense worst case).
+        transient_gb: native engine: bound on the per-forward transients (sampling over the vocabulary, gathered
+            attention keys), in GB; work is split into chunks that fit.
         urls: SGLang server (or router) URLs.
         sglang: extra keyword arguments of `lrl.rollout.sglang_client.SGLangRolloutGenerator`.
     """
@@ -48,6 +53,8 @@ class RolloutBackend:
     dtype: str | None = None
     progress: bool = False
     cuda_graphs: bool = False
+    kv_cache_gb: float | None = None
+    transient_gb: float = 2.0
     urls: list[str] = field(default_factory=list)
     sglang: dict[str, Any] = field(default_factory=dict)
 
