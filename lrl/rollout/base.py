@@ -24,5 +24,12 @@ class RolloutGenerator(abc.ABC):
                        version: int | None = None) -> None:
         """Load new policy weights (HF parameter names) and set ``weight_version`` (default: current + 1)."""
 
+    def release_memory(self) -> None:  # noqa: B027 - optional hook
+        """Free what the rollout holds on the device (KV cache, graph pools, a colocated server's memory) before a
+        training phase; the next `generate` (or `resume_memory`) takes it back. Default: nothing to free."""
+
+    def resume_memory(self) -> None:  # noqa: B027 - optional hook
+        """Take back what `release_memory` freed, before the next rollout phase. Default: nothing to do."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (servers, memory)."""
