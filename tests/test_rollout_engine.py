@@ -12,6 +12,7 @@ import torch
 
 from lrl.models import build_tiny_model
 from lrl.rollout import NativeEngine, SamplingParams, sample_tokens, select_unmask
+from lrl.rollout.unmasking import draw_keys
 
 PROMPTS = ["Q: 12+7=?\nA: ", "hi", "The quick brown fox", "abcdefgh", "x=3; y=x*x; print(y)"]
 # The random tiny model is nearly uniform over ~100 tokens: greedy confidences sit around 0.01-0.03, so thresholds
@@ -34,11 +35,12 @@ def blocks_touched(plen: int, n: int, bsz: int) -> int:
     return (plen + n - 1) // bsz - plen // bsz + 1
 
 
-def reference_decode(lm, prompt: list[int], sp: SamplingParams, pad_id: int):
+def reference_decode(lm, prompt: list[int], sp: SamplingParams, pad_id: int, row: int = 0):
     """Slow uncached decoder: every denoising step recomputes the whole sequence with ``full_logits``.
 
     Same rules as the engine (spec §2): blocks aligned to absolute positions, the shared sample/select functions,
-    stop checks on complete blocks, nothing generated past the budget. Returns (ids, step map, finish reason).
+    stop checks on complete blocks, nothing generated past the budget; sampled draws keyed by (seed, ``row`` — the
+    request row, prompt i × G + sample j —, step, block offset). Returns (ids, step map, finish reason).
     """
     bsz, plen = sp.block_size, len(prompt)
     budget = plen + sp.max_new_tokens
@@ -49,14 +51,15 @@ def reference_decode(lm, prompt: list[int], sp: SamplingParams, pad_id: int):
     masked[plen:budget] = True
     seq[masked] = lm.bd.mask_token_id
     steps, step = torch.zeros(total, dtype=torch.long), 0
-    gen = torch.Generator().manual_seed(sp.seed)
     for lo in range(plen // bsz * bsz, total, bsz):
         hi = lo + bsz
         while masked[lo:hi].any():
             logits = lm.full_logits(seq[None, :hi], torch.tensor([min(hi, budget)]), bsz)[0, lo:hi]
             m = masked[lo:hi]
+            at = m.nonzero().squeeze(1)
+            keys = draw_keys(sp.seed, torch.full_like(at, row), torch.full_like(at, step + 1), at)
             tok, c = sample_tokens(logits[m], greedy=sp.greedy, temperature=sp.temperature, top_k=sp.top_k,
-                                   top_p=sp.top_p, generator=gen)
+                                   top_p=sp.top_p, keys=None if sp.greedy else keys)
             conf, drawn = torch.zeros(bsz), seq[lo:hi].clone()
             conf[m], drawn[m] = c, tok
             chosen = select_unmask(conf[None], m[None], strategy=sp.remasking_strategy, threshold=sp.threshold,
@@ -145,20 +148,23 @@ def test_batched_equals_single(engine, sp):
     greedy(threshold=0.018, block_size=8, max_new_tokens=20),
     greedy(remasking_strategy="low_confidence_static", denoising_steps=2),
     greedy(remasking_strategy="sequential", denoising_steps=4, block_size=8),
-    SamplingParams(block_size=4, threshold=0.05, max_new_tokens=16, top_k=20, top_p=0.9, temperature=0.2, seed=3),
+    SamplingParams(block_size=4, threshold=0.05, max_new_tokens=16, top_k=20, top_p=0.9, temperature=0.2, seed=3,
+                   samples_per_prompt=2),
     greedy(threshold=0.018, block_size=8, max_new_tokens=20, stop_token_ids=(79, 8, 99)),
     greedy(threshold=0.018, block_size=8, max_new_tokens=20, stop_token_ids=(79, 8, 99), eos_policy="keep_final_block"),
 ], ids=["dyn-0.9", "dyn-0.018-b8", "static-k2", "sequential-k2", "sampled", "stop-truncate", "stop-keep-block"])
 def test_cached_equals_uncached_reference(tiny_tokenizer, tiny_lm, shift, sp):
     lm = build_tiny_model(tiny_tokenizer, block_size=4, logit_shift=True, seed=2).eval() if shift else tiny_lm
     eng = NativeEngine(lm, tiny_tokenizer)
-    prompts = PROMPTS[:3] if sp.greedy else PROMPTS[:1]  # sampling: one row, so the random streams line up
+    prompts = PROMPTS[:3]
     out = eng.generate(prompts, sp)
+    g = sp.samples_per_prompt
     for i, p in enumerate(eng.encode(prompts)):
-        ids, sm, why = reference_decode(lm, p, sp, eng.pad_id)
-        assert out.response_ids[i] == ids
-        assert out.step_maps[i] == sm
-        assert out.finish_reasons[i] == why
+        for j in range(g):
+            ids, sm, why = reference_decode(lm, p, sp, eng.pad_id, row=i * g + j)
+            assert out.response_ids[i * g + j] == ids
+            assert out.step_maps[i * g + j] == sm
+            assert out.finish_reasons[i * g + j] == why
     if sp.stop_token_ids:  # ids the models emit mid-response (seen in their greedy runs)
         assert "stop" in out.finish_reasons
 
@@ -312,23 +318,6 @@ def test_update_weights_in_process(tiny_tokenizer):
 def test_progress_bar_runs(tiny_lm, tiny_tokenizer):
     out = NativeEngine(tiny_lm, tiny_tokenizer, progress=True, max_rows=2).generate(PROMPTS[:3], greedy())
     assert len(out) == 3
-
-
-def test_engine_attention_matches_stock_sdpa_and_is_restored(engine, tiny_lm, tiny_tokenizer):
-    from lrl.rollout.engine import _MASK_CACHE, _fast_attention
-
-    cache = tiny_lm.new_cache(3, 16)
-    ids = torch.randint(4, 90, (3, 8), generator=torch.Generator().manual_seed(0))
-    valid = torch.tensor([[True] * 8, [True] * 5 + [False] * 3, [False] * 2 + [True] * 6])
-    stock = tiny_lm.forward_chunk(cache, ids, block_size=4, key_valid=valid)
-    with _fast_attention(tiny_lm):
-        assert tiny_lm.hf_config._attn_implementation != "sdpa"
-        fast = tiny_lm.forward_chunk(cache, ids, block_size=4, key_valid=valid)
-        assert _MASK_CACHE  # the engine's attention did run
-    torch.testing.assert_close(fast, stock, atol=1e-5, rtol=1e-5)
-    assert not _MASK_CACHE
-    engine.generate(["hi"], greedy())
-    assert tiny_lm.hf_config._attn_implementation == "sdpa"
 
 
 def test_texts_and_record_shapes(engine, tiny_tokenizer):

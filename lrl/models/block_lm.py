@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lrl.models import decode_attention as kvl
+from lrl.models import paged_kv
 from lrl.models.config import BlockDiffusionConfig
 from lrl.models.kv_cache import BlockKVCache
 from lrl.models.masks import (
@@ -33,6 +34,7 @@ from lrl.models.masks import (
     segment_ids,
     windowed_segment_ids,
 )
+from lrl.models.paged_kv import PagedKVCache
 
 
 class BlockDiffusionLM(nn.Module):
@@ -208,15 +210,29 @@ class BlockDiffusionLM(nn.Module):
         return self.logits(states) if head is None else head(states, self.model.get_output_embeddings())
 
     # ------------------------------------------------------------------ inference primitives
-    def new_cache(self, rows: int, max_len: int, capacity: int | None = None) -> BlockKVCache:
-        """An empty `BlockKVCache` for ``rows`` rows of ``max_len`` slots (buffers for ``capacity`` rows)."""
+    def _kv_geometry(self) -> tuple[int, int, int]:
         cfg = self.hf_config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        return BlockKVCache(
-            cfg.num_hidden_layers, rows, max_len, kv_heads, head_dim, dtype=self.dtype, device=self.device,
-            capacity=capacity,
-        )
+        return cfg.num_hidden_layers, kv_heads, head_dim
+
+    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """Bytes of K and V one token holds over all layers (in ``dtype``, default the model's)."""
+        layers, kv_heads, head_dim = self._kv_geometry()
+        return 2 * layers * kv_heads * head_dim * torch.empty((), dtype=dtype or self.dtype).element_size()
+
+    def new_paged_cache(self, num_pages: int, page_size: int, max_rows: int, max_blocks: int,
+                        gather_tokens: int | None = None) -> PagedKVCache:
+        """An empty `PagedKVCache` of ``num_pages`` pages of ``page_size`` slots (see `lrl.models.paged_kv`)."""
+        layers, kv_heads, head_dim = self._kv_geometry()
+        return PagedKVCache(layers, num_pages, page_size, kv_heads, head_dim, max_rows=max_rows, max_blocks=max_blocks,
+                            dtype=self.dtype, device=self.device, gather_tokens=gather_tokens)
+
+    def new_cache(self, rows: int, max_len: int, capacity: int | None = None) -> BlockKVCache:
+        """An empty `BlockKVCache` for ``rows`` rows of ``max_len`` slots (buffers for ``capacity`` rows)."""
+        layers, kv_heads, head_dim = self._kv_geometry()
+        return BlockKVCache(layers, rows, max_len, kv_heads, head_dim, dtype=self.dtype, device=self.device,
+                            capacity=capacity)
 
     @torch.no_grad()
     def forward_chunk(
@@ -229,6 +245,7 @@ class BlockDiffusionLM(nn.Module):
         key_valid: torch.Tensor | None = None,
         store: torch.Tensor | None = None,
         return_states: bool = False,
+        logits: bool = True,
     ) -> torch.Tensor:
         """Run T tokens per row at slots [lengths[r], lengths[r] + T) against the row's cache.
 
@@ -241,6 +258,8 @@ class BlockDiffusionLM(nn.Module):
                 the generation budget). Default all True.
             store: (A,) long, how many chunk slots to commit per row (the store pass); None commits nothing.
             return_states: also return the (A, T, H) final states the logits are read from (the planner's input).
+            logits: False returns only those states, (A, T, H), so a caller can compute logits where it needs them
+                (the engine: at masked positions, in bounded chunks).
         Returns:
             (A, T, V) logits where ``[:, j]`` predicts the token at chunk position j (the shift of AR-adapted
             models is applied here, using the stored state of the previous position).
@@ -261,12 +280,18 @@ class BlockDiffusionLM(nn.Module):
                 lengths = kvl.KVLengths(kv_lens, uniform=min_len == kv_len, kernel=kernel)
         else:
             kv_len = int(starts.max()) + t
+        paged = isinstance(cache, PagedKVCache)
         if lengths is not None:
-            kvl.register()
             cache.bind(rows, slots, kv_len)
-            with self._attn_impl(kvl.LENGTHS_IMPL):
-                hidden = self._decoder(input_ids, slots, lengths, cache=cache)
-            return self._chunk_outputs(cache, hidden, rows, store, return_states)
+            if paged:
+                paged_kv.register()
+                impl, mask = paged_kv.PAGED_IMPL, cache.attention_mask(lengths, starts)
+            else:
+                kvl.register()
+                impl, mask = kvl.LENGTHS_IMPL, lengths
+            with self._attn_impl(impl):
+                hidden = self._decoder(input_ids, slots, mask, cache=cache)
+            return self._chunk_outputs(cache, hidden, rows, store, return_states, logits)
         kslot = torch.arange(kv_len, device=device)
         rel = kslot[None, :] - starts[:, None]  # (A, kv_len) key slot relative to the chunk start
         in_chunk = (rel >= 0) & (rel < t)
@@ -277,10 +302,16 @@ class BlockDiffusionLM(nn.Module):
         mask = kvalid[:, None, :] & (kblock[None, None, :] <= qblock[:, :, None])
         mask = mask | (kslot[None, None, :] == slots[:, :, None])
         cache.bind(rows, slots, kv_len)
-        hidden = self._decoder(input_ids, slots, mask.unsqueeze(1), cache=cache)
-        return self._chunk_outputs(cache, hidden, rows, store, return_states)
+        if paged:
+            paged_kv.register()
+            with self._attn_impl(paged_kv.PAGED_IMPL):
+                hidden = self._decoder(input_ids, slots, cache.attention_mask(mask.unsqueeze(1), starts), cache=cache)
+        else:
+            hidden = self._decoder(input_ids, slots, mask.unsqueeze(1), cache=cache)
+        return self._chunk_outputs(cache, hidden, rows, store, return_states, logits)
 
-    def _chunk_outputs(self, cache: BlockKVCache, hidden: torch.Tensor, rows, store, return_states: bool = False):
+    def _chunk_outputs(self, cache, hidden: torch.Tensor, rows, store, return_states: bool = False,
+                       logits: bool = True):
         """Logits of a chunk's hidden states (with the logit shift) and its store pass (see `forward_chunk`)."""
         a, device = hidden.shape[0], hidden.device
         if self.bd.logit_shift:
@@ -290,7 +321,7 @@ class BlockDiffusionLM(nn.Module):
             states = torch.cat([prev[:, None], hidden[:, :-1]], dim=1)
         else:
             states = hidden
-        logits = self.logits(states)
+        out = self.logits(states) if logits else None
         if store is not None:
             store = store.to(device)
             if self.bd.logit_shift:
@@ -304,7 +335,9 @@ class BlockDiffusionLM(nn.Module):
                 cache.lengths += store
             else:
                 cache.lengths[rows] += store
-        return (logits, states) if return_states else logits
+        if not logits:
+            return states
+        return (out, states) if return_states else out
 
     @torch.no_grad()
     def full_logits(self, input_ids: torch.Tensor, lengths: torch.Tensor, block_size: int) -> torch.Tensor:

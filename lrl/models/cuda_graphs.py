@@ -8,7 +8,8 @@ launched from Python. A CUDA graph replays all of them with one launch, but fixe
   buffer row the cache is not using, which nothing reads;
 * the keys read are padded up to a multiple of ``kv_step`` slots; each row's own key length masks the rest (the
   key-length attention of `lrl.models.decode_attention`, with a key-padding mask);
-* the cache is a `BlockKVCache`, whose buffers never move while rows are added or dropped.
+* the cache is a `BlockKVCache` or a `PagedKVCache`, whose buffers (K/V, or page pools and page table) never move
+  while rows are added or dropped; a paged forward gathers its rows' pages from the fixed page table in one piece.
 
 The logits, the logit shift and the store pass's bookkeeping run outside the graph, from its final states: they
 are a few kernels, and the logits' (rows × T × V) size would otherwise be fixed by the bucket. Without capture
@@ -23,7 +24,9 @@ from dataclasses import dataclass, field
 import torch
 
 from lrl.models import decode_attention as kvl
+from lrl.models import paged_kv
 from lrl.models.kv_cache import BlockKVCache
+from lrl.models.paged_kv import PagedKVCache
 
 
 @dataclass(repr=False)
@@ -45,17 +48,19 @@ class BlockForwardGraphs:
     Args:
         lm: the `BlockDiffusionLM` (its weights may change in place, e.g. `NativeEngine.update_weights`; a captured
             graph reads them where they are).
-        cache: the `BlockKVCache` every forward uses (its buffers must stay allocated while this object lives).
+        cache: the `BlockKVCache` or `PagedKVCache` every forward uses (its buffers must stay allocated while this
+            object lives).
         block_size: block size of the forwards (T).
         kv_step: key lengths are padded to a multiple of this many slots (fewer graphs, a little more attention).
         capture: capture CUDA graphs (default: when the cache is on CUDA); False runs the same forward eagerly.
     """
 
-    def __init__(self, lm, cache: BlockKVCache, *, block_size: int, kv_step: int = 128, capture: bool | None = None):
+    def __init__(self, lm, cache: BlockKVCache | PagedKVCache, *, block_size: int, kv_step: int = 128,
+                 capture: bool | None = None):
         if kv_step < 1:
             raise ValueError(f"kv_step must be >= 1, got {kv_step}")
         self.lm, self.cache, self.block_size, self.kv_step = lm, cache, block_size, kv_step
-        device = cache.key_buffers[0].device
+        device = cache.device
         self.capture = device.type == "cuda" if capture is None else capture
         if self.capture and device.type != "cuda":
             raise ValueError("capture=True needs the cache on a CUDA device")
@@ -72,7 +77,7 @@ class BlockForwardGraphs:
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, *, key_valid: torch.Tensor | None = None,
-                store: torch.Tensor | None = None, return_states: bool = False):
+                store: torch.Tensor | None = None, return_states: bool = False, logits: bool = True):
         """`BlockDiffusionLM.forward_chunk` of all the cache's rows (``rows=None``), or None when a row's pattern
         is not a key length (the caller then runs the dense-mask forward)."""
         cache, t = self.cache, self.block_size
@@ -100,9 +105,9 @@ class BlockForwardGraphs:
             shape.lens[a:] = t
         self._run(shape, fresh)
         hidden = shape.hidden[:a]
-        if return_states:
+        if return_states or not logits:
             hidden = hidden.clone()  # the next replay overwrites the graph's output
-        return self.lm._chunk_outputs(cache, hidden, None, store, return_states)
+        return self.lm._chunk_outputs(cache, hidden, None, store, return_states, logits)
 
     def _new_shape(self, rows: int, kv_len: int, device) -> _Shape:
         t = self.block_size
@@ -111,10 +116,15 @@ class BlockForwardGraphs:
                       lens=torch.full((rows,), t, dtype=torch.long, device=device), kv_len=kv_len)
 
     def _static_forward(self, shape: _Shape) -> torch.Tensor:
-        kvl.register()
         mask = kvl.KVLengths(shape.lens, uniform=False, kernel="lengths")
         self.cache.bind(None, shape.pos, shape.kv_len, buffer_rows=shape.ids.shape[0])  # fixed tensors only
-        with self.lm._attn_impl(kvl.LENGTHS_IMPL):
+        if isinstance(self.cache, PagedKVCache):
+            paged_kv.register()
+            impl, mask = paged_kv.PAGED_IMPL, self.cache.attention_mask(mask)
+        else:
+            kvl.register()
+            impl = kvl.LENGTHS_IMPL
+        with self.lm._attn_impl(impl):
             return self.lm._decoder(shape.ids, shape.pos, mask, cache=self.cache)
 
     def _run(self, shape: _Shape, fresh: bool) -> None:

@@ -46,6 +46,10 @@ class BlockKVCache:
         self._write_rows: torch.Tensor | None = None
 
     @property
+    def device(self) -> torch.device:
+        return self.lengths.device
+
+    @property
     def capacity(self) -> int:
         return self.key_buffers[0].shape[0] if self.key_buffers else 0
 

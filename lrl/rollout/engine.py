@@ -1,18 +1,24 @@
-"""The native block-diffusion rollout engine: batched, KV-cached, records step maps and TPF (spec §2).
+"""The native block-diffusion rollout engine: paged KV memory, a byte budget, continuous batching (spec §2).
 
 Many prompts of different lengths decode at once. Each row advances on its own: blocks are aligned to absolute
-positions of the row (the first generation block may hold the prompt tail), a row's KV cache holds its committed
-blocks, and each engine iteration runs ONE batched forward over the rows still generating. In that forward a row
-either denoises its current block (sample, score confidence, unmask, step += 1) or, once the block has no masks
-left and generation goes on, re-encodes it with its final tokens and commits it (the store pass). The G samples of
-a prompt share its prefill (the cache rows are copied after it). A finished response needs no store pass, so none
-is run for its last block.
+positions of the row (the first generation block may hold the prompt tail), and each engine iteration runs ONE
+batched forward over the rows still generating. In that forward a row either denoises its current block (sample,
+score confidence, unmask, step += 1) or, once the block has no masks left and generation goes on, re-encodes it
+with its final tokens and commits it (the store pass). A finished response needs no store pass.
 
-Cost: the per-row decisions of an iteration are a fixed number of tensor ops over all live rows (no per-row Python
-loop); rows that finish are dropped from the state and from the cache at once, so the cache is read as a plain
-slice, never gathered per forward; and the forwards use `_gqa_sdpa`, which avoids copying the K/V of the whole
-context for every query head (transformers' masked ``sdpa`` does). On CUDA the one-block forwards need no mask at
-all: the model passes per-row key lengths instead (`lrl.models.decode_attention`; ``lm.decode_attention``).
+Memory (`lrl.models.paged_kv`): the KV cache is a pool of pages of one block each, sized by ``kv_cache_gb``; a row
+holds the pages of the blocks it has written, the G samples of a prompt share its full prompt blocks, and a row that
+finishes returns its pages at once, moving no other row's K/V. Per-forward transients are bounded by
+``transient_gb``: logits are computed only at masked positions, in chunks of positions, and attention gathers the
+rows' pages in chunks of rows.
+
+Continuous batching: prompt groups wait in a queue; whenever rows and pages are free (``max_rows``, the pool), the
+next groups are prefilled (one forward, not a denoising step), copied to their G samples and join the running
+batch, so the forward keeps its row count up until the prompts run out. When a row needs a page for its next block
+and none is free, the youngest admitted rows are preempted (their pages freed, their prompts queued again) and
+decoded again later. Every random draw is keyed by (seed, request row, the row's step, position in block)
+(`lrl.rollout.unmasking.draw_keys`), so a row's tokens, step map and log-probs do not depend on which rows share
+its forwards, on the budget, or on being restarted.
 
 Counting (spec §2.5): ``step_map[i]`` is the 1-based denoising forward that unmasked generated token i; store
 passes are not counted. ``num_forwards`` = number of distinct step ids among the returned tokens (the reference's
@@ -26,26 +32,36 @@ block can be replayed exactly as it was decoded.
 dUltra (``remasking_strategy="planner"``): the forward also returns the final states, ``lm.planner`` turns the
 masked positions' states (and confidences) into unmasking logits, `planner_decisions` picks the positions, and
 `planner_logprob` of each step's decisions is recorded as ``RolloutBatch.planner_logprobs``. Tokens are drawn
-exactly as for the other strategies; the Bernoulli draws come from a second generator.
+exactly as for the other strategies; the Bernoulli draws use their own key stream.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from lrl.models.block_lm import BlockDiffusionLM
 from lrl.models.planner import planner_confidence
 from lrl.rollout.base import RolloutGenerator
+from lrl.rollout.engine_state import RolloutStats, _LiveRows, _Outputs
 from lrl.rollout.types import RolloutBatch, SamplingParams
-from lrl.rollout.unmasking import planner_decisions, planner_logprob, sample_tokens, select_unmask
+from lrl.rollout.unmasking import (
+    draw_keys,
+    keyed_uniform,
+    planner_decisions,
+    planner_logprob,
+    sample_tokens,
+    select_unmask,
+)
 
-_ATTN_IMPL = "lrl_gqa_sdpa"
-_PLANNER_SEED_OFFSET = 0x5EED  # the planner's Bernoulli draws use their own stream, so tokens do not depend on them
+_GB = 1e9
+_SAMPLE_BYTES = 64  # transient bytes per (masked position × vocabulary entry) of one sampling chunk
+_KV_KNOB = "data.init_args.rollout.kv_cache_gb"
+
+# A logits processor sees (logits (M, V), request rows (M,), absolute positions (M,)) and returns logits.
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class NativeEngine(RolloutGenerator):
@@ -54,28 +70,44 @@ class NativeEngine(RolloutGenerator):
     Args:
         lm: the block-diffusion model (its weights are the policy's; see `update_weights`).
         tokenizer: used to encode string prompts and decode responses.
-        max_rows: most rows (prompts × samples) decoded at once; larger requests run in chunks of whole groups.
+        max_rows: most rows (prompts × samples) in one forward. A group larger than this still runs, alone.
         progress: show a progress bar (off by default inside training).
         cuda_graphs: replay the one-block forwards as CUDA graphs (`lrl.models.cuda_graphs`), for small batches
-            where eager decoding is launch-bound. The engine then keeps one KV cache (and the graphs captured over
-            it) from call to call, grown when a call needs more rows or slots; `release` frees it. Needs the model
-            on CUDA; rows whose pattern is not a key length fall back to the eager forward.
+            where eager decoding is launch-bound. The engine then keeps its page pool (and the graphs captured
+            over it) from call to call; `release_memory` frees them. Needs the model on CUDA.
+        kv_cache_gb: KV budget in GB (10⁹ bytes): the page pool holds this many bytes; rows are admitted while
+            pages are free, and the pool never grows. None: the dense worst case (``max_rows`` rows at the full
+            budget), so nothing is ever preempted.
+        transient_gb: bound on one forward's transients, in GB: logits and sampling over the vocabulary run in
+            chunks of masked positions, attention gathers rows' pages in chunks of rows, each within this.
+        continuous: admit new prompt groups whenever rows and pages free up (continuous batching). False runs
+            whole chunks of groups one after the other, as the engine did before pages (a benchmark baseline).
+        logits_processor: optional hook applied to the logits of masked positions before sampling (token bans,
+            scripted stops in benchmarks); see `LogitsProcessor`.
+        record_tokens: also record the KV slots held per iteration (`RolloutStats.tokens_held`; one more host
+            sync per iteration).
     """
 
     def __init__(self, lm: BlockDiffusionLM, tokenizer, *, max_rows: int = 512, progress: bool = False,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, kv_cache_gb: float | None = None, transient_gb: float = 2.0,
+                 continuous: bool = True, logits_processor: LogitsProcessor | None = None,
+                 record_tokens: bool = False):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
+        if kv_cache_gb is not None and not kv_cache_gb > 0:
+            raise ValueError(f"kv_cache_gb must be > 0 (or None for the dense worst case), got {kv_cache_gb}")
+        if not transient_gb > 0:
+            raise ValueError(f"transient_gb must be > 0, got {transient_gb}")
         if cuda_graphs and lm.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs the model on a CUDA device, it is on {lm.device}")
-        self.cuda_graphs = cuda_graphs
-        self._graphs = None  # BlockForwardGraphs over the kept cache
-        self.lm = lm
-        self.tokenizer = tokenizer
-        self.max_rows = max_rows
-        self.progress = progress
+        self.lm, self.tokenizer = lm, tokenizer
+        self.max_rows, self.progress, self.cuda_graphs = max_rows, progress, cuda_graphs
+        self.kv_cache_gb, self.transient_gb, self.continuous = kv_cache_gb, transient_gb, continuous
+        self.logits_processor, self.record_tokens = logits_processor, record_tokens
         self.weight_version = 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.stats: RolloutStats | None = None  # of the last generate call
+        self._graphs = None  # BlockForwardGraphs over the kept pool (cuda_graphs)
 
     # ------------------------------------------------------------------ interface
     def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
@@ -110,27 +142,13 @@ class NativeEngine(RolloutGenerator):
                 dst.copy_(src.to(dst.device, dst.dtype))
         self.weight_version = self.weight_version + 1 if version is None else int(version)
 
-    def release(self) -> None:
-        """Free the KV cache and CUDA graphs kept between calls (``cuda_graphs=True``)."""
+    def release_memory(self) -> None:
+        """Free the page pool and CUDA graphs kept between calls, and the allocator's cached blocks."""
         self._graphs = None
+        if self.lm.device.type == "cuda":
+            torch.cuda.empty_cache()
 
-    def _cache(self, rows: int, capacity: int, slots: int, block_size: int):
-        """A cache for ``rows`` prefilled rows growing to ``capacity``; with CUDA graphs, the kept one when it
-        is large enough and of the same block size (its graphs stay valid), else a new one."""
-        if not self.cuda_graphs:
-            return self.lm.new_cache(rows, slots)
-        from lrl.models.cuda_graphs import BlockForwardGraphs
-
-        kept = self._graphs
-        if (kept is None or kept.block_size != block_size or kept.cache.capacity < capacity
-                or kept.cache.max_len < slots):
-            if kept is not None:
-                capacity, slots = max(capacity, kept.cache.capacity), max(slots, kept.cache.max_len)
-            kept = self._graphs = None  # free the old buffers before allocating the new ones
-            cache = self.lm.new_cache(rows, slots, capacity=capacity)
-            self._graphs = BlockForwardGraphs(self.lm, cache, block_size=block_size)
-        self._graphs.cache.reset(rows)
-        return self._graphs.cache
+    release = release_memory  # the name of earlier versions
 
     def encode(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
         out = []
@@ -141,100 +159,212 @@ class NativeEngine(RolloutGenerator):
             out.append(ids)
         return out
 
+    # ------------------------------------------------------------------ memory plan of one call
+    def pages_for(self, prompt_lens: Sequence[int], sp: SamplingParams) -> dict:
+        """The page geometry of a request: blocks per row, and the pages one group needs at worst."""
+        bsz, g = sp.block_size, sp.samples_per_prompt
+        blocks = [-(-(p + sp.max_new_tokens) // bsz) for p in prompt_lens]
+        worst = max(p // bsz + g * (b - p // bsz) for p, b in zip(prompt_lens, blocks))
+        rows = max(g, self.max_rows // g * g)
+        dense = min(len(prompt_lens) * g, rows) * max(blocks)
+        return dict(max_blocks=max(blocks), worst_group=worst, dense=dense, rows=rows)
+
+    def _pool(self, prompt_lens: list[int], sp: SamplingParams):
+        """The call's page pool: sized by ``kv_cache_gb`` (or the dense worst case); kept with CUDA graphs."""
+        lm, bsz = self.lm, sp.block_size
+        geo = self.pages_for(prompt_lens, sp)
+        page_bytes = lm.kv_bytes_per_token() * bsz
+        pages = geo["dense"] + 1 if self.kv_cache_gb is None else int(self.kv_cache_gb * _GB // page_bytes)
+        if geo["worst_group"] + 1 > pages:
+            need = (geo["worst_group"] + 1) * page_bytes / _GB
+            raise ValueError(
+                f"KV budget too small: one group of {sp.samples_per_prompt} samples (prompt up to "
+                f"{max(prompt_lens)} + {sp.max_new_tokens} new tokens) needs {need:.3g} GB of KV pages, the budget "
+                f"holds {pages * page_bytes / _GB:.3g} GB; raise {_KV_KNOB} (or lower group_size/max_new_tokens)")
+        cfg = lm.hf_config
+        heads = cfg.num_attention_heads
+        _, kv_heads, head_dim = lm._kv_geometry()
+        per_slot = 2 * kv_heads * head_dim * lm.dtype.itemsize + (heads + heads // kv_heads) * bsz * 4
+        gather = max(int(self.transient_gb * _GB // per_slot), geo["max_blocks"] * bsz)
+        kept = self._graphs
+        if kept is not None:
+            c = kept.cache
+            if (c.page_size == bsz and c.num_pages >= pages and c.capacity >= geo["rows"]
+                    and c.max_blocks >= geo["max_blocks"]):
+                c.reset()
+                return c, c.num_pages - 1
+            self._graphs = None  # free the old pool before allocating the new one
+        cache = lm.new_paged_cache(pages, bsz, geo["rows"], geo["max_blocks"],
+                                   gather_tokens=None if self.cuda_graphs else gather)
+        if self.cuda_graphs:
+            from lrl.models.cuda_graphs import BlockForwardGraphs
+
+            self._graphs = BlockForwardGraphs(lm, cache, block_size=bsz)
+        return cache, pages - 1
+
+    # ------------------------------------------------------------------ generation
     @torch.no_grad()
     def generate(self, prompts: Sequence[str | Sequence[int]], sampling: SamplingParams) -> RolloutBatch:
-        sampling.validate()
+        sp = sampling
+        sp.validate()
         if len(prompts) == 0:
             raise ValueError("generate() needs at least one prompt")
         ids = self.encode(prompts)
         limit = self.lm.max_length
         for i, p in enumerate(ids):
-            if len(p) + sampling.max_new_tokens > limit:
+            if len(p) + sp.max_new_tokens > limit:
                 raise ValueError(
-                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={sampling.max_new_tokens} it exceeds the "
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={sp.max_new_tokens} it exceeds the "
                     f"model's context of {limit} positions"
                 )
-        g = sampling.samples_per_prompt
-        per_chunk = max(1, self.max_rows // g)
-        gen = torch.Generator(device=self.lm.device).manual_seed(sampling.seed)
-        plan_gen = None
-        if sampling.remasking_strategy == "planner":
-            if getattr(self.lm, "planner", None) is None:
-                raise ValueError("remasking_strategy 'planner' needs a model with a planner head (lm.planner is None)")
-            plan_gen = torch.Generator(device=self.lm.device).manual_seed(sampling.seed + _PLANNER_SEED_OFFSET)
+        if sp.remasking_strategy == "planner" and getattr(self.lm, "planner", None) is None:
+            raise ValueError("remasking_strategy 'planner' needs a model with a planner head (lm.planner is None)")
+        cache, pool_pages = self._pool([len(p) for p in ids], sp)
+        g, bsz = sp.samples_per_prompt, sp.block_size
+        self.stats = RolloutStats(bsz, cache.page_bytes, pool_pages, cache.capacity)
+        out = _Outputs.start(ids, g, cache.max_len, sp.max_new_tokens, self.pad_id, self.lm.device,
+                             planner=sp.remasking_strategy == "planner")
+        queue = deque((i, tuple(range(g))) for i in range(len(ids)))
         bar = _progress(len(ids) * g, self.progress)
-        parts = []
-        for start in range(0, len(ids), per_chunk):
-            parts.append(self._generate_chunk(ids[start : start + per_chunk], sampling, gen, bar, plan_gen))
-        if bar is not None:
-            bar.close()
-        batch = RolloutBatch.concat(parts)
+        try:
+            self._decode(ids, queue, cache, out, sp, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+            if not self.cuda_graphs:
+                del cache  # the pool is this call's; only the CUDA-graph engine keeps it
+        batch = self._collect(ids, g, out, sp)
         batch.weight_version = self.weight_version
         return batch
 
-    # ------------------------------------------------------------------ decoding
-    def _generate_chunk(self, prompts: list[list[int]], sp: SamplingParams, gen, bar, plan_gen=None) -> RolloutBatch:
-        lm, dev, bsz = self.lm, self.lm.device, sp.block_size
-        g, n = sp.samples_per_prompt, len(prompts)
-        plen = torch.tensor([len(p) for p in prompts], device=dev)
-        slots = int(((plen + sp.max_new_tokens + bsz - 1) // bsz * bsz).max())
-        cache = self._cache(n, n * g, slots, bsz)
-        full = plen // bsz * bsz
-        width = int(full.max())
-        with _fast_attention(lm):
-            if width > 0:  # prefill: every full prompt block, block-causal, committed at once
-                chunk = torch.full((n, width), self.pad_id, dtype=torch.long, device=dev)
-                for i, p in enumerate(prompts):
-                    chunk[i, : int(full[i])] = torch.tensor(p[: int(full[i])], device=dev)
-                valid = torch.arange(width, device=dev)[None] < full[:, None]
-                lm.forward_chunk(cache, chunk, block_size=bsz, key_valid=valid, store=full)
-            cache.repeat_interleave(g)
-            out = _Outputs.start(prompts, g, slots, sp.max_new_tokens, self.pad_id, dev)
-            if plan_gen is not None:  # one entry per possible step (each step unmasks at least one token)
-                out.plan_lp = torch.zeros(out.tokens.shape[0], slots, device=dev)
-            self._decode(_LiveRows.start(cache, out, bsz, lm.bd.mask_token_id), cache, out, sp, gen, bar, plan_gen)
-        return self._collect(prompts, g, out, sp)
+    # ------------------------------------------------------------------ admission and preemption
+    def _admit(self, ids, queue: deque, st: _LiveRows, cache, out: _Outputs, sp: SamplingParams, adm: int) -> int:
+        """Prefill the next queued groups that fit (rows and pages) and add their samples to the live rows; each
+        group gets its own admission number from ``adm`` on (preemption takes the youngest first). Returns how
+        many groups were admitted."""
+        bsz, cap = sp.block_size, cache.capacity
+        first = len(ids[queue[0][0]]) // bsz + len(queue[0][1])
+        if st.n and (st.n + len(queue[0][1]) > cap or first > cache.free_pages):
+            return 0  # host-side checks first: the next group cannot fit (no device sync)
+        reserve = self._reserve(st, cache) if st.n else 0  # live rows that will open another block
+        take, rows, pages = [], st.n, 0
+        while queue:
+            i, samples = queue[0]
+            plen = len(ids[i])
+            need = plen // bsz + len(samples)  # shared prompt blocks + each sample's first block
+            grows = len(samples) if plen // bsz * bsz + bsz < plen + sp.max_new_tokens else 0
+            fits = rows + len(samples) <= cap and pages + need + reserve + grows <= cache.free_pages
+            if not fits and (take or st.n):
+                break
+            take.append(queue.popleft())
+            rows, pages, reserve = rows + len(samples), pages + need, reserve + grows
+            if not self.continuous and rows >= cap:
+                break
+        if not take:
+            return 0
+        lm, dev = self.lm, self.lm.device
+        prompts = [ids[i] for i, _ in take]
+        full = [len(p) // bsz * bsz for p in prompts]
+        new = cache.add_rows([cache.alloc(f // bsz) for f in full])
+        width = max(full)
+        if width > 0:  # prefill: every full prompt block, block-causal, committed at once (no logits needed)
+            chunk = torch.full((len(prompts), width), self.pad_id, dtype=torch.long, device=dev)
+            for k, p in enumerate(prompts):
+                chunk[k, : full[k]] = torch.tensor(p[: full[k]], device=dev)
+            full_t = torch.tensor(full, device=dev)
+            valid = torch.arange(width, device=dev)[None] < full_t[:, None]
+            lm.forward_chunk(cache, chunk, rows=new, block_size=bsz, key_valid=valid, store=full_t, logits=False)
+            self.stats.prefills += 1
+        cache.expand_rows(new, [len(s) for _, s in take])
+        g = sp.samples_per_prompt
+        req = torch.tensor([i * g + j for i, s in take for j in s], dtype=torch.long, device=dev)
+        added = torch.arange(st.n, st.n + req.numel(), device=dev)
+        cache.open_block(added, cache.lengths[added] // bsz)
+        out.restart(req, self.pad_id)
+        new_rows = _LiveRows.start(req, adm, cache.lengths[added], out, bsz, lm.bd.mask_token_id)
+        new_rows.adm = torch.tensor([adm + k for k, (_, s) in enumerate(take) for _ in s], device=dev)
+        st.extend(new_rows)
+        return len(take)
 
-    def _decode(self, st: _LiveRows, cache, out: _Outputs, sp: SamplingParams, gen, bar, plan_gen=None) -> None:
-        """The engine loop: one batched forward per iteration over the live rows, until every row has finished."""
-        bsz, mask_id, pad_id = sp.block_size, self.lm.bd.mask_token_id, self.pad_id
-        offs = torch.arange(bsz, device=out.tokens.device)
-        stop_ids = torch.tensor(sorted(set(sp.stop_token_ids)), dtype=torch.long, device=out.tokens.device)
+    @staticmethod
+    def _reserve(st: _LiveRows, cache) -> int:
+        """Live rows whose current block is not their last: each will need one more page."""
+        return int(((cache.lengths + st.cur.shape[1]) < st.budget).sum())
+
+    def _make_room(self, st: _LiveRows, cache, queue: deque, out: _Outputs, opening: torch.Tensor):
+        """Free pages until every row in ``opening`` (bool (A,)) can open its next block, by preempting the youngest
+        admissions (their samples go back to the front of the queue and are decoded again later, identically).
+        Returns the indices of the rows kept, or None when nothing was preempted."""
+        kept = None
+        g = self._g
+        while int(opening.sum()) > cache.free_pages:
+            youngest = int(st.adm.max())
+            gone = st.adm == youngest
+            if bool(gone.all()):
+                raise RuntimeError("paged KV cache: the oldest group alone does not fit (the budget check failed)")
+            rows = st.live[gone].tolist()
+            for i in sorted({r // g for r in rows}, reverse=True):
+                queue.appendleft((i, tuple(r % g for r in rows if r // g == i)))
+            out.restart(st.live[gone], self.pad_id)
+            self.stats.preempted_rows += len(rows)
+            idx = (~gone).nonzero().squeeze(1)
+            kept = idx if kept is None else kept[idx]
+            opening = opening[idx]
+            st.keep(~gone, cache)
+        return kept
+
+    # ------------------------------------------------------------------ decoding
+    def _decode(self, ids, queue: deque, cache, out: _Outputs, sp: SamplingParams, bar) -> None:
+        """The engine loop: admit, one batched forward over the live rows, bookkeeping; until all rows finished."""
+        lm, dev = self.lm, self.lm.device
+        bsz, mask_id, pad_id = sp.block_size, lm.bd.mask_token_id, self.pad_id
+        self._g = sp.samples_per_prompt
+        offs = torch.arange(bsz, device=dev)
+        stop_ids = torch.tensor(sorted(set(sp.stop_token_ids)), dtype=torch.long, device=dev)
         k = sp.tokens_per_step()
-        storing_any = False
-        while st.live.numel():
+        planner = sp.remasking_strategy == "planner"
+        vocab = lm.hf_config.vocab_size
+        chunk = max(1, int(self.transient_gb * _GB // (vocab * _SAMPLE_BYTES)))
+        st = _LiveRows.empty(bsz, dev)
+        adm, storing_any = 0, False
+        stats = self.stats
+        while True:
+            if queue and (self.continuous or st.n == 0):
+                if admitted := self._admit(ids, queue, st, cache, out, sp, adm):
+                    stats.admitted_at.append(len(stats.rows))
+                    adm += admitted
+            if st.n == 0:
+                break
             pos = cache.lengths[:, None] + offs  # (A, B) absolute positions of each row's current block
             in_budget = pos < st.budget[:, None]
             store = st.storing.long() * bsz if storing_any else None
-            logits = None
+            states = None
             if self._graphs is not None:
-                logits = self._graphs.forward(st.cur, key_valid=in_budget, store=store,
-                                              return_states=plan_gen is not None)
-            if logits is None:
-                logits = self.lm.forward_chunk(cache, st.cur, block_size=bsz, key_valid=in_budget, store=store,
-                                               return_states=plan_gen is not None)
-            if plan_gen is not None:
-                logits, states = logits
+                states = self._graphs.forward(st.cur, key_valid=in_budget, store=store, logits=False)
+            if states is None:
+                states = lm.forward_chunk(cache, st.cur, block_size=bsz, key_valid=in_budget, store=store,
+                                          logits=False)
+            stats.rows.append(st.n)
 
             # denoise: sample every masked position, unmask the chosen ones (store rows have no masked position)
             masked = st.masked
             sel = masked.nonzero(as_tuple=True)
             if sel[0].numel():
-                tok, c, lp = sample_tokens(logits[sel], greedy=sp.greedy, temperature=sp.temperature,
-                                           top_k=sp.top_k, top_p=sp.top_p, generator=gen, with_logprobs=True)
-                conf = torch.zeros(masked.shape, dtype=c.dtype, device=c.device).index_put_(sel, c)
-                drawn_lp = torch.zeros(masked.shape, dtype=lp.dtype, device=lp.device).index_put_(sel, lp)
+                tok, c, lp, plan = self._sample(states, sel, st, pos, sp, chunk, planner)
+                conf = torch.zeros(masked.shape, dtype=c.dtype, device=dev).index_put_(sel, c)
+                drawn_lp = torch.zeros(masked.shape, dtype=lp.dtype, device=dev).index_put_(sel, lp)
                 drawn = st.cur.index_put(sel, tok)
-                if plan_gen is None:
+                if not planner:
                     chosen = select_unmask(conf, masked, strategy=sp.remasking_strategy, threshold=sp.threshold, k=k)
                 else:
-                    plan = torch.zeros(masked.shape, device=c.device).index_put_(
-                        sel, self.lm.planner(states[sel], planner_confidence(logits[sel])))
+                    plan = torch.zeros(masked.shape, device=dev).index_put_(sel, plan)
+                    keys = draw_keys(sp.seed, st.live[:, None].expand_as(masked), (st.steps + 1)[:, None].expand_as(
+                        masked), offs.expand_as(masked), stream=1)
                     chosen = planner_decisions(plan, masked, greedy=sp.greedy, threshold=sp.planner_threshold,
-                                               generator=plan_gen)
+                                               uniforms=keyed_uniform(keys.reshape(-1)).view(masked.shape))
                 progressed = chosen.any(1)
                 st.steps += progressed
-                if plan_gen is not None:
+                if planner:
                     out.plan_lp[st.live[progressed], st.steps[progressed] - 1] = planner_logprob(
                         plan, masked, chosen)[progressed]
                 st.cur = torch.where(chosen, drawn, st.cur)
@@ -245,16 +375,23 @@ class NativeEngine(RolloutGenerator):
             else:
                 done = torch.zeros_like(st.storing)
 
-            if storing_any:  # rows that just committed their block open the next one
-                st.stores += st.storing
-                new = st.storing[:, None] & ((cache.lengths[:, None] + offs) < st.budget[:, None])
+            if storing_any:  # rows that just committed their block open the next one (a new page each)
+                opening = st.storing
+                st.stores += opening
+                new = opening[:, None] & ((cache.lengths[:, None] + offs) < st.budget[:, None])
                 fresh = torch.full_like(st.cur, pad_id).masked_fill_(new, mask_id)
-                st.cur = torch.where(st.storing[:, None], fresh, st.cur)
+                st.cur = torch.where(opening[:, None], fresh, st.cur)
                 st.masked = st.masked | new
-                st.step = st.step.masked_fill(st.storing[:, None], 0)
-                st.logp = st.logp.masked_fill(st.storing[:, None], 0.0)
+                st.step = st.step.masked_fill(opening[:, None], 0)
+                st.logp = st.logp.masked_fill(opening[:, None], 0.0)
+                kept = self._make_room(st, cache, queue, out, opening)
+                if kept is not None:  # preempted rows are gone: re-index this forward's values
+                    opening, done, pos, in_budget = opening[kept], done[kept], pos[kept], in_budget[kept]
+                rows_open = opening.nonzero().squeeze(1)
+                cache.open_block(rows_open, cache.lengths[rows_open] // bsz)
             st.storing = done
             storing_any = bool(done.any())
+            self._record(st, cache)
             if not storing_any:
                 continue
 
@@ -283,6 +420,41 @@ class NativeEngine(RolloutGenerator):
             st.storing = done & ~fin
             st.keep(~fin, cache)
             storing_any = bool(st.storing.any())
+
+    def _sample(self, states, sel, st: _LiveRows, pos, sp: SamplingParams, chunk: int, planner: bool):
+        """Logits, draws, confidences and log-probs of the masked positions ``sel``, ``chunk`` positions at a time
+        (the (positions × vocabulary) transients stay within ``transient_gb``); the planner's logits too."""
+        lm = self.lm
+        h = states[sel]
+        rows, where = st.live[sel[0]], pos[sel]
+        keys = None if sp.greedy else draw_keys(sp.seed, rows, st.steps[sel[0]] + 1, sel[1])
+        parts = []
+        for a in range(0, h.shape[0], chunk):
+            b = a + chunk
+            logits = lm.logits(h[a:b])
+            if self.logits_processor is not None:
+                logits = self.logits_processor(logits, rows[a:b], where[a:b])
+            tok, c, lp = sample_tokens(logits, greedy=sp.greedy, temperature=sp.temperature, top_k=sp.top_k,
+                                       top_p=sp.top_p, with_logprobs=True, keys=None if keys is None else keys[a:b])
+            plan = lm.planner(h[a:b], planner_confidence(logits)) if planner else None
+            parts.append((tok, c, lp, plan))
+        tok, c, lp = (torch.cat([p[i] for p in parts]) for i in range(3))
+        plan = torch.cat([p[3] for p in parts]) if planner else None
+        return tok, c, lp, plan
+
+    def _record(self, st: _LiveRows, cache) -> None:
+        stats = self.stats
+        stats.pages_used.append(cache.used_pages)
+        if self.record_tokens:
+            # private slots written (committed blocks and the current one, up to the budget), plus each
+            # admission's shared prompt blocks once
+            held = (torch.minimum(cache.lengths + st.cur.shape[1], st.budget) - st.pfull).clamp(min=0).sum()
+            if st.n:
+                key = st.adm * (st.live.max() + 1) + st.live // self._g  # one entry per (admission, prompt)
+                _, inv = torch.unique(key, return_inverse=True)
+                held = held + torch.zeros(int(inv.max()) + 1, dtype=torch.long, device=key.device).scatter_reduce_(
+                    0, inv, st.pfull, reduce="amax").sum()
+            stats.tokens_held.append(int(held))
 
     def _collect(self, prompts: list[list[int]], g: int, out: _Outputs, sp: SamplingParams) -> RolloutBatch:
         tokens, step_map, logp = out.tokens.cpu(), out.step_map.cpu(), out.logp.cpu()  # one transfer each
@@ -325,120 +497,3 @@ def _progress(total: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="rollout", unit="resp", leave=False)
-
-
-@dataclass
-class _Outputs:
-    """What the loop writes for every row (prompt i, sample j -> row i·G + j), finished or not."""
-
-    tokens: torch.Tensor  # (N, slots) prompt, then generated ids as their blocks complete (pad elsewhere)
-    step_map: torch.Tensor  # (N, slots) step id of each generated position
-    logp: torch.Tensor  # (N, slots) float, sampling log-prob of each generated position
-    plen: torch.Tensor  # (N,) prompt length
-    end: torch.Tensor  # (N,) exclusive end of the returned response
-    stores: torch.Tensor  # (N,) store passes
-    finish: list[str]  # "stop" or "length"
-    plan_lp: torch.Tensor | None = None  # (N, slots) planner rollouts: decision log-prob of step s at s - 1
-
-    @classmethod
-    def start(cls, prompts: list[list[int]], g: int, slots: int, max_new: int, pad_id: int, dev) -> _Outputs:
-        rows = len(prompts) * g
-        tokens = torch.full((rows, slots), pad_id, dtype=torch.long, device=dev)
-        for i, p in enumerate(prompts):
-            tokens[i * g : (i + 1) * g, : len(p)] = torch.tensor(p, device=dev)
-        plen = torch.tensor([len(p) for p in prompts], device=dev).repeat_interleave(g)
-        return cls(tokens, torch.zeros_like(tokens), torch.zeros(tokens.shape, device=dev), plen, plen + max_new,
-                   torch.zeros(rows, dtype=torch.long, device=dev), [""] * rows)
-
-
-@dataclass
-class _LiveRows:
-    """Decoding state of the rows still generating; row i of every tensor is row i of the KV cache."""
-
-    live: torch.Tensor  # (A,) original row index
-    plen: torch.Tensor  # (A,) prompt length
-    budget: torch.Tensor  # (A,) first absolute position that may not be generated
-    cur: torch.Tensor  # (A, B) tokens of the current block, MASK where still masked
-    masked: torch.Tensor  # (A, B) bool, positions of the current block still to be generated
-    step: torch.Tensor  # (A, B) step id that unmasked each position (0: prompt or still masked)
-    logp: torch.Tensor  # (A, B) float, sampling log-prob of the token unmasked at each position
-    steps: torch.Tensor  # (A,) denoising forwards so far
-    stores: torch.Tensor  # (A,) store passes so far
-    storing: torch.Tensor  # (A,) bool, the next forward is this row's store pass
-
-    @classmethod
-    def start(cls, cache, out: _Outputs, bsz: int, mask_id: int) -> _LiveRows:
-        """Open the first block of every row at ``cache.lengths`` (it may hold the prompt tail)."""
-        rows, dev = out.tokens.shape[0], out.tokens.device
-        pos = cache.lengths[:, None] + torch.arange(bsz, device=dev)
-        masked = (pos >= out.plen[:, None]) & (pos < out.end[:, None])
-        cur = torch.where(masked, mask_id, out.tokens.gather(1, pos))
-        zeros = torch.zeros(rows, dtype=torch.long, device=dev)
-        return cls(torch.arange(rows, device=dev), out.plen.clone(), out.end.clone(), cur, masked,
-                   torch.zeros_like(cur), torch.zeros(cur.shape, device=dev), zeros, zeros.clone(), zeros.bool())
-
-    def keep(self, keep: torch.Tensor, cache) -> None:
-        """Drop finished rows from the state and from the cache (one copy now instead of a gather per forward)."""
-        idx = keep.nonzero().squeeze(1)
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name)[idx])
-        cache.keep_rows(idx)
-
-
-_MASK_CACHE: dict = {}  # the current forward's additive mask, built once and shared by every layer
-
-
-def _additive_mask(mask: torch.Tensor, groups: int, dtype: torch.dtype) -> torch.Tensor:
-    """(A, 1, groups·T, S) additive mask from the (A, 1, T, S) mask of this forward, cached across its layers."""
-    hit = _MASK_CACHE.get("last")
-    if hit is not None and hit[0] is mask and hit[1] == (groups, dtype):
-        return hit[2]
-    if mask.dtype == torch.bool:
-        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
-    else:
-        bias = mask.to(dtype)
-    if groups > 1:
-        bias = bias.repeat(1, 1, groups, 1)
-    _MASK_CACHE["last"] = (mask, (groups, dtype), bias)
-    return bias
-
-
-def _gqa_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """SDPA for grouped-query attention that stacks a group's query heads instead of repeating K/V.
-
-    transformers' ``sdpa`` repeats K/V for every query head whenever a mask is given, a full copy of the (strided)
-    cache view per layer and forward that dominates a small block's cost. The block mask is shared by all heads
-    ((A, 1, T, S)), so the ``groups`` query heads of a KV head can be laid along the query axis instead:
-    (A, Hkv, groups·T, D) queries against the (A, Hkv, S, D) K/V, the mask tiled ``groups`` times. Same result.
-    The mask is turned into an additive float mask once per forward (SDPA would convert it in every layer).
-    """
-    mask = attention_mask
-    if mask is None or mask.dim() != 4 or mask.shape[1] != 1 or query.shape[1] % key.shape[1]:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, mask, dropout=dropout, scaling=scaling, **kwargs)
-    a, hq, t, d = query.shape
-    groups = hq // key.shape[1]
-    q = query.reshape(a, key.shape[1], groups * t, d)
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=_additive_mask(mask, groups, query.dtype),
-                                         dropout_p=dropout if module.training else 0.0, scale=scaling)
-    return out.reshape(a, hq, t, d).transpose(1, 2).contiguous(), None
-
-
-@contextlib.contextmanager
-def _fast_attention(lm: BlockDiffusionLM):
-    """Run the engine's forwards with `_gqa_sdpa` when the model uses plain ``sdpa`` (restored afterwards)."""
-    cfg = lm.hf_config
-    old = cfg._attn_implementation
-    if old != "sdpa":
-        yield
-        return
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(_ATTN_IMPL, _gqa_sdpa)
-    cfg._attn_implementation = _ATTN_IMPL
-    try:
-        yield
-    finally:
-        cfg._attn_implementation = old
-        _MASK_CACHE.clear()

@@ -8,6 +8,39 @@ from __future__ import annotations
 
 import torch
 
+_M32 = 0xFFFFFFFF
+_MIX = 0x45D9F3B  # < 2^27, so a 32-bit value times it stays inside int64
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply) of int64 tensors holding values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = (x * _MIX) & _M32
+    x = x ^ (x >> 16)
+    x = (x * _MIX) & _M32
+    return x ^ (x >> 16)
+
+
+def draw_keys(seed: int, rows: torch.Tensor, steps: torch.Tensor, offsets: torch.Tensor, stream: int = 0):
+    """Keys of the random draws of a rollout, one per (row, denoising step, block offset), any matching shapes.
+
+    A draw depends only on the request's seed, the row (prompt index × G + sample), the row's own step count and
+    the position in its block: never on which other rows share the forward, how many there are, or whether the
+    row was decoded before and restarted. So continuous batching, chunking and preemption cannot change a sample.
+    ``stream`` separates independent uses (tokens 0, the planner's Bernoulli draws 1).
+    Returns int64 keys in [0, 2^32).
+    """
+    s = torch.as_tensor(((seed & _M32) ^ (seed >> 32 & _M32) ^ (stream * 0x9E3779B9)) & _M32, device=rows.device)
+    k = _mix32(_mix32(s.expand_as(rows)) ^ rows.long())
+    k = _mix32(k ^ steps.long())
+    return _mix32(k ^ offsets.long())
+
+
+def keyed_uniform(keys: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """Uniforms in (0, 1), float32, a pure function of the keys: (M,) keys give (M,), or (M, n) with ``n``."""
+    x = keys if n is None else _mix32(keys[:, None] ^ _mix32(torch.arange(n, device=keys.device) + 0x51ED27))
+    return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
 
 def support_mask(scaled: torch.Tensor, *, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor | None:
     """Tokens kept by top-k, then top-p (nucleus), of tempered logits; None when neither is on.
@@ -43,6 +76,7 @@ def sample_tokens(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     with_logprobs: bool = False,
+    keys: torch.Tensor | None = None,
 ):
     """Draw one token per position and its confidence.
 
@@ -52,6 +86,9 @@ def sample_tokens(
         temperature, top_k, top_p: sampling controls (top_k 0 and top_p 1 switch them off).
         generator: random source (seeded by the caller for reproducibility).
         with_logprobs: also return the sampling log-probability of each drawn token.
+        keys: (M,) int64 `draw_keys` of the positions: the draw is the Gumbel-max of the processed distribution
+            with `keyed_uniform` noise (an exact sample of it, a pure function of the keys), instead of
+            ``torch.multinomial`` with ``generator``.
     Returns:
         tokens (M,) long, confidence (M,) float: probability of the drawn token under softmax(logits / T), before
         top-k/top-p truncation (spec §2.3); with ``with_logprobs`` a third (M,) float: the log-probability the
@@ -67,8 +104,12 @@ def sample_tokens(
     probs = scaled.softmax(-1)
     keep = support_mask(scaled, top_k=top_k, top_p=top_p)
     filtered = scaled if keep is None else scaled.masked_fill(~keep, float("-inf"))
-    sample_probs = probs if keep is None else filtered.softmax(-1)
-    tokens = torch.multinomial(sample_probs, 1, generator=generator).squeeze(-1)
+    if keys is not None:
+        gumbel = -torch.log(-torch.log(keyed_uniform(keys, scaled.shape[-1])))
+        tokens = (filtered + gumbel).argmax(-1)
+    else:
+        sample_probs = probs if keep is None else filtered.softmax(-1)
+        tokens = torch.multinomial(sample_probs, 1, generator=generator).squeeze(-1)
     conf = probs.gather(-1, tokens[:, None]).squeeze(-1)
     if not with_logprobs:
         return tokens, conf
@@ -146,6 +187,7 @@ def planner_decisions(
     greedy: bool,
     threshold: float = 0.5,
     generator: torch.Generator | None = None,
+    uniforms: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """dUltra's unmasking decisions for one step (spec §8.3).
 
@@ -155,7 +197,8 @@ def planner_decisions(
 
     Args:
         plan_logits: (R, T) planner logits; masked: (R, T) bool.
-        greedy, threshold: see above; generator: random source of the Bernoulli draws.
+        greedy, threshold: see above; generator: random source of the Bernoulli draws; uniforms: (R, T) the
+            draws' uniforms instead (`keyed_uniform` of `draw_keys`, as the engine passes them).
     Returns:
         (R, T) bool ⊆ masked, at least one position per row that has a masked position.
     """
@@ -163,7 +206,8 @@ def planner_decisions(
     if greedy:
         u = p >= threshold
     else:
-        u = torch.rand(p.shape, generator=generator, device=p.device) < p
+        r = uniforms if uniforms is not None else torch.rand(p.shape, generator=generator, device=p.device)
+        u = r < p
     u = u & masked
     none = ~u.any(-1, keepdim=True)
     return u | (_argmax_one_hot(plan_logits.float(), masked) & none)
