@@ -109,7 +109,7 @@ def _engine(lm, tok, static: bool):
 
 def test_engine_decodes_the_same_through_static_forwards(peaky_checkpoint):
     """Greedy threshold decoding with rows finishing at different times (rows dropped mid-run, padding rows):
-    the same tokens and step maps as the eager engine; the kept cache and its shapes serve the next call."""
+    the same tokens and step maps as the eager engine; the kept page pool and its shapes serve the next call."""
     from lrl.models import load_checkpoint
 
     lm, tok = load_checkpoint(peaky_checkpoint)
@@ -121,11 +121,11 @@ def test_engine_decodes_the_same_through_static_forwards(peaky_checkpoint):
     engine = _engine(lm, tok, True)
     got = engine.generate(prompts, sp)
     assert got.response_ids == eager.response_ids and got.step_maps == eager.step_maps
-    shapes, buffers = dict(engine._graphs.shapes), engine._graphs.cache.key_buffers[0].data_ptr()
-    assert sorted({rows for rows, _ in shapes}) == [2, 4, 8, 10], shapes  # rows end; padded to powers of two
+    shapes, buffers = dict(engine._graphs.shapes), engine._graphs.cache.key_pools[0].data_ptr()
+    assert sorted({rows for rows, _ in shapes}) == [2, 4, 8, 16], shapes  # rows end; padded to powers of two
     again = engine.generate(prompts[:3], sp)  # fewer rows: the kept cache, no new buffers
     assert again.response_ids == eager.response_ids[:6]
-    assert engine._graphs.cache.key_buffers[0].data_ptr() == buffers
+    assert engine._graphs.cache.key_pools[0].data_ptr() == buffers
     engine.release()
     assert engine._graphs is None
 
