@@ -27,13 +27,14 @@ SHAPES = {
 }
 
 
-def build(shape: str, device: torch.device, dtype: torch.dtype, block_size: int, attention: str):
+def build(shape: str, device: torch.device, dtype: torch.dtype, block_size: int, attention: str, **overrides):
+    """A random-weight `BlockDiffusionLM` of ``shape`` (``overrides``: config fields, e.g. fewer layers)."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
 
     from lrl.models import BlockDiffusionConfig, BlockDiffusionLM
 
-    cfg = Qwen3Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False,
+    cfg = Qwen3Config(**{**SHAPES[shape], **overrides}, max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False,
                       attn_implementation="sdpa")
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

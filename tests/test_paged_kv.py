@@ -151,11 +151,13 @@ def test_a_groups_samples_do_not_depend_on_the_other_groups(models, tiny_tokeniz
     assert alone.response_ids[6:9] == together.response_ids[6:9]
 
 
-def test_budget_too_small_for_one_group_is_one_line_naming_the_knob(models, tiny_tokenizer):
-    eng = NativeEngine(models["plain"], tiny_tokenizer, kv_cache_gb=10 * 4096 / 1e9)
-    with pytest.raises(ValueError, match=r"one group of 3 samples .* raise data\.init_args\.rollout\.kv_cache_gb") as e:
+def test_budget_too_small_for_one_response_is_one_line_naming_the_knob(models, tiny_tokenizer):
+    """The longest prompt (66 tokens) + 20 new tokens at block 4: 22 pages and the scratch page; 22 do not do."""
+    eng = NativeEngine(models["plain"], tiny_tokenizer, kv_cache_gb=22 * 4096 / 1e9)
+    with pytest.raises(ValueError, match=r"one response .* needs 9.42e-05 GB .* raise data\.init_args\.rollout\.kv_cache_gb") as e:
         eng.generate(PROMPTS, SAMPLED)
     assert "\n" not in str(e.value)
+    NativeEngine(models["plain"], tiny_tokenizer, kv_cache_gb=23 * 4096 / 1e9).generate(PROMPTS, SAMPLED)  # fits
     for bad in (dict(kv_cache_gb=0), dict(kv_cache_gb=-1.0), dict(transient_gb=0)):
         with pytest.raises(ValueError, match="must be > 0"):
             NativeEngine(models["plain"], tiny_tokenizer, **bad)

@@ -161,13 +161,14 @@ class NativeEngine(RolloutGenerator):
 
     # ------------------------------------------------------------------ memory plan of one call
     def pages_for(self, prompt_lens: Sequence[int], sp: SamplingParams) -> dict:
-        """The page geometry of a request: blocks per row, and the pages one group needs at worst."""
+        """The page geometry of a request: blocks per row, the pages one row needs at worst (its whole budget),
+        and the dense worst case (``max_rows`` rows at their whole budget)."""
         bsz, g = sp.block_size, sp.samples_per_prompt
         blocks = [-(-(p + sp.max_new_tokens) // bsz) for p in prompt_lens]
-        worst = max(p // bsz + g * (b - p // bsz) for p, b in zip(prompt_lens, blocks))
+        worst = max(blocks)
         rows = max(g, self.max_rows // g * g)
         dense = min(len(prompt_lens) * g, rows) * max(blocks)
-        return dict(max_blocks=max(blocks), worst_group=worst, dense=dense, rows=rows)
+        return dict(max_blocks=max(blocks), worst_row=worst, dense=dense, rows=rows)
 
     def _pool(self, prompt_lens: list[int], sp: SamplingParams):
         """The call's page pool: sized by ``kv_cache_gb`` (or the dense worst case); kept with CUDA graphs."""
@@ -175,12 +176,12 @@ class NativeEngine(RolloutGenerator):
         geo = self.pages_for(prompt_lens, sp)
         page_bytes = lm.kv_bytes_per_token() * bsz
         pages = geo["dense"] + 1 if self.kv_cache_gb is None else int(self.kv_cache_gb * _GB // page_bytes)
-        if geo["worst_group"] + 1 > pages:
-            need = (geo["worst_group"] + 1) * page_bytes / _GB
+        if geo["worst_row"] + 1 > pages:
+            need = (geo["worst_row"] + 1) * page_bytes / _GB
             raise ValueError(
-                f"KV budget too small: one group of {sp.samples_per_prompt} samples (prompt up to "
-                f"{max(prompt_lens)} + {sp.max_new_tokens} new tokens) needs {need:.3g} GB of KV pages, the budget "
-                f"holds {pages * page_bytes / _GB:.3g} GB; raise {_KV_KNOB} (or lower group_size/max_new_tokens)")
+                f"KV budget too small: one response (prompt up to {max(prompt_lens)} + {sp.max_new_tokens} new "
+                f"tokens) needs {need:.3g} GB of KV pages, the budget holds {pages * page_bytes / _GB:.3g} GB; "
+                f"raise {_KV_KNOB} (or lower max_new_tokens)")
         cfg = lm.hf_config
         heads = cfg.num_attention_heads
         _, kv_heads, head_dim = lm._kv_geometry()
@@ -240,8 +241,8 @@ class NativeEngine(RolloutGenerator):
     # ------------------------------------------------------------------ admission and preemption
     def _admit(self, ids, queue: deque, st: _LiveRows, cache, out: _Outputs, sp: SamplingParams, adm: int) -> int:
         """Prefill the next queued groups that fit (rows and pages) and add their samples to the live rows; each
-        group gets its own admission number from ``adm`` on (preemption takes the youngest first). Returns how
-        many groups were admitted."""
+        row gets its own admission number from ``adm`` on (preemption takes the youngest row first). Returns how
+        many rows were admitted."""
         bsz, cap = sp.block_size, cache.capacity
         first = len(ids[queue[0][0]]) // bsz + len(queue[0][1])
         if st.n and (st.n + len(queue[0][1]) > cap or first > cache.free_pages):
@@ -282,9 +283,9 @@ class NativeEngine(RolloutGenerator):
         cache.open_block(added, cache.lengths[added] // bsz)
         out.restart(req, self.pad_id)
         new_rows = _LiveRows.start(req, adm, cache.lengths[added], out, bsz, lm.bd.mask_token_id)
-        new_rows.adm = torch.tensor([adm + k for k, (_, s) in enumerate(take) for _ in s], device=dev)
+        new_rows.adm = torch.arange(adm, adm + req.numel(), device=dev)
         st.extend(new_rows)
-        return len(take)
+        return req.numel()
 
     @staticmethod
     def _reserve(st: _LiveRows, cache) -> int:
@@ -293,7 +294,8 @@ class NativeEngine(RolloutGenerator):
 
     def _make_room(self, st: _LiveRows, cache, queue: deque, out: _Outputs, opening: torch.Tensor):
         """Free pages until every row in ``opening`` (bool (A,)) can open its next block, by preempting the youngest
-        admissions (their samples go back to the front of the queue and are decoded again later, identically).
+        rows (they go back to the front of the queue and are decoded again later, identically: their draws are
+        keyed). The oldest row always fits (checked before decoding), so decoding always progresses.
         Returns the indices of the rows kept, or None when nothing was preempted."""
         kept = None
         g = self._g
@@ -301,7 +303,7 @@ class NativeEngine(RolloutGenerator):
             youngest = int(st.adm.max())
             gone = st.adm == youngest
             if bool(gone.all()):
-                raise RuntimeError("paged KV cache: the oldest group alone does not fit (the budget check failed)")
+                raise RuntimeError("paged KV cache: the oldest row alone does not fit (the budget check failed)")
             rows = st.live[gone].tolist()
             for i in sorted({r // g for r in rows}, reverse=True):
                 queue.appendleft((i, tuple(r % g for r in rows if r // g == i)))
@@ -446,13 +448,13 @@ class NativeEngine(RolloutGenerator):
         stats = self.stats
         stats.pages_used.append(cache.used_pages)
         if self.record_tokens:
-            # private slots written (committed blocks and the current one, up to the budget), plus each
-            # admission's shared prompt blocks once
+            # private slots written (committed blocks and the current one, up to the budget), plus each shared
+            # prompt once (rows sharing a prefill share its first page)
             held = (torch.minimum(cache.lengths + st.cur.shape[1], st.budget) - st.pfull).clamp(min=0).sum()
             if st.n:
-                key = st.adm * (st.live.max() + 1) + st.live // self._g  # one entry per (admission, prompt)
-                _, inv = torch.unique(key, return_inverse=True)
-                held = held + torch.zeros(int(inv.max()) + 1, dtype=torch.long, device=key.device).scatter_reduce_(
+                first = cache.table[: st.n, 0]
+                _, inv = torch.unique(first, return_inverse=True)
+                held = held + torch.zeros(int(inv.max()) + 1, dtype=torch.long, device=first.device).scatter_reduce_(
                     0, inv, st.pfull, reduce="amax").sum()
             stats.tokens_held.append(int(held))
 
