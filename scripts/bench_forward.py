@@ -34,7 +34,8 @@ def build(shape: str, device: torch.device, dtype: torch.dtype, block_size: int,
 
     from lrl.models import BlockDiffusionConfig, BlockDiffusionLM
 
-    cfg = Qwen3Config(**{**SHAPES[shape], **overrides}, max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False,
+    shape_cfg = {**SHAPES[shape], **overrides}
+    cfg = Qwen3Config(**shape_cfg, max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=False,
                       attn_implementation="sdpa")
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

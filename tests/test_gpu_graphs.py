@@ -60,9 +60,12 @@ def test_replay_matches_eager_and_sees_weight_updates(bf16_lm):
     torch.testing.assert_close(outs[True][key_valid], outs[False][key_valid], atol=1e-2, rtol=1e-2)
 
 
-def test_engine_with_cuda_graphs_matches_eager(peaky_checkpoint):
-    """Greedy fp32 threshold decoding gives the eager engine's tokens and TPF through captured graphs, and the
-    graphs captured by one call serve the next."""
+@pytest.mark.parametrize("schedule", [{}, {"max_rows": 4, "kv_cache_gb": 40 * 4096 / 1e9}],
+                         ids=["all-rows", "admitted-and-preempted"])
+def test_engine_with_cuda_graphs_matches_eager(peaky_checkpoint, schedule):
+    """Greedy fp32 threshold decoding gives the eager engine's tokens and TPF through captured graphs over the page
+    pool (also with groups admitted mid-run and rows preempted by a small budget), and the graphs captured by one
+    call serve the next."""
     from lrl.models import load_checkpoint
     from lrl.rollout import NativeEngine, SamplingParams
 
@@ -71,8 +74,8 @@ def test_engine_with_cuda_graphs_matches_eager(peaky_checkpoint):
     prompts = [f"Q: {a}+{b}=?\nA: " for a, b in [(12, 7), (3, 40), (99, 1), (5, 5), (61, 28)]] + ["Q: 1+1=?"]
     sp = SamplingParams(block_size=4, greedy=True, max_new_tokens=22, threshold=0.9, samples_per_prompt=2,
                         stop_token_ids=(tok.eos_token_id,))
-    eager = NativeEngine(lm, tok).generate(prompts, sp)
-    engine = NativeEngine(lm, tok, cuda_graphs=True)
+    eager = NativeEngine(lm, tok, **schedule).generate(prompts, sp)
+    engine = NativeEngine(lm, tok, cuda_graphs=True, **schedule)
     got = engine.generate(prompts, sp)
     same = sum(a == b for a, b in zip(got.response_ids, eager.response_ids))
     assert same >= len(got.response_ids) - 1, f"{same}/{len(got.response_ids)} rows agree"  # kernels' near-ties

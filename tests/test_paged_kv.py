@@ -154,7 +154,8 @@ def test_a_groups_samples_do_not_depend_on_the_other_groups(models, tiny_tokeniz
 def test_budget_too_small_for_one_response_is_one_line_naming_the_knob(models, tiny_tokenizer):
     """The longest prompt (66 tokens) + 20 new tokens at block 4: 22 pages and the scratch page; 22 do not do."""
     eng = NativeEngine(models["plain"], tiny_tokenizer, kv_cache_gb=22 * 4096 / 1e9)
-    with pytest.raises(ValueError, match=r"one response .* needs 9.42e-05 GB .* raise data\.init_args\.rollout\.kv_cache_gb") as e:
+    knob = r"raise data\.init_args\.rollout\.kv_cache_gb"
+    with pytest.raises(ValueError, match=r"one response .* needs 9.42e-05 GB .* " + knob) as e:
         eng.generate(PROMPTS, SAMPLED)
     assert "\n" not in str(e.value)
     NativeEngine(models["plain"], tiny_tokenizer, kv_cache_gb=23 * 4096 / 1e9).generate(PROMPTS, SAMPLED)  # fits
@@ -186,3 +187,29 @@ def test_stats_track_rows_pages_and_tokens(models, tiny_tokenizer):
         assert held <= pages * s.page_size
     assert s.peak_kv_bytes == s.peak_pages * s.page_bytes
     assert s.as_dict()["iterations"] == len(s.rows)
+
+
+def test_rollout_memory_is_released_after_a_call(models, tiny_tokenizer, monkeypatch):
+    """Phase switching: the eager engine's page pool lives only for its call (nothing held into training); the
+    engine's figures of that call are still there to log."""
+    import gc
+    import weakref
+
+    lm = models["plain"]
+    eng = NativeEngine(lm, tiny_tokenizer, kv_cache_gb=60 * 4096 / 1e9)
+    pools = []
+    real = lm.new_paged_cache
+
+    def spy(*a, **kw):
+        cache = real(*a, **kw)
+        pools.append(weakref.ref(cache))
+        return cache
+
+    monkeypatch.setattr(lm, "new_paged_cache", spy)
+    eng.generate(PROMPTS[:3], SAMPLED)
+    gc.collect()
+    assert len(pools) == 1 and pools[0]() is None
+    stats = eng.last_stats()
+    assert stats["rollout/kv_pool_gb"] == pytest.approx(59 * 4096 / 1e9)  # the budget, less the scratch page
+    assert 0 < stats["rollout/kv_peak_gb"] <= stats["rollout/kv_pool_gb"]
+    assert stats["rollout/rows_per_forward"] <= 9

@@ -24,6 +24,10 @@ class RolloutGenerator(abc.ABC):
                        version: int | None = None) -> None:
         """Load new policy weights (HF parameter names) and set ``weight_version`` (default: current + 1)."""
 
+    def last_stats(self) -> dict[str, float]:
+        """Scalar diagnostics of the last `generate` call (logged under these keys by the data module)."""
+        return {}
+
     def release_memory(self) -> None:  # noqa: B027 - optional hook
         """Free what the rollout holds on the device (KV cache, graph pools, a colocated server's memory) before a
         training phase; the next `generate` (or `resume_memory`) takes it back. Default: nothing to free."""

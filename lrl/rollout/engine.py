@@ -142,6 +142,19 @@ class NativeEngine(RolloutGenerator):
                 dst.copy_(src.to(dst.device, dst.dtype))
         self.weight_version = self.weight_version + 1 if version is None else int(version)
 
+    def last_stats(self) -> dict[str, float]:
+        """The last call's KV and batching figures: pool and peak KV bytes (GB), mean rows per forward, rows
+        preempted, engine iterations, admission prefills."""
+        s = self.stats
+        if s is None or not s.rows:
+            return {}
+        return {"rollout/kv_pool_gb": s.pool_pages * s.page_bytes / _GB,
+                "rollout/kv_peak_gb": s.peak_kv_bytes / _GB,
+                "rollout/rows_per_forward": sum(s.rows) / len(s.rows),
+                "rollout/preempted_rows": float(s.preempted_rows),
+                "rollout/engine_iterations": float(len(s.rows)),
+                "rollout/prefills": float(s.prefills)}
+
     def release_memory(self) -> None:
         """Free the page pool and CUDA graphs kept between calls, and the allocator's cached blocks."""
         self._graphs = None
@@ -175,7 +188,7 @@ class NativeEngine(RolloutGenerator):
         lm, bsz = self.lm, sp.block_size
         geo = self.pages_for(prompt_lens, sp)
         page_bytes = lm.kv_bytes_per_token() * bsz
-        pages = geo["dense"] + 1 if self.kv_cache_gb is None else int(self.kv_cache_gb * _GB // page_bytes)
+        pages = geo["dense"] + 1 if self.kv_cache_gb is None else round(self.kv_cache_gb * _GB) // page_bytes
         if geo["worst_row"] + 1 > pages:
             need = (geo["worst_row"] + 1) * page_bytes / _GB
             raise ValueError(
@@ -247,7 +260,9 @@ class NativeEngine(RolloutGenerator):
         first = len(ids[queue[0][0]]) // bsz + len(queue[0][1])
         if st.n and (st.n + len(queue[0][1]) > cap or first > cache.free_pages):
             return 0  # host-side checks first: the next group cannot fit (no device sync)
-        reserve = self._reserve(st, cache) if st.n else 0  # live rows that will open another block
+        # pages kept free: one for every live row that will open another block, and once the pool has run out
+        # (rows were preempted), an eighth of the pool, so rows just admitted are not the next ones preempted
+        reserve = (self._reserve(st, cache) if st.n else 0) + self._watermark
         take, rows, pages = [], st.n, 0
         while queue:
             i, samples = queue[0]
@@ -309,6 +324,7 @@ class NativeEngine(RolloutGenerator):
                 queue.appendleft((i, tuple(r % g for r in rows if r // g == i)))
             out.restart(st.live[gone], self.pad_id)
             self.stats.preempted_rows += len(rows)
+            self._watermark = cache.num_pages // 8
             idx = (~gone).nonzero().squeeze(1)
             kept = idx if kept is None else kept[idx]
             opening = opening[idx]
@@ -320,7 +336,7 @@ class NativeEngine(RolloutGenerator):
         """The engine loop: admit, one batched forward over the live rows, bookkeeping; until all rows finished."""
         lm, dev = self.lm, self.lm.device
         bsz, mask_id, pad_id = sp.block_size, lm.bd.mask_token_id, self.pad_id
-        self._g = sp.samples_per_prompt
+        self._g, self._watermark = sp.samples_per_prompt, 0
         offs = torch.arange(bsz, device=dev)
         stop_ids = torch.tensor(sorted(set(sp.stop_token_ids)), dtype=torch.long, device=dev)
         k = sp.tokens_per_step()
