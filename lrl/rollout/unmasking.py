@@ -21,19 +21,34 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def row_keys(seed: int, rows: torch.Tensor) -> torch.Tensor:
+    """The 32-bit key of each request row (prompt index × G + sample) of a rollout seeded with ``seed``.
+
+    A server that decodes rows as separate requests (the SGLang plugin) receives this key as the request's seed and
+    continues with `step_keys`, so its draws equal the native engine's.
+    """
+    s = torch.as_tensor(((seed & _M32) ^ (seed >> 32 & _M32)) & _M32, device=rows.device)
+    return _mix32(_mix32(s.expand_as(rows)) ^ rows.long())
+
+
+def step_keys(keys: torch.Tensor, steps: torch.Tensor, offsets: torch.Tensor, stream: int = 0) -> torch.Tensor:
+    """Keys of the draws at (row key, the row's denoising step, block offset); ``stream`` separates independent
+    uses (tokens 0, the planner's Bernoulli draws 1). Int64 in [0, 2^32)."""
+    k = _mix32(keys ^ steps.long())
+    if stream:
+        k = _mix32(k ^ (stream * 0x9E3779B9 & _M32))
+    return _mix32(k ^ offsets.long())
+
+
 def draw_keys(seed: int, rows: torch.Tensor, steps: torch.Tensor, offsets: torch.Tensor, stream: int = 0):
     """Keys of the random draws of a rollout, one per (row, denoising step, block offset), any matching shapes.
 
     A draw depends only on the request's seed, the row (prompt index × G + sample), the row's own step count and
     the position in its block: never on which other rows share the forward, how many there are, or whether the
     row was decoded before and restarted. So continuous batching, chunking and preemption cannot change a sample.
-    ``stream`` separates independent uses (tokens 0, the planner's Bernoulli draws 1).
-    Returns int64 keys in [0, 2^32).
+    Returns int64 keys in [0, 2^32) (`row_keys`, then `step_keys`).
     """
-    s = torch.as_tensor(((seed & _M32) ^ (seed >> 32 & _M32) ^ (stream * 0x9E3779B9)) & _M32, device=rows.device)
-    k = _mix32(_mix32(s.expand_as(rows)) ^ rows.long())
-    k = _mix32(k ^ steps.long())
-    return _mix32(k ^ offsets.long())
+    return step_keys(row_keys(seed, rows), steps, offsets, stream)
 
 
 def keyed_uniform(keys: torch.Tensor, n: int | None = None) -> torch.Tensor:
