@@ -213,3 +213,14 @@ def test_rollout_memory_is_released_after_a_call(models, tiny_tokenizer, monkeyp
     assert stats["rollout/kv_pool_gb"] == pytest.approx(59 * 4096 / 1e9)  # the budget, less the scratch page
     assert 0 < stats["rollout/kv_peak_gb"] <= stats["rollout/kv_pool_gb"]
     assert stats["rollout/rows_per_forward"] <= 9
+
+
+def test_serve_takes_the_kv_budget_and_refuses_a_bad_one(tiny_checkpoint):
+    from lrl.serve import build_app, build_parser
+
+    parse = build_parser().parse_args
+    app = build_app(parse(["--model", str(tiny_checkpoint), "--device", "cpu", "--kv-cache-gb", "0.001"]))
+    assert app.state.lrl.engine.kv_cache_gb == 0.001
+    for flag in ("--kv-cache-gb", "--transient-gb"):
+        with pytest.raises(SystemExit, match=f"{flag} must be > 0, got 0.0"):
+            build_app(parse(["--model", str(tiny_checkpoint), "--device", "cpu", flag, "0"]))

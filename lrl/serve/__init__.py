@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eos-policy", choices=("truncate", "keep_final_block"), default="truncate",
                    help="default response end at a stop token (requests may override via custom_params)")
     p.add_argument("--max-rows", type=int, default=512, help="rows decoded at once by the engine")
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="KV page pool in GB (10^9 bytes); default: the dense worst case of --max-rows rows")
+    p.add_argument("--transient-gb", type=float, default=2.0,
+                   help="bound on one forward's sampling and attention transients, GB (default: %(default)s)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, help="parameter dtype, e.g. bfloat16 (default: float32 on CPU)")
     p.add_argument("--cuda-graphs", action="store_true",
@@ -54,7 +58,11 @@ def build_app(args: argparse.Namespace):
                           planner_threshold=args.planner_threshold)
     if args.cuda_graphs and lm.device.type != "cuda":
         raise SystemExit(f"--cuda-graphs needs a CUDA device, the model is on {lm.device}")
-    engine = NativeEngine(lm, tokenizer, max_rows=args.max_rows, cuda_graphs=args.cuda_graphs)
+    for flag, value in (("--kv-cache-gb", args.kv_cache_gb), ("--transient-gb", args.transient_gb)):
+        if value is not None and not value > 0:
+            raise SystemExit(f"{flag} must be > 0, got {value}")
+    engine = NativeEngine(lm, tokenizer, max_rows=args.max_rows, cuda_graphs=args.cuda_graphs,
+                          kv_cache_gb=args.kv_cache_gb, transient_gb=args.transient_gb)
     return create_app(engine, decode, model_path=str(args.model), weight_version=args.weight_version,
                       group_timeout_s=args.group_timeout, max_request_bytes=max(1, int(args.max_request_mb * 2**20)))
 
