@@ -70,7 +70,9 @@ class NativeEngine(RolloutGenerator):
     Args:
         lm: the block-diffusion model (its weights are the policy's; see `update_weights`).
         tokenizer: used to encode string prompts and decode responses.
-        max_rows: most rows (prompts × samples) in one forward. A group larger than this still runs, alone.
+        max_rows: most rows (prompts × samples) in one forward. With ``continuous`` a group may join in parts (at
+            least a quarter of it; one more prefill each), so rows that free up are filled; a group larger than this
+            runs in parts.
         progress: show a progress bar (off by default inside training).
         cuda_graphs: replay the one-block forwards as CUDA graphs (`lrl.models.cuda_graphs`), for small batches
             where eager decoding is launch-bound. The engine then keeps its page pool (and the graphs captured
@@ -179,7 +181,7 @@ class NativeEngine(RolloutGenerator):
         bsz, g = sp.block_size, sp.samples_per_prompt
         blocks = [-(-(p + sp.max_new_tokens) // bsz) for p in prompt_lens]
         worst = max(blocks)
-        rows = max(g, self.max_rows // g * g)
+        rows = self.max_rows if self.continuous else max(g, self.max_rows // g * g)
         dense = min(len(prompt_lens) * g, rows) * max(blocks)
         return dict(max_blocks=max(blocks), worst_row=worst, dense=dense, rows=rows)
 
@@ -266,15 +268,23 @@ class NativeEngine(RolloutGenerator):
         take, rows, pages = [], st.n, 0
         while queue:
             i, samples = queue[0]
-            plen = len(ids[i])
-            need = plen // bsz + len(samples)  # shared prompt blocks + each sample's first block
-            grows = len(samples) if plen // bsz * bsz + bsz < plen + sp.max_new_tokens else 0
-            fits = rows + len(samples) <= cap and pages + need + reserve + grows <= cache.free_pages
-            if not fits and (take or st.n):
+            pblocks = len(ids[i]) // bsz
+            grows = int(pblocks * bsz + bsz < len(ids[i]) + sp.max_new_tokens)  # a row opens a second block
+            # samples of this group that fit: rows, and pages for the shared prompt + a first block (+ reserve)
+            room = min(cap - rows, (cache.free_pages - pages - reserve - pblocks) // (1 + grows))
+            part = self.continuous and room >= max(1, len(samples) // 4)  # the chunked schedule takes whole groups
+            k = len(samples) if room >= len(samples) else room if part else 0
+            if k == 0 and not take and not st.n:
+                k = max(1, min(len(samples), cap, cache.free_pages - pblocks))  # nothing running: progress first
+            if k == 0:
                 break
-            take.append(queue.popleft())
-            rows, pages, reserve = rows + len(samples), pages + need, reserve + grows
-            if not self.continuous and rows >= cap:
+            queue.popleft()
+            if k < len(samples):  # a part of the group now (one more prefill later), the rest stays first in line
+                queue.appendleft((i, samples[k:]))
+                self.stats.partial_admissions += 1
+            take.append((i, samples[:k]))
+            rows, pages, reserve = rows + k, pages + pblocks + k, reserve + grows * k
+            if k < len(samples) or (not self.continuous and rows >= cap):
                 break
         if not take:
             return 0
@@ -320,8 +330,11 @@ class NativeEngine(RolloutGenerator):
             if bool(gone.all()):
                 raise RuntimeError("paged KV cache: the oldest row alone does not fit (the budget check failed)")
             rows = st.live[gone].tolist()
-            for i in sorted({r // g for r in rows}, reverse=True):
-                queue.appendleft((i, tuple(r % g for r in rows if r // g == i)))
+            for r in rows:  # back to the front of the queue, merged with the queued rest of its group
+                if queue and queue[0][0] == r // g:
+                    queue[0] = (r // g, tuple(sorted({r % g, *queue[0][1]})))
+                else:
+                    queue.appendleft((r // g, (r % g,)))
             out.restart(st.live[gone], self.pad_id)
             self.stats.preempted_rows += len(rows)
             self._watermark = cache.num_pages // 8

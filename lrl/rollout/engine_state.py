@@ -29,6 +29,7 @@ class RolloutStats:
     tokens_held: list[int] = field(default_factory=list)
     prefills: int = 0  # admission forwards (not counted as denoising steps)
     preempted_rows: int = 0  # rows restarted because the pool ran out (their samples do not change)
+    partial_admissions: int = 0  # groups admitted in parts (rows or pages for only some of their samples)
     admitted_at: list[int] = field(default_factory=list)  # iteration of each admission
 
     @property
@@ -42,7 +43,7 @@ class RolloutStats:
     def as_dict(self) -> dict:
         return dict(page_size=self.page_size, page_bytes=self.page_bytes, pool_pages=self.pool_pages,
                     max_rows=self.max_rows, iterations=len(self.rows), prefills=self.prefills,
-                    preempted_rows=self.preempted_rows, peak_pages=self.peak_pages, peak_kv_bytes=self.peak_kv_bytes,
+                    preempted_rows=self.preempted_rows, partial_admissions=self.partial_admissions, peak_pages=self.peak_pages, peak_kv_bytes=self.peak_kv_bytes,
                     rows=self.rows, pages_used=self.pages_used, tokens_held=self.tokens_held,
                     admitted_at=self.admitted_at)
 
