@@ -26,24 +26,25 @@ DOCS = sorted([README, *(ROOT / "docs").rglob("*.md")])
 
 FENCE = re.compile(r"^(```|~~~)")
 LINK = re.compile(r"!?\[(?:[^\]\[]|\[[^\]]*\])*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
-INLINE_CODE = re.compile(r"(`+)(.+?)\1")
+INLINE_CODE = re.compile(r"(`+)((?:(?!\n\s*\n).)+?)\1", re.DOTALL)  # a code span may wrap, not cross a paragraph
 
 
 # --- markdown helpers ---------------------------------------------------------------------------------------------
 
 
-def _prose_and_code(text: str) -> tuple[list[str], list[str]]:
-    """(lines outside fenced blocks, with inline code removed), (fenced code lines)."""
+def _split(text: str) -> tuple[str, list[str]]:
+    """(the text outside fenced blocks, each fenced line replaced by an empty one), the fenced code lines."""
     prose, code, fenced = [], [], False
     for line in text.splitlines():
         if FENCE.match(line.strip()):
             fenced = not fenced
-            continue
-        if fenced:
+            prose.append("")
+        elif fenced:
             code.append(line)
+            prose.append("")
         else:
-            prose.append(INLINE_CODE.sub("", line))
-    return prose, code
+            prose.append(line)
+    return "\n".join(prose), code
 
 
 def _slug(heading: str) -> str:
@@ -73,17 +74,16 @@ def _anchors(path: Path) -> frozenset[str]:
 def link_problems(path: Path, root: Path = ROOT) -> list[str]:
     """Every relative link of a markdown file that does not resolve: the file, and a #anchor of a .md target."""
     problems = []
-    prose, _ = _prose_and_code(path.read_text())
-    for line in prose:
-        for target in LINK.findall(line):
-            if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
-                continue
-            file_part, _, anchor = target.partition("#")
-            dest = (path.parent / file_part).resolve() if file_part else path
-            if not dest.exists():
-                problems.append(f"{path.relative_to(root)}: {target} (no such file)")
-            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
-                problems.append(f"{path.relative_to(root)}: {target} (no heading #{anchor} in {dest.name})")
+    prose = INLINE_CODE.sub("", _split(path.read_text())[0])
+    for target in LINK.findall(prose):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+            continue
+        file_part, _, anchor = target.partition("#")
+        dest = (path.parent / file_part).resolve() if file_part else path
+        if not dest.exists():
+            problems.append(f"{path.relative_to(root)}: {target} (no such file)")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            problems.append(f"{path.relative_to(root)}: {target} (no heading #{anchor} in {dest.name})")
     return problems
 
 
@@ -93,23 +93,14 @@ def link_problems(path: Path, root: Path = ROOT) -> list[str]:
 def _segments(text: str) -> list[tuple[str, bool]]:
     """Shell command segments of the README: fenced blocks (backslash continuations joined) and inline code spans,
     split at `&&`, `;` and `|`; each with whether it came from inline code."""
-    prose_lines, code = [], []
-    fenced = False
-    for line in text.splitlines():
-        if FENCE.match(line.strip()):
-            fenced = not fenced
-        elif fenced:
-            code.append(line)
-        else:
-            prose_lines.append(line)
+    prose, code = _split(text)
     joined = re.sub(r"\\\n", " ", "\n".join(code))
     out = []
     for logical in joined.splitlines():
         logical = logical.split(" #", 1)[0] if not logical.lstrip().startswith("#") else ""
         out += [(s, False) for s in re.split(r"&&|;|\|", logical) if s.strip()]
-    for line in prose_lines:
-        for _, span in INLINE_CODE.findall(line):
-            out += [(s, True) for s in re.split(r"&&|;|\|(?!\w)", span) if s.strip()]
+    for _, span in INLINE_CODE.findall(prose):
+        out += [(s, True) for s in re.split(r"&&|;|\|(?!\w)", span.replace("\n", " ")) if s.strip()]
     return out
 
 
@@ -296,7 +287,7 @@ def test_every_flag_the_readme_names_exists():
 
 
 def test_every_config_key_the_readme_names_exists():
-    keys = {span for line in README.read_text().splitlines() for _, span in INLINE_CODE.findall(line)
+    keys = {span for _, span in INLINE_CODE.findall(_split(README.read_text())[0])
             if re.fullmatch(r"(model|data)\.init_args\.[\w.]+|trainer\.\w+", span)}
     assert keys, "no config keys found in the README"
     assert sorted(k for k in keys if not config_key_exists(k)) == []
