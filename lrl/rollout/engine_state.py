@@ -43,7 +43,8 @@ class RolloutStats:
     def as_dict(self) -> dict:
         return dict(page_size=self.page_size, page_bytes=self.page_bytes, pool_pages=self.pool_pages,
                     max_rows=self.max_rows, iterations=len(self.rows), prefills=self.prefills,
-                    preempted_rows=self.preempted_rows, partial_admissions=self.partial_admissions, peak_pages=self.peak_pages, peak_kv_bytes=self.peak_kv_bytes,
+                    preempted_rows=self.preempted_rows, partial_admissions=self.partial_admissions,
+                    peak_pages=self.peak_pages, peak_kv_bytes=self.peak_kv_bytes,
                     rows=self.rows, pages_used=self.pages_used, tokens_held=self.tokens_held,
                     admitted_at=self.admitted_at)
 
