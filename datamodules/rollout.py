@@ -447,7 +447,7 @@ class RolloutDataModule(LightningDataModule):
         )
 
     def next_batch(self) -> RolloutBatch:
-        from lrl.algorithms.advantages import compute_advantages
+        from lrl.algorithms.advantages import compute_advantages, global_mean_std
 
         hp = self.hparams
         gen = self.get_generator()
@@ -504,12 +504,17 @@ class RolloutDataModule(LightningDataModule):
             )
         self.step_in_epoch += 1
         self.rl_step += 1
+        out = RolloutBatch.concat(kept_parts) if kept_parts else _empty_batch(gen.weight_version)
+        # batch statistics over every rank's kept responses (paper Eq. 7 normalises over the whole batch); every
+        # rank reaches this call once per step, an empty one too, so the collective never waits on a missing rank
+        names = self.reward_names()
+        moments = dict(zip(names, global_mean_std([out.rewards.get(k, torch.zeros(0)) for k in names])))
         if not kept_parts:
-            empty = _empty_batch(gen.weight_version)
-            empty.stats = {**counts, "timing/rollout_s": t_roll, "timing/reward_s": t_rew}
-            return empty
-        out = RolloutBatch.concat(kept_parts)
-        out.advantages = compute_advantages(out.rewards["total"], out.group_index, mode=hp.advantage)
+            out.stats = {**counts, "timing/rollout_s": t_roll, "timing/reward_s": t_rew}
+            return out
+        _, mean, std, _ = moments["total"]
+        out.advantages = compute_advantages(out.rewards["total"], out.group_index, mode=hp.advantage,
+                                            batch_stats=(mean, std) if hp.advantage == "batch" else None)
         out.stats = {
             **counts,
             "timing/rollout_s": t_roll,
@@ -517,11 +522,21 @@ class RolloutDataModule(LightningDataModule):
             "data/epoch": float(self.epoch),
             "data/skipped_long_prompts": float(self.skipped_long),
             "rollout/weight_version": float(out.weight_version),
+            "data/global_responses": float(moments["total"][0]),
         }
-        for name, values in out.rewards.items():
-            out.stats[f"reward/{name}/mean"] = float(values.float().mean())
-            out.stats[f"reward/{name}/std"] = float(values.float().std(unbiased=False)) if len(values) > 1 else 0.0
+        for name, (_, mean, _, pop_std) in moments.items():  # all ranks' responses (population std)
+            out.stats[f"reward/{name}/mean"] = mean
+            out.stats[f"reward/{name}/std"] = pop_std
         return out
+
+    def reward_names(self) -> list[str]:
+        """The reward components `score` fills, in a fixed order (the same on every rank, empty batches too)."""
+        names = ["acc_raw", "tpf_raw", "acc", "tpf"]
+        if self.hparams.step_penalty is not None:
+            names.append("steps")
+        if self.hparams.distill_teacher is not None:
+            names += ["distill_raw", "distill"]
+        return [*names, "total"]
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
