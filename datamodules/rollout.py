@@ -497,6 +497,7 @@ class RolloutDataModule(LightningDataModule):
         counts["reward/timeouts"] = float(_reset_verifier_timeouts())
         counts["filter/refilled"] = max(0, counts["filter/drawn"] - target)
         counts.update(self.diagnostics(drawn))
+        counts.update(spent_counts(drawn))
         if any("right_answers_bad_steps" in b.stats for b in drawn):
             # share of responses whose final answer is right over worked steps that do not hold (garbled work)
             counts["rollout/right_answer_bad_steps"] = (
@@ -556,6 +557,23 @@ def gen_block_size(gen: RolloutGenerator) -> int:
     if lm is None:
         raise ValueError("block_size must be set when the rollout generator has no local model (e.g. SGLang)")
     return lm.bd.block_size
+
+
+def spent_counts(batches: list[RolloutBatch]) -> dict[str, float]:
+    """This rank's rollout cost of one step, every drawn response (filtered groups and refill rounds included),
+    in both counts of docs/metrics.md: tokens up to the stop token, denoising forwards in the paper's count and as
+    spent (the truncated final block's tail included), store passes apart."""
+    tokens = sum(int(b.response_lengths.sum()) for b in batches)
+    paper = sum(int(b.num_forwards.sum()) for b in batches)
+    spent = sum(int(b.forwards_spent.sum()) for b in batches)
+    return {
+        "rollout/tokens": float(tokens),
+        "rollout/forwards_paper": float(paper),
+        "rollout/forwards_spent": float(spent),
+        "rollout/store_passes": float(sum(int(b.num_store_passes.sum()) for b in batches)),
+        "rollout/tpf_paper": tokens / paper if paper else 0.0,
+        "rollout/tpf_spent": tokens / spent if spent else 0.0,
+    }
 
 
 def _reset_verifier_timeouts() -> int:

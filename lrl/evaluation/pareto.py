@@ -26,9 +26,9 @@ class ParetoPoint:
     setting: str
     threshold: float | None
     accuracy: float  # percent
-    tpf: float  # Σ tokens / Σ forwards
-    tokens: int
-    forwards: int
+    tpf: float  # Σ tokens / Σ forwards, the paper's count (spec §2.5; AUP uses it)
+    tokens: int  # up to and including each stop token (docs/metrics.md)
+    forwards: int  # paper's count: distinct step ids of the returned tokens
     store_passes: int
     wall_s: float
     num_responses: int
@@ -37,6 +37,15 @@ class ParetoPoint:
     # % of responses with the right final answer whose worked steps also hold (tasks with `worked_steps_hold`):
     # the verifier reads only the final answer, and a small model can box the right total over wrong steps
     sound_accuracy: float | None = None
+    # denoising forwards that ran, the truncated final block's tail included (`RolloutBatch.forwards_spent`)
+    forwards_spent: int | None = None
+
+    @property
+    def tpf_spent(self) -> float | None:
+        """Σ tokens ÷ Σ spent forwards (None for results written before the spent count existed)."""
+        if self.forwards_spent is None:
+            return None
+        return self.tokens / self.forwards_spent if self.forwards_spent else 0.0
 
     @property
     def forwards_per_response(self) -> float:
@@ -152,6 +161,7 @@ def run_pareto_sweep(
                 num_responses=len(batch),
                 styles=style_breakdown(task, batch, scores),
                 sound_accuracy=sound_accuracy(task, batch.texts, scores),
+                forwards_spent=int(batch.forwards_spent.sum()),
             )
         )
     curve = [(p.tpf, p.accuracy) for p in points]
@@ -201,17 +211,21 @@ def style_breakdown(task, batch, scores) -> dict[str, dict[str, float]]:
 def format_table(result: ParetoResult) -> str:
     """A Markdown table of the sweep (one row per decoding setting) plus the AUP line."""
     rows = [
-        "| setting | accuracy % | sound steps % | TPF | tokens | forwards | forwards/response | styles | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | accuracy % | sound steps % | TPF | tokens | forwards | forwards/response | TPF spent | "
+        "forwards spent | styles | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result.points:
         styles = " ".join(f"{k} {v['share']:.0%}" for k, v in p.styles.items() if v["share"] > 0) or "-"
         sound = "-" if p.sound_accuracy is None else f"{p.sound_accuracy:.1f}"
+        spent = "-" if p.forwards_spent is None else str(p.forwards_spent)
+        spent_tpf = "-" if p.tpf_spent is None else f"{p.tpf_spent:.2f}"
         rows.append(
             f"| {p.setting} | {p.accuracy:.1f} | {sound} | {p.tpf:.2f} | {p.tokens} | {p.forwards} | "
-            f"{p.forwards_per_response:.2f} | {styles} | {p.wall_s:.1f} |"
+            f"{p.forwards_per_response:.2f} | {spent_tpf} | {spent} | {styles} | {p.wall_s:.1f} |"
         )
-    rows.append(f"\nAUP = {result.aup:.1f} (y_max = {result.y_max:.1f}; d3LLM definition, α = 3)")
+    rows.append(f"\nAUP = {result.aup:.1f} (y_max = {result.y_max:.1f}; d3LLM definition, α = 3; TPF and forwards in "
+                "the paper's count, spent forwards add the decoded tail after a mid-block stop: docs/metrics.md)")
     return "\n".join(rows)
 
 
