@@ -70,7 +70,7 @@ class _RolloutStream(IterableDataset):
 
     def __iter__(self):
         dm = self.dm
-        while dm.step_in_epoch < dm.steps_per_epoch:
+        while dm.step_in_epoch < dm.steps_per_epoch and not dm.epoch_used_up():
             yield dm.next_batch()
         dm.start_new_epoch()
 
@@ -117,7 +117,9 @@ class RolloutDataModule(LightningDataModule):
             task's check of its worked steps holds (``Task.worked_steps_hold``; the synthetic task): a format
             condition against correct boxes over garbled steps. Evaluation still scores the final answer alone.
         advantage: ``batch`` (paper Eq. 7), ``prompt_group`` or ``prompt_group_center`` (spec §3.5).
-        refill: draw new prompts for filtered groups until the batch is full (paper); False = released code.
+        refill: draw new prompts for filtered groups until the batch is full (paper); False = released code. A step
+            never draws a prompt twice (on any rank): refill stops when the split has no unseen prompt left
+            (``filter/refill_capped`` = 1).
         max_refill_rounds: bound on rollout rounds per step, the first included.
         steps_per_epoch: RL steps per epoch (default: enough steps to visit every training prompt once).
         seed: seed of prompt order and rollout sampling.
@@ -245,6 +247,7 @@ class RolloutDataModule(LightningDataModule):
             self.train_records = self._fit_prompts(self.task.load(self.hparams.train_split))
             if not self.train_records:
                 raise ValueError(f"task {self.hparams.task!r} split {self.hparams.train_split!r} has no usable prompts")
+            self.check_prompt_supply()
         if not self.eval_records:
             try:
                 recs = self.task.load(self.hparams.eval_split)
@@ -275,10 +278,33 @@ class RolloutDataModule(LightningDataModule):
 
     @property
     def steps_per_epoch(self) -> int:
+        """RL steps per epoch. Given (``data.steps_per_epoch``): exactly that many, the prompt order wrapping
+        around within the epoch when refills draw more. Default: at most ⌊prompts / (prompts_per_step · ranks)⌋
+        (refill-free steps); refill draws use up the epoch's prompts sooner and it ends early, when the next step
+        could not draw ``prompts_per_step`` unseen prompts (`epoch_used_up`): every prompt at most once an epoch."""
         if self._steps_per_epoch is not None:
             return self._steps_per_epoch
         n = max(1, len(self.train_records))
         return max(1, n // (self.hparams.prompts_per_step * self._rank_world()[1]))
+
+    def _prompts_per_rank(self) -> int:
+        """Draws one step may make per rank without any prompt drawn twice in the step (by this or another rank)."""
+        return len(self.train_records) // self._rank_world()[1]
+
+    def epoch_used_up(self) -> bool:
+        """Default epoch length only: the next step's first round would reach a prompt this epoch already drew."""
+        if self._steps_per_epoch is not None or self.step_in_epoch == 0:
+            return False
+        return (self.cursor + self.hparams.prompts_per_step) * self._rank_world()[1] > len(self.train_records)
+
+    def check_prompt_supply(self) -> None:
+        """A step's first round must fit the split without repeating a prompt across this step's ranks."""
+        rank, world = self._rank_world()
+        n, pps = len(self.train_records), self.hparams.prompts_per_step
+        if pps * world > n:
+            raise ValueError(f"data.prompts_per_step={pps} × {world} rank(s) needs at least {pps * world} training "
+                             f"prompts, but task {self.hparams.task!r} split {self.hparams.train_split!r} has {n}: "
+                             "lower it or use more prompts")
 
     def sampling_params(self, block_size: int, seed: int) -> SamplingParams:
         hp = self.hparams
@@ -460,12 +486,19 @@ class RolloutDataModule(LightningDataModule):
             "filter/dropped_tpf_range": 0,
             "filter/dropped_zero_std": 0,
             "filter/rounds": 0,
+            "filter/refill_capped": 0.0,
         }
         t_roll = t_rew = 0.0
         have = 0
         drawn: list[RolloutBatch] = []  # every rollout of this step before filtering, for the diagnostics
+        # draws left before a prompt would repeat: within this step, and with the default epoch within the epoch
+        budget = self._prompts_per_rank() - (self.cursor if self._steps_per_epoch is None else 0)
         for attempt in range(hp.max_refill_rounds):
-            need = target - have
+            need = min(target - have, budget)
+            if need <= 0:
+                counts["filter/refill_capped"] = 1.0  # refill stopped: no unseen prompt left
+                break
+            budget -= need
             records = self._draw(need)
             prompts = [self.task.prompt(r) for r in records]
             seed = ((hp.seed * 7_919 + self.rl_step) * 101 + attempt) * 1_009 + self._rank_world()[0]

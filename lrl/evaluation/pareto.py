@@ -63,6 +63,9 @@ class ParetoResult:
     aup: float
     y_max: float
     frontier: list[int] = field(default_factory=list)
+    # (tpf, accuracy) points AUP left out: more than 5 points below the lowest-TPF point's accuracy (d3LLM refuses
+    # such a curve; the AUP above is of the remaining points)
+    aup_dropped: list[tuple[float, float]] = field(default_factory=list)
 
     def point(self, threshold: float | None) -> ParetoPoint | None:
         for p in self.points:
@@ -76,6 +79,7 @@ class ParetoResult:
             "aup": self.aup,
             "y_max": self.y_max,
             "frontier": self.frontier,
+            "aup_dropped": [list(p) for p in self.aup_dropped],
         }
 
 
@@ -106,7 +110,10 @@ def run_pareto_sweep(
         planner_thresholds: also decode with the dUltra ``planner`` strategy (greedy: unmask where p_i >= t), one
             point ``planner@t`` per value; the model needs a planner head. Their ``threshold`` field holds t.
     """
-    from lrl.metrics import aup, pareto_frontier
+    import warnings
+
+    from lrl.metrics import pareto_frontier
+    from lrl.metrics.aup import AUPPointsDropped, aup_details
 
     if not records:
         raise ValueError("run_pareto_sweep: no evaluation records")
@@ -167,8 +174,12 @@ def run_pareto_sweep(
     curve = [(p.tpf, p.accuracy) for p in points]
     best = max(p.accuracy for p in points)
     ymax = y_max if y_max is not None else best
-    value = aup(curve, y_max=ymax) if ymax > 0 else 0.0
-    return ParetoResult(points=points, aup=value, y_max=ymax, frontier=pareto_frontier(curve))
+    value, dropped = aup_details(curve, y_max=ymax) if ymax > 0 else (0.0, [])
+    if dropped:
+        warnings.warn(f"AUP leaves out {len(dropped)} point(s) (tpf, accuracy) {dropped}: more than 5 points below "
+                      "the accuracy of the lowest-TPF point (d3LLM's get_aup refuses the curve); pareto.json lists "
+                      "them under aup_dropped", AUPPointsDropped, stacklevel=2)
+    return ParetoResult(points=points, aup=value, y_max=ymax, frontier=pareto_frontier(curve), aup_dropped=dropped)
 
 
 def sound_accuracy(task, texts, scores) -> float | None:
@@ -224,9 +235,19 @@ def format_table(result: ParetoResult) -> str:
             f"| {p.setting} | {p.accuracy:.1f} | {sound} | {p.tpf:.2f} | {p.tokens} | {p.forwards} | "
             f"{p.forwards_per_response:.2f} | {spent_tpf} | {spent} | {styles} | {p.wall_s:.1f} |"
         )
+    if result.aup_dropped:
+        rows.append(f"\nAUP leaves out {len(result.aup_dropped)} point(s) more than 5 points below the lowest-TPF "
+                    f"point's accuracy (d3LLM refuses such a curve): {result.aup_dropped}")
     rows.append(f"\nAUP = {result.aup:.1f} (y_max = {result.y_max:.1f}; d3LLM definition, α = 3; TPF and forwards in "
                 "the paper's count, spent forwards add the decoded tail after a mid-block stop: docs/metrics.md)")
     return "\n".join(rows)
+
+
+def provenance(base_checkpoint: str, ckpt_path: str | None) -> dict[str, str | None]:
+    """pareto.json's record of what was evaluated: ``checkpoint`` = the weights evaluated (``--ckpt_path`` when
+    given, else the base), ``base_checkpoint`` = the config's ``--checkpoint`` (architecture and tokenizer)."""
+    return {"checkpoint": str(ckpt_path) if ckpt_path else str(base_checkpoint),
+            "base_checkpoint": str(base_checkpoint), "ckpt_path": str(ckpt_path) if ckpt_path else None}
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:
