@@ -59,6 +59,75 @@ class RolloutBackend:
     sglang: dict[str, Any] = field(default_factory=dict)
 
 
+def check_rollout_backend(cfg: RolloutBackend) -> None:
+    """Range and type checks of ``data.rollout`` (before anything is built or written)."""
+    if cfg.kind not in ("native", "sglang"):
+        raise ValueError(f"data.rollout.kind must be 'native' or 'sglang', got {cfg.kind!r}")
+    if not isinstance(cfg.max_rows, int) or cfg.max_rows < 1:
+        raise ValueError(f"data.rollout.max_rows must be an int >= 1, got {cfg.max_rows!r}")
+    dtype = getattr(torch, str(cfg.dtype), None) if cfg.dtype is not None else None
+    if cfg.dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"data.rollout.dtype must be a floating-point torch dtype (bfloat16, float16, float32) or "
+                         f"null, got {cfg.dtype!r}")
+    if cfg.kv_cache_gb is not None and not cfg.kv_cache_gb > 0:
+        raise ValueError(f"data.rollout.kv_cache_gb must be > 0 (or null: sized for max_rows), got {cfg.kv_cache_gb}")
+    if not cfg.transient_gb > 0:
+        raise ValueError(f"data.rollout.transient_gb must be > 0, got {cfg.transient_gb}")
+    if cfg.kind == "sglang":
+        if not cfg.urls:
+            raise ValueError("data.rollout.urls is empty: data.rollout.kind=sglang needs the SGLang server or router "
+                             "URL(s)")
+        for url in cfg.urls:
+            if not str(url).startswith(("http://", "https://")):
+                raise ValueError(f"data.rollout.urls: {url!r} is not an http(s):// URL")
+
+
+def check_urls_reachable(urls: list[str], within_s: float = 5.0) -> None:
+    """Fail naming the URL when a rollout server does not accept a TCP connection within ``within_s`` seconds (an
+    unreachable server would otherwise be found only by the first rollout's retries, minutes later)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    deadline = time.monotonic() + within_s
+    for url in urls:
+        parts = urlsplit(str(url))
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        while True:
+            try:
+                with socket.create_connection((parts.hostname, port), timeout=max(0.5, deadline - time.monotonic())):
+                    break
+            except OSError as exc:
+                if time.monotonic() >= deadline - 0.5:
+                    raise ConnectionError(f"data.rollout.urls: cannot reach {url} ({exc}) within {within_s:g} s; "
+                                          "start the server first (scripts/launch_sglang.sh)") from None
+                time.sleep(0.5)
+
+
+def _check_sampling_knobs(*, max_new_tokens, temperature, top_k, top_p, denoising_steps, eval_size, steps_per_epoch,
+                          max_prompt_tokens, stop_token_ids) -> None:
+    """The rollout's sampling knobs, checked when the config is read (`SamplingParams` checks them only at the first
+    rollout, after the run started)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"data.max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature > 0:
+        raise ValueError(f"data.temperature must be > 0 (training rollouts sample), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"data.top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"data.top_p must be in (0, 1] (1 = off), got {top_p}")
+    if denoising_steps is not None and denoising_steps < 1:
+        raise ValueError(f"data.denoising_steps must be >= 1 (or null: the block size), got {denoising_steps}")
+    if eval_size is not None and eval_size < 1:
+        raise ValueError(f"data.eval_size must be >= 1 (or null: the whole split), got {eval_size}")
+    if steps_per_epoch is not None and steps_per_epoch < 1:
+        raise ValueError(f"data.steps_per_epoch must be >= 1 (or null: one pass over the prompts), got "
+                         f"{steps_per_epoch}")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(f"data.max_prompt_tokens must be >= 1 (or null: no limit), got {max_prompt_tokens}")
+    if stop_token_ids is not None and any(int(t) < 0 for t in stop_token_ids):
+        raise ValueError(f"data.stop_token_ids must be token ids >= 0, got {list(stop_token_ids)}")
+
+
 class _RolloutStream(IterableDataset):
     """One RL step per item; an epoch ends after ``steps_per_epoch`` items (resumable mid-epoch)."""
 
@@ -193,6 +262,10 @@ class RolloutDataModule(LightningDataModule):
             raise ValueError(f"data.threshold must be in [0, 1], got {threshold}")
         if max_refill_rounds < 1:
             raise ValueError(f"data.max_refill_rounds must be >= 1, got {max_refill_rounds}")
+        _check_sampling_knobs(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              denoising_steps=denoising_steps, eval_size=eval_size, steps_per_epoch=steps_per_epoch,
+                              max_prompt_tokens=max_prompt_tokens, stop_token_ids=stop_token_ids)
+        check_rollout_backend(rollout or RolloutBackend())
         from lrl.tasks.registry import check_task_args
 
         check_task_args(task, dict(task_kwargs or {}))  # early: a task is built only in setup()
@@ -234,6 +307,9 @@ class RolloutDataModule(LightningDataModule):
             kwargs = dict(self.hparams.task_kwargs or {})
             if self.hparams.eval_seed is not None:
                 kwargs["eval_seed"] = self.hparams.eval_seed
+            self._check_against_checkpoint()
+            if self.rollout_cfg.kind == "sglang":
+                check_urls_reachable(self.rollout_cfg.urls)
             self.task = get_task(self.hparams.task, **kwargs)
             self.tokenizer = load_tokenizer(self.checkpoint)
             self._use_checkpoint_generation_settings()
@@ -254,6 +330,20 @@ class RolloutDataModule(LightningDataModule):
             except ValueError:
                 recs = []
             self.eval_records = recs[: self.hparams.eval_size] if self.hparams.eval_size else recs
+
+    def _check_against_checkpoint(self) -> None:
+        """Stop ids inside the vocabulary and the generation budget inside the model's context (config.json)."""
+        from lrl.models.loading import read_config
+
+        raw = read_config(self.checkpoint)
+        vocab, context = raw.get("vocab_size"), raw.get("max_position_embeddings")
+        bad = [t for t in self.hparams.stop_token_ids or () if vocab is not None and not 0 <= int(t) < int(vocab)]
+        if bad:
+            raise ValueError(f"data.stop_token_ids {bad} lie outside the vocabulary of {self.checkpoint} "
+                             f"(vocab_size {vocab})")
+        if context is not None and self.hparams.max_new_tokens > int(context):
+            raise ValueError(f"data.max_new_tokens={self.hparams.max_new_tokens} exceeds the context of "
+                             f"{self.checkpoint} (max_position_embeddings {context})")
 
     def _use_checkpoint_generation_settings(self) -> None:
         """Chat template and stop tokens from the checkpoint unless the config says otherwise."""
