@@ -59,6 +59,75 @@ class RolloutBackend:
     sglang: dict[str, Any] = field(default_factory=dict)
 
 
+def check_rollout_backend(cfg: RolloutBackend) -> None:
+    """Range and type checks of ``data.rollout`` (before anything is built or written)."""
+    if cfg.kind not in ("native", "sglang"):
+        raise ValueError(f"data.rollout.kind must be 'native' or 'sglang', got {cfg.kind!r}")
+    if not isinstance(cfg.max_rows, int) or cfg.max_rows < 1:
+        raise ValueError(f"data.rollout.max_rows must be an int >= 1, got {cfg.max_rows!r}")
+    dtype = getattr(torch, str(cfg.dtype), None) if cfg.dtype is not None else None
+    if cfg.dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"data.rollout.dtype must be a floating-point torch dtype (bfloat16, float16, float32) or "
+                         f"null, got {cfg.dtype!r}")
+    if cfg.kv_cache_gb is not None and not cfg.kv_cache_gb > 0:
+        raise ValueError(f"data.rollout.kv_cache_gb must be > 0 (or null: sized for max_rows), got {cfg.kv_cache_gb}")
+    if not cfg.transient_gb > 0:
+        raise ValueError(f"data.rollout.transient_gb must be > 0, got {cfg.transient_gb}")
+    if cfg.kind == "sglang":
+        if not cfg.urls:
+            raise ValueError("data.rollout.urls is empty: data.rollout.kind=sglang needs the SGLang server or router "
+                             "URL(s)")
+        for url in cfg.urls:
+            if not str(url).startswith(("http://", "https://")):
+                raise ValueError(f"data.rollout.urls: {url!r} is not an http(s):// URL")
+
+
+def check_urls_reachable(urls: list[str], within_s: float = 5.0) -> None:
+    """Fail naming the URL when a rollout server does not accept a TCP connection within ``within_s`` seconds (an
+    unreachable server would otherwise be found only by the first rollout's retries, minutes later)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    deadline = time.monotonic() + within_s
+    for url in urls:
+        parts = urlsplit(str(url))
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        while True:
+            try:
+                with socket.create_connection((parts.hostname, port), timeout=max(0.5, deadline - time.monotonic())):
+                    break
+            except OSError as exc:
+                if time.monotonic() >= deadline - 0.5:
+                    raise ConnectionError(f"data.rollout.urls: cannot reach {url} ({exc}) within {within_s:g} s; "
+                                          "start the server first (scripts/launch_sglang.sh)") from None
+                time.sleep(0.5)
+
+
+def _check_sampling_knobs(*, max_new_tokens, temperature, top_k, top_p, denoising_steps, eval_size, steps_per_epoch,
+                          max_prompt_tokens, stop_token_ids) -> None:
+    """The rollout's sampling knobs, checked when the config is read (`SamplingParams` checks them only at the first
+    rollout, after the run started)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"data.max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not temperature > 0:
+        raise ValueError(f"data.temperature must be > 0 (training rollouts sample), got {temperature}")
+    if top_k < 0:
+        raise ValueError(f"data.top_k must be >= 0 (0 = off), got {top_k}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"data.top_p must be in (0, 1] (1 = off), got {top_p}")
+    if denoising_steps is not None and denoising_steps < 1:
+        raise ValueError(f"data.denoising_steps must be >= 1 (or null: the block size), got {denoising_steps}")
+    if eval_size is not None and eval_size < 1:
+        raise ValueError(f"data.eval_size must be >= 1 (or null: the whole split), got {eval_size}")
+    if steps_per_epoch is not None and steps_per_epoch < 1:
+        raise ValueError(f"data.steps_per_epoch must be >= 1 (or null: one pass over the prompts), got "
+                         f"{steps_per_epoch}")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise ValueError(f"data.max_prompt_tokens must be >= 1 (or null: no limit), got {max_prompt_tokens}")
+    if stop_token_ids is not None and any(int(t) < 0 for t in stop_token_ids):
+        raise ValueError(f"data.stop_token_ids must be token ids >= 0, got {list(stop_token_ids)}")
+
+
 class _RolloutStream(IterableDataset):
     """One RL step per item; an epoch ends after ``steps_per_epoch`` items (resumable mid-epoch)."""
 
@@ -70,7 +139,7 @@ class _RolloutStream(IterableDataset):
 
     def __iter__(self):
         dm = self.dm
-        while dm.step_in_epoch < dm.steps_per_epoch:
+        while dm.step_in_epoch < dm.steps_per_epoch and not dm.epoch_used_up():
             yield dm.next_batch()
         dm.start_new_epoch()
 
@@ -117,7 +186,9 @@ class RolloutDataModule(LightningDataModule):
             task's check of its worked steps holds (``Task.worked_steps_hold``; the synthetic task): a format
             condition against correct boxes over garbled steps. Evaluation still scores the final answer alone.
         advantage: ``batch`` (paper Eq. 7), ``prompt_group`` or ``prompt_group_center`` (spec §3.5).
-        refill: draw new prompts for filtered groups until the batch is full (paper); False = released code.
+        refill: draw new prompts for filtered groups until the batch is full (paper); False = released code. A step
+            never draws a prompt twice (on any rank): refill stops when the split has no unseen prompt left
+            (``filter/refill_capped`` = 1).
         max_refill_rounds: bound on rollout rounds per step, the first included.
         steps_per_epoch: RL steps per epoch (default: enough steps to visit every training prompt once).
         seed: seed of prompt order and rollout sampling.
@@ -191,6 +262,10 @@ class RolloutDataModule(LightningDataModule):
             raise ValueError(f"data.threshold must be in [0, 1], got {threshold}")
         if max_refill_rounds < 1:
             raise ValueError(f"data.max_refill_rounds must be >= 1, got {max_refill_rounds}")
+        _check_sampling_knobs(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              denoising_steps=denoising_steps, eval_size=eval_size, steps_per_epoch=steps_per_epoch,
+                              max_prompt_tokens=max_prompt_tokens, stop_token_ids=stop_token_ids)
+        check_rollout_backend(rollout or RolloutBackend())
         from lrl.tasks.registry import check_task_args
 
         check_task_args(task, dict(task_kwargs or {}))  # early: a task is built only in setup()
@@ -232,6 +307,9 @@ class RolloutDataModule(LightningDataModule):
             kwargs = dict(self.hparams.task_kwargs or {})
             if self.hparams.eval_seed is not None:
                 kwargs["eval_seed"] = self.hparams.eval_seed
+            self._check_against_checkpoint()
+            if self.rollout_cfg.kind == "sglang":
+                check_urls_reachable(self.rollout_cfg.urls)
             self.task = get_task(self.hparams.task, **kwargs)
             self.tokenizer = load_tokenizer(self.checkpoint)
             self._use_checkpoint_generation_settings()
@@ -245,12 +323,27 @@ class RolloutDataModule(LightningDataModule):
             self.train_records = self._fit_prompts(self.task.load(self.hparams.train_split))
             if not self.train_records:
                 raise ValueError(f"task {self.hparams.task!r} split {self.hparams.train_split!r} has no usable prompts")
+            self.check_prompt_supply()
         if not self.eval_records:
             try:
                 recs = self.task.load(self.hparams.eval_split)
             except ValueError:
                 recs = []
             self.eval_records = recs[: self.hparams.eval_size] if self.hparams.eval_size else recs
+
+    def _check_against_checkpoint(self) -> None:
+        """Stop ids inside the vocabulary and the generation budget inside the model's context (config.json)."""
+        from lrl.models.loading import read_config
+
+        raw = read_config(self.checkpoint)
+        vocab, context = raw.get("vocab_size"), raw.get("max_position_embeddings")
+        bad = [t for t in self.hparams.stop_token_ids or () if vocab is not None and not 0 <= int(t) < int(vocab)]
+        if bad:
+            raise ValueError(f"data.stop_token_ids {bad} lie outside the vocabulary of {self.checkpoint} "
+                             f"(vocab_size {vocab})")
+        if context is not None and self.hparams.max_new_tokens > int(context):
+            raise ValueError(f"data.max_new_tokens={self.hparams.max_new_tokens} exceeds the context of "
+                             f"{self.checkpoint} (max_position_embeddings {context})")
 
     def _use_checkpoint_generation_settings(self) -> None:
         """Chat template and stop tokens from the checkpoint unless the config says otherwise."""
@@ -275,10 +368,33 @@ class RolloutDataModule(LightningDataModule):
 
     @property
     def steps_per_epoch(self) -> int:
+        """RL steps per epoch. Given (``data.steps_per_epoch``): exactly that many, the prompt order wrapping
+        around within the epoch when refills draw more. Default: at most ⌊prompts / (prompts_per_step · ranks)⌋
+        (refill-free steps); refill draws use up the epoch's prompts sooner and it ends early, when the next step
+        could not draw ``prompts_per_step`` unseen prompts (`epoch_used_up`): every prompt at most once an epoch."""
         if self._steps_per_epoch is not None:
             return self._steps_per_epoch
         n = max(1, len(self.train_records))
         return max(1, n // (self.hparams.prompts_per_step * self._rank_world()[1]))
+
+    def _prompts_per_rank(self) -> int:
+        """Draws one step may make per rank without any prompt drawn twice in the step (by this or another rank)."""
+        return len(self.train_records) // self._rank_world()[1]
+
+    def epoch_used_up(self) -> bool:
+        """Default epoch length only: the next step's first round would reach a prompt this epoch already drew."""
+        if self._steps_per_epoch is not None or self.step_in_epoch == 0:
+            return False
+        return (self.cursor + self.hparams.prompts_per_step) * self._rank_world()[1] > len(self.train_records)
+
+    def check_prompt_supply(self) -> None:
+        """A step's first round must fit the split without repeating a prompt across this step's ranks."""
+        rank, world = self._rank_world()
+        n, pps = len(self.train_records), self.hparams.prompts_per_step
+        if pps * world > n:
+            raise ValueError(f"data.prompts_per_step={pps} × {world} rank(s) needs at least {pps * world} training "
+                             f"prompts, but task {self.hparams.task!r} split {self.hparams.train_split!r} has {n}: "
+                             "lower it or use more prompts")
 
     def sampling_params(self, block_size: int, seed: int) -> SamplingParams:
         hp = self.hparams
@@ -447,7 +563,7 @@ class RolloutDataModule(LightningDataModule):
         )
 
     def next_batch(self) -> RolloutBatch:
-        from lrl.algorithms.advantages import compute_advantages
+        from lrl.algorithms.advantages import compute_advantages, global_mean_std
 
         hp = self.hparams
         gen = self.get_generator()
@@ -460,12 +576,19 @@ class RolloutDataModule(LightningDataModule):
             "filter/dropped_tpf_range": 0,
             "filter/dropped_zero_std": 0,
             "filter/rounds": 0,
+            "filter/refill_capped": 0.0,
         }
         t_roll = t_rew = 0.0
         have = 0
         drawn: list[RolloutBatch] = []  # every rollout of this step before filtering, for the diagnostics
+        # draws left before a prompt would repeat: within this step, and with the default epoch within the epoch
+        budget = self._prompts_per_rank() - (self.cursor if self._steps_per_epoch is None else 0)
         for attempt in range(hp.max_refill_rounds):
-            need = target - have
+            need = min(target - have, budget)
+            if need <= 0:
+                counts["filter/refill_capped"] = 1.0  # refill stopped: no unseen prompt left
+                break
+            budget -= need
             records = self._draw(need)
             prompts = [self.task.prompt(r) for r in records]
             seed = ((hp.seed * 7_919 + self.rl_step) * 101 + attempt) * 1_009 + self._rank_world()[0]
@@ -497,6 +620,7 @@ class RolloutDataModule(LightningDataModule):
         counts["reward/timeouts"] = float(_reset_verifier_timeouts())
         counts["filter/refilled"] = max(0, counts["filter/drawn"] - target)
         counts.update(self.diagnostics(drawn))
+        counts.update(spent_counts(drawn))
         if any("right_answers_bad_steps" in b.stats for b in drawn):
             # share of responses whose final answer is right over worked steps that do not hold (garbled work)
             counts["rollout/right_answer_bad_steps"] = (
@@ -504,12 +628,17 @@ class RolloutDataModule(LightningDataModule):
             )
         self.step_in_epoch += 1
         self.rl_step += 1
+        out = RolloutBatch.concat(kept_parts) if kept_parts else _empty_batch(gen.weight_version)
+        # batch statistics over every rank's kept responses (paper Eq. 7 normalises over the whole batch); every
+        # rank reaches this call once per step, an empty one too, so the collective never waits on a missing rank
+        names = self.reward_names()
+        moments = dict(zip(names, global_mean_std([out.rewards.get(k, torch.zeros(0)) for k in names])))
         if not kept_parts:
-            empty = _empty_batch(gen.weight_version)
-            empty.stats = {**counts, "timing/rollout_s": t_roll, "timing/reward_s": t_rew}
-            return empty
-        out = RolloutBatch.concat(kept_parts)
-        out.advantages = compute_advantages(out.rewards["total"], out.group_index, mode=hp.advantage)
+            out.stats = {**counts, "timing/rollout_s": t_roll, "timing/reward_s": t_rew}
+            return out
+        _, mean, std, _ = moments["total"]
+        out.advantages = compute_advantages(out.rewards["total"], out.group_index, mode=hp.advantage,
+                                            batch_stats=(mean, std) if hp.advantage == "batch" else None)
         out.stats = {
             **counts,
             "timing/rollout_s": t_roll,
@@ -517,11 +646,21 @@ class RolloutDataModule(LightningDataModule):
             "data/epoch": float(self.epoch),
             "data/skipped_long_prompts": float(self.skipped_long),
             "rollout/weight_version": float(out.weight_version),
+            "data/global_responses": float(moments["total"][0]),
         }
-        for name, values in out.rewards.items():
-            out.stats[f"reward/{name}/mean"] = float(values.float().mean())
-            out.stats[f"reward/{name}/std"] = float(values.float().std(unbiased=False)) if len(values) > 1 else 0.0
+        for name, (_, mean, _, pop_std) in moments.items():  # all ranks' responses (population std)
+            out.stats[f"reward/{name}/mean"] = mean
+            out.stats[f"reward/{name}/std"] = pop_std
         return out
+
+    def reward_names(self) -> list[str]:
+        """The reward components `score` fills, in a fixed order (the same on every rank, empty batches too)."""
+        names = ["acc_raw", "tpf_raw", "acc", "tpf"]
+        if self.hparams.step_penalty is not None:
+            names.append("steps")
+        if self.hparams.distill_teacher is not None:
+            names += ["distill_raw", "distill"]
+        return [*names, "total"]
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
@@ -541,6 +680,23 @@ def gen_block_size(gen: RolloutGenerator) -> int:
     if lm is None:
         raise ValueError("block_size must be set when the rollout generator has no local model (e.g. SGLang)")
     return lm.bd.block_size
+
+
+def spent_counts(batches: list[RolloutBatch]) -> dict[str, float]:
+    """This rank's rollout cost of one step, every drawn response (filtered groups and refill rounds included),
+    in both counts of docs/metrics.md: tokens up to the stop token, denoising forwards in the paper's count and as
+    spent (the truncated final block's tail included), store passes apart."""
+    tokens = sum(int(b.response_lengths.sum()) for b in batches)
+    paper = sum(int(b.num_forwards.sum()) for b in batches)
+    spent = sum(int(b.forwards_spent.sum()) for b in batches)
+    return {
+        "rollout/tokens": float(tokens),
+        "rollout/forwards_paper": float(paper),
+        "rollout/forwards_spent": float(spent),
+        "rollout/store_passes": float(sum(int(b.num_store_passes.sum()) for b in batches)),
+        "rollout/tpf_paper": tokens / paper if paper else 0.0,
+        "rollout/tpf_spent": tokens / spent if spent else 0.0,
+    }
 
 
 def _reset_verifier_timeouts() -> int:

@@ -58,17 +58,41 @@ class LRLCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Check the checkpoint directory before anything is built or written (a missing or truncated one would
         otherwise surface deep inside transformers, after the output folder was created)."""
+        from lrl.cli_checks import check_config
         from lrl.cli_errors import check_checkpoint_dir
 
         config = self.config[self.subcommand] if self.subcommand else self.config
         model_args = (config.get("model") or {}).get("init_args") or {}
         if config.get("checkpoint") and not model_args.get("init_tiny"):  # SFT from scratch exports there instead
             check_checkpoint_dir(config["checkpoint"])
+        check_config(config)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning re-reads a ``--ckpt_path`` file's hyperparameters here, before `before_instantiate_classes`:
+        check the file first, so a truncated or foreign one is refused in one line (not a torch traceback)."""
+        from lrl.cli_checks import check_ckpt_path
+
+        subcommand = self.config.get("subcommand")
+        if subcommand:
+            check_ckpt_path(self.config[subcommand], subcommand)
+        super()._parse_ckpt_path()
+
+    def _check_resolved_last(self) -> None:
+        """``--ckpt_path last``, once `_resolve_last` named the file: the checks `_parse_ckpt_path` ran for a path
+        given as a file, before the trainer writes anything."""
+        from lrl.cli_checks import check_ckpt_path
+
+        raw = self.config[self.subcommand]
+        view = {k: raw.get(k) for k in ("checkpoint", "block_size", "model", "data")}
+        view["ckpt_path"] = self.config_init[self.subcommand].get("ckpt_path")
+        check_ckpt_path(view, self.subcommand)
 
     def _load_data_early(self) -> None:
         """Read the dataset before the trainer starts, so bad files and rows fail before any output is written."""
         from datamodules.rollout import RolloutDataModule
+        from lrl.cli_checks import check_budgets
 
+        check_budgets(self.config[self.subcommand])
         if isinstance(self.datamodule, RolloutDataModule):
             self.datamodule.check_device(self.trainer.strategy.root_device)
             self.datamodule.setup("fit" if self.subcommand == "fit" else None)
@@ -97,15 +121,17 @@ class LRLCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
-        self._resolve_last()
+        if self._resolve_last():
+            self._check_resolved_last()
         self._load_data_early()
 
-    def _resolve_last(self) -> None:
+    def _resolve_last(self) -> bool:
         """Resolve ``--ckpt_path last`` ourselves: ``last.ckpt`` if it loads, else (with a warning naming it) the
-        newest checkpoint that does; an error rather than Lightning's silent fresh start when there is none."""
+        newest checkpoint that does; an error rather than Lightning's silent fresh start when there is none.
+        Returns whether it resolved one."""
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "last":
-            return
+            return False
         from lightning.pytorch.callbacks import ModelCheckpoint
         from lightning.pytorch.utilities import rank_zero_warn
 
@@ -127,6 +153,7 @@ class LRLCLI(LightningCLI):
         elif not path.name.startswith("last"):
             rank_zero_warn(f"--ckpt_path last: resuming from {path}, newer than last.ckpt (a save was interrupted)")
         config["ckpt_path"] = str(path)
+        return True
 
 
 # Lightning warnings that our design triggers on purpose (the training step pulls its own batch so rollouts stay

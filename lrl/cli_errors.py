@@ -19,7 +19,9 @@ from lightning.pytorch import Callback
 
 EXIT_USAGE = 2
 _STATE = {"started": False}  # set once fit / validate / test is past setup (then errors keep their traceback)
-_SHORT_KEY = re.compile(r"(?<![\w./-])(model|data)\.(?!init_args\b|class_path\b)([A-Za-z_]\w*)")
+# (a weight name such as model.layers.0.mlp.gate_proj.weight is not a config key and is left as it is)
+_SHORT_KEY = re.compile(r"(?<![\w./-])(model|data)\.(?!init_args\b|class_path\b|[\w.]*\.(?:weight|bias)\b)"
+                        r"([A-Za-z_]\w*)")
 
 
 class RunStarted(Callback):
@@ -121,7 +123,8 @@ def _is_wrapper(exc: BaseException) -> bool:
 def check_checkpoint_dir(path: str | os.PathLike, key: str = "checkpoint") -> None:
     """Fail early, naming ``key``, when ``path`` is not a complete HF checkpoint directory: missing, no or
     unreadable ``config.json``, no weights, a missing shard, or a safetensors file whose header does not match its
-    size (truncated). Only headers are read, so this is cheap for large checkpoints."""
+    size (truncated), or weights that do not match config.json (`lrl.models.loading.check_weights`: missing,
+    extra, wrong shape, non-float, NaN/inf; the values are read once, memory-mapped)."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{key}: {path} does not exist (a local HF checkpoint directory; nothing is "
@@ -151,6 +154,10 @@ def check_checkpoint_dir(path: str | os.PathLike, key: str = "checkpoint") -> No
         raise FileNotFoundError(f"{key}: {path} holds no weights (*.safetensors or pytorch_model*.bin)")
     for f in files:
         _check_safetensors_header(f, key)
+    if files:
+        from lrl.models.loading import check_weights
+
+        check_weights(p, files, key=key)  # names, shapes, dtypes against config.json; no NaN / inf
 
 
 def _check_safetensors_header(path: Path, key: str) -> None:

@@ -543,12 +543,11 @@ class LightningRLModule(PlannerTraining, LightningModule):
         from pathlib import Path
 
         from lrl.evaluation import write_pareto
-        from lrl.evaluation.pareto import format_table
+        from lrl.evaluation.pareto import format_table, provenance
 
         out = Path(self.trainer.log_dir or self.trainer.default_root_dir) / "pareto"
-        json_path, png_path = write_pareto(
-            result, out, title=f"{self.hparams.checkpoint}", extra={"checkpoint": self.hparams.checkpoint}
-        )
+        what = provenance(self.hparams.checkpoint, self.trainer.ckpt_path)  # --ckpt_path: the weights evaluated
+        json_path, png_path = write_pareto(result, out, title=what["checkpoint"], extra=what)
         print(format_table(result))
         print(f"wrote {json_path} and {png_path}")
 

@@ -70,3 +70,18 @@ def test_pareto_frontier():
     assert pareto_frontier(pts) == [0, 3, 4, 5]
     assert pareto_frontier([]) == []
     assert pareto_frontier([(1.0, 50.0)]) == [0]
+
+
+def test_aup_says_which_points_it_left_out():
+    from lrl.metrics.aup import AUPPointsDropped, aup_details
+
+    # (5, 70) lies 10 points below the first point's 80: left out. Kept (1, 80), (3, 79), y_max 80:
+    # 1·80 + ½·2·(80 + 79·exp(−3·(1 − 79/80))) = 80 + 80 + 79·0.963194 = 236.0923 (d3LLM's get_aup asserts)
+    curve = [(1, 80), (3, 79), (5, 70)]
+    value, dropped = aup_details(curve)
+    assert value == pytest.approx(236.0923, abs=1e-3) and dropped == [(5.0, 70.0)]
+    with pytest.warns(AUPPointsDropped, match=r"1 point\(s\) \[\(5.0, 70.0\)\]"):
+        assert aup(curve) == pytest.approx(value)
+    with pytest.raises(ValueError, match="d3LLM's get_aup refuses"):
+        aup(curve, on_drop="raise")
+    assert aup_details([(1, 80), (3, 79)])[1] == []

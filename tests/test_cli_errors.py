@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -33,7 +34,70 @@ def _bad_checkpoints(tmp: Path) -> dict[str, Path]:
     (out["shard_missing"] / "model.safetensors").rename(out["shard_missing"] / "model-00001-of-00002.safetensors")
     (out["shard_missing"] / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    out.update(_mismatched_checkpoints(tmp))
+    _lightning_checkpoints(tmp)
     return out
+
+
+def _mismatched_checkpoints(tmp: Path) -> dict[str, Path]:
+    """Copies of the tiny base whose config.json and weights disagree, or whose weights are unusable."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def variant(name, config=None, weights=None):
+        d = tmp / name
+        shutil.copytree(BASE, d)
+        if config:
+            cfg = json.loads((d / "config.json").read_text())
+            cfg.update(config)
+            (d / "config.json").write_text(json.dumps(cfg))
+        if weights:
+            sd = load_file(d / "model.safetensors")
+            weights(sd)
+            save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+        return d
+
+    gate = "model.layers.0.mlp.gate_proj.weight"
+    return {
+        "cfg_vocab": variant("cfg_vocab", {"vocab_size": 61}),
+        "cfg_hidden": variant("cfg_hidden", {"hidden_size": 64}),
+        "cfg_layers": variant("cfg_layers", {"num_hidden_layers": 3}),
+        "w_missing": variant("w_missing", weights=lambda sd: sd.pop(gate)),
+        "w_extra": variant("w_extra", weights=lambda sd: sd.update({"model.extra.weight": torch.zeros(2)})),
+        "w_int": variant("w_int", weights=lambda sd: sd.update({gate: sd[gate].to(torch.int32)})),
+        "w_nan": variant("w_nan", weights=lambda sd: sd[gate].view(-1)[3:5].fill_(float("nan"))),
+        "w_inf": variant("w_inf", weights=lambda sd: sd[gate].view(-1)[0:1].fill_(float("inf"))),
+        "w_shape": variant("w_shape", weights=lambda sd: sd.update({gate: sd[gate][:-1].clone()})),
+    }
+
+
+def _lightning_checkpoints(tmp: Path) -> None:
+    """Lightning-style .ckpt files of the tiny base (policy weights + the hparams a resume compares), one defect
+    each, and broken files to pass as --ckpt_path."""
+    import torch
+    from safetensors.torch import load_file
+
+    sd = {f"policy.model.{k}": v for k, v in load_file(BASE / "model.safetensors").items()}
+    model_hp = {"checkpoint": str(BASE), "block_size": 8}
+    data_hp = {"group_size": 8, "task": "synthetic", "checkpoint": str(BASE), "block_size": 8}
+
+    def save(name, state=sd, model=model_hp, data=data_hp):
+        torch.save({"state_dict": state, "hyper_parameters": model, "datamodule_hyper_parameters": data,
+                    "pytorch-lightning_version": "2.5.0"}, tmp / name)
+
+    other = dict(sd)
+    other["policy.model.model.embed_tokens.weight"] = torch.zeros(96, 128)
+    save("other_model.ckpt", state=other)
+    save("no_policy.ckpt", state={"policy.head.weight": torch.zeros(2)})
+    save("resume_group.ckpt", data={**data_hp, "group_size": 4})
+    save("resume_block.ckpt", model={**model_hp, "block_size": 16})
+    save("resume_task.ckpt", data={**data_hp, "task": "gsm8k"})
+    save("resume_base.ckpt", model={**model_hp, "checkpoint": str(tmp / "another_base")})
+    torch.save({"weights": 1}, tmp / "not_lightning.ckpt")
+    save("good.ckpt")
+    raw = (tmp / "good.ckpt").read_bytes()
+    (tmp / "truncated.ckpt").write_bytes(raw[: len(raw) // 2])
+    (tmp / "text.ckpt").write_text("this is not a checkpoint\n")
 
 
 def _data_files(tmp: Path) -> dict[str, Path]:
@@ -87,6 +151,82 @@ CASES = [
      "TMP/broken.jsonl: line 2 is not valid JSON"),
 ]
 
+# issue 30: the groups an audit found unrefused (tracebacks, silently accepted, files left), our own cases
+D, M, R = "--data.init_args.", "--model.init_args.", "--data.init_args.rollout."
+SGLANG = [f"{R}kind=sglang"]
+CASES_30_SAMPLING = [
+    ("temperature_0", [f"{D}temperature=0"], "data.init_args.temperature must be > 0"),
+    ("temperature_neg", [f"{D}temperature=-1.0"], "data.init_args.temperature must be > 0"),
+    ("max_new_tokens_0", [f"{D}max_new_tokens=0"], "data.init_args.max_new_tokens must be >= 1"),
+    ("max_new_tokens_neg", [f"{D}max_new_tokens=-8"], "data.init_args.max_new_tokens must be >= 1"),
+    ("max_new_tokens_huge", [f"{D}max_new_tokens=4096"], "data.init_args.max_new_tokens=4096 exceeds the context"),
+    ("top_p_high", [f"{D}top_p=1.5"], "data.init_args.top_p must be in (0, 1]"),
+    ("top_p_zero", [f"{D}top_p=0"], "data.init_args.top_p must be in (0, 1]"),
+    ("top_k_neg", [f"{D}top_k=-1"], "data.init_args.top_k must be >= 0"),
+    ("denoising_neg", [f"{D}denoising_steps=-1"], "data.init_args.denoising_steps must be >= 1"),
+    ("denoising_0", [f"{D}denoising_steps=0"], "data.init_args.denoising_steps must be >= 1"),
+    ("max_rows_0", [f"{R}max_rows=0"], "data.init_args.rollout.max_rows must be an int >= 1"),
+    ("max_rows_neg", [f"{R}max_rows=-3"], "data.init_args.rollout.max_rows must be an int >= 1"),
+    ("dtype_bogus", [f"{R}dtype=bogus"], "data.init_args.rollout.dtype must be a floating-point torch dtype"),
+    ("dtype_int", [f"{R}dtype=int8"], "data.init_args.rollout.dtype must be a floating-point torch dtype"),
+    ("kv_cache_gb_0", [f"{R}kv_cache_gb=0"], "data.init_args.rollout.kv_cache_gb must be > 0"),
+    ("transient_gb_neg", [f"{R}transient_gb=-1"], "data.init_args.rollout.transient_gb must be > 0"),
+    ("sglang_no_urls", SGLANG, "data.init_args.rollout.urls is empty"),
+    ("sglang_not_url", [*SGLANG, f"{R}urls=[localhost-30000]"], "'localhost-30000' is not an http(s):// URL"),
+    ("sglang_unreachable", [*SGLANG, f"{R}urls=[http://127.0.0.1:9]"], "cannot reach http://127.0.0.1:9"),
+    ("rollout_kind", [f"{R}kind=vllm"], "kind"),
+    ("planner_no_head", [f"{D}remasking_strategy=planner"], "data.init_args.remasking_strategy=planner needs a "
+                                                            "planner head"),
+]
+CASES_30_KNOBS = [
+    ("warmup_neg", [f"{M}warmup_steps=-1"], "model.init_args.warmup_steps must be >= 0"),
+    ("grad_norm_neg", [f"{M}max_grad_norm=-1"], "model.init_args.max_grad_norm must be >= 0"),
+    ("weight_decay_neg", [f"{M}weight_decay=-0.1"], "model.init_args.weight_decay must be >= 0"),
+    ("adam_eps_0", [f"{M}adam_eps=0"], "model.init_args.adam_eps must be > 0"),
+    ("skipped_neg", [f"{M}max_skipped_steps=-1"], "model.init_args.max_skipped_steps must be >= 0"),
+    ("eval_tokens_huge", [f"{M}eval_max_new_tokens=1024"], "model.init_args.eval_max_new_tokens=1024 exceeds"),
+    ("eval_size_neg", [f"{D}eval_size=-5"], "data.init_args.eval_size must be >= 1"),
+    ("eval_size_0", [f"{D}eval_size=0"], "data.init_args.eval_size must be >= 1"),
+    ("steps_per_epoch_0", [f"{D}steps_per_epoch=0"], "data.init_args.steps_per_epoch must be >= 1"),
+    ("max_prompt_tokens_0", [f"{D}max_prompt_tokens=0"], "data.init_args.max_prompt_tokens must be >= 1"),
+    ("stop_id_vocab", [f"{D}stop_token_ids=[100000]"], "data.init_args.stop_token_ids [100000] lie outside the "
+                                                       "vocabulary"),
+    ("stop_id_neg", [f"{D}stop_token_ids=[-1]"], "data.init_args.stop_token_ids must be token ids >= 0"),
+    ("freeze_no_head", [f"{M}freeze_backbone=true"], "model.init_args.freeze_backbone=true trains the planner head"),
+    ("planner_eval_no_head", [f"{M}eval_planner_thresholds=[0.5]"], "model.init_args.eval_planner_thresholds needs"),
+    ("split_too_small", [f"{D}task_kwargs={{num_train: 4, num_eval: 4, family: sums, styles: {{chain: 1.0}}}}"],
+     "data.init_args.prompts_per_step=8 × 1 rank(s) needs at least 8 training prompts"),
+]
+CASES_30_WEIGHTS = [
+    ("cfg_vocab", ["--checkpoint=TMP/cfg_vocab"], "weight lm_head.weight has shape [60, 128] but config.json "
+                                                  "describes [61, 128]"),
+    ("cfg_hidden", ["--checkpoint=TMP/cfg_hidden"], "but config.json describes"),
+    ("cfg_layers", ["--checkpoint=TMP/cfg_layers"], "config.json does not describe a valid qwen3 model"),
+    ("w_missing", ["--checkpoint=TMP/w_missing"], "lacks 1 weight(s) of the model its config.json describes"),
+    ("w_extra", ["--checkpoint=TMP/w_extra"], "holds 1 weight(s) its config.json's model does not have"),
+    ("w_int", ["--checkpoint=TMP/w_int"], "model.layers.0.mlp.gate_proj.weight is I32, not a floating-point"),
+    ("w_nan", ["--checkpoint=TMP/w_nan"], "model.layers.0.mlp.gate_proj.weight holds NaN or infinite values"),
+    ("w_inf", ["--checkpoint=TMP/w_inf"], "holds NaN or infinite values"),
+    ("w_shape", ["--checkpoint=TMP/w_shape"], "gate_proj.weight has shape [383, 128]"),
+]
+CASES_30_CKPT_PATH = [
+    ("ckpt_missing", ["--ckpt_path=TMP/none.ckpt"], "--ckpt_path: TMP/none.ckpt does not exist"),
+    ("ckpt_text", ["--ckpt_path=TMP/text.ckpt"], "--ckpt_path: TMP/text.ckpt is not a Lightning checkpoint"),
+    ("ckpt_truncated", ["--ckpt_path=TMP/truncated.ckpt"], "TMP/truncated.ckpt is not a Lightning checkpoint"),
+    ("ckpt_not_lightning", ["--ckpt_path=TMP/not_lightning.ckpt"], "is not a Lightning checkpoint (no state_dict)"),
+    ("ckpt_other_model", ["--ckpt_path=TMP/other_model.ckpt"], "is a checkpoint of another model: "
+                                                               "model.embed_tokens.weight has shape [96, 128]"),
+    ("ckpt_no_policy", ["--ckpt_path=TMP/no_policy.ckpt"], "holds no policy weights of the model"),
+    ("resume_group_size", ["--ckpt_path=TMP/resume_group.ckpt"], "data.init_args.group_size: resuming"),
+    ("resume_block_size", ["--ckpt_path=TMP/resume_block.ckpt"], "block_size: resuming"),
+    ("resume_task", ["--ckpt_path=TMP/resume_task.ckpt"], "data.init_args.task: resuming"),
+    ("resume_base", ["--ckpt_path=TMP/resume_base.ckpt"], "checkpoint: resuming"),
+    ("validate_text", ["VALIDATE", "--ckpt_path=TMP/text.ckpt"], "TMP/text.ckpt is not a Lightning checkpoint"),
+    ("validate_other_model", ["VALIDATE", "--ckpt_path=TMP/other_model.ckpt"], "is a checkpoint of another model"),
+    ("validate_nan_base", ["VALIDATE", "--checkpoint=TMP/w_nan"], "holds NaN or infinite values"),
+]
+CASES += CASES_30_SAMPLING + CASES_30_KNOBS + CASES_30_WEIGHTS + CASES_30_CKPT_PATH
+
 
 def _base_args(out: Path) -> list[str]:
     return ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--checkpoint", str(BASE), "--block_size=8",
@@ -103,8 +243,13 @@ def test_bad_input_one_line_exit_2_nothing_written(extra, expected, tmp_path, mo
     monkeypatch.chdir(work)  # the config's relative outputs/ paths land here
     monkeypatch.delenv("LRL_DEBUG", raising=False)
     out = tmp_path / "out"
+    args = _base_args(out)
+    if extra[:1] == ["VALIDATE"]:
+        args, extra = ["validate", *args[1:]], extra[1:]
+    t0 = time.monotonic()
     with pytest.raises(SystemExit) as info:
-        main(_base_args(out) + [a.replace("TMP", str(tmp_path)) for a in extra])
+        main(args + [a.replace("TMP", str(tmp_path)) for a in extra])
+    assert time.monotonic() - t0 < 60  # an unreachable rollout server is named within seconds, not minutes
     err = capsys.readouterr().err
     assert info.value.code == 2, err[-3000:]
     assert "Traceback" not in err, err[-3000:]

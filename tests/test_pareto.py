@@ -71,3 +71,38 @@ def test_lrl_validate_writes_pareto(tiny_checkpoint, tmp_path, monkeypatch):
         key = "static" if p["threshold"] is None else f"{p['threshold']:g}"
         assert float(metrics[f"val/sound@{key}"]) == pytest.approx(p["sound_accuracy"])
         assert p["sound_accuracy"] <= p["accuracy"]
+
+
+def test_aup_dropped_points_reach_the_result_and_table():
+    from lrl.evaluation.pareto import ParetoPoint, ParetoResult, format_table
+
+    pts = [ParetoPoint("a", None, 80.0, 1.0, 1, 1, 0, 0.0, 1), ParetoPoint("b", 0.5, 70.0, 5.0, 5, 1, 0, 0.0, 1)]
+    res = ParetoResult(points=pts, aup=80.0, y_max=80.0, aup_dropped=[(5.0, 70.0)])
+    assert res.to_dict()["aup_dropped"] == [[5.0, 70.0]]
+    assert "AUP leaves out 1 point(s)" in format_table(res)
+
+
+def test_provenance_names_the_evaluated_weights():
+    from lrl.evaluation.pareto import provenance
+
+    assert provenance("base/dir", "runs/last.ckpt") == {"checkpoint": "runs/last.ckpt", "base_checkpoint": "base/dir",
+                                                        "ckpt_path": "runs/last.ckpt"}
+    assert provenance("base/dir", None)["checkpoint"] == "base/dir"
+
+
+def test_lrl_validate_ckpt_path_is_the_checkpoint_in_pareto_json(tiny_checkpoint, tmp_path, monkeypatch):
+    """`lrl validate --ckpt_path X` evaluates X's weights: pareto.json must name X, not the config's base."""
+    monkeypatch.chdir(tmp_path)
+    args = ["validate", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--checkpoint", str(tiny_checkpoint),
+            "--block_size", "4", "--data.init_args.task_kwargs={num_train: 10, num_eval: 2}",
+            "--data.init_args.eval_size=2", "--data.init_args.max_new_tokens=8",
+            "--model.init_args.eval_max_new_tokens=8", "--model.init_args.eval_thresholds=[0.5]",
+            f"--trainer.logger.init_args.save_dir={tmp_path}/logs", "--trainer.enable_progress_bar=false"]
+    cli = cli_main(args[1:], run=False)
+    cli.model.configure_model()
+    cli.trainer.strategy.connect(cli.model)
+    ckpt = tmp_path / "policy.ckpt"
+    cli.trainer.save_checkpoint(ckpt, weights_only=True)
+    cli_main([*args, f"--ckpt_path={ckpt}"])
+    data = json.loads(next((tmp_path / "logs").rglob("pareto.json")).read_text())
+    assert data["checkpoint"] == str(ckpt) and data["base_checkpoint"] == str(tiny_checkpoint)

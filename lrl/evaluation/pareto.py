@@ -26,9 +26,9 @@ class ParetoPoint:
     setting: str
     threshold: float | None
     accuracy: float  # percent
-    tpf: float  # Σ tokens / Σ forwards
-    tokens: int
-    forwards: int
+    tpf: float  # Σ tokens / Σ forwards, the paper's count (spec §2.5; AUP uses it)
+    tokens: int  # up to and including each stop token (docs/metrics.md)
+    forwards: int  # paper's count: distinct step ids of the returned tokens
     store_passes: int
     wall_s: float
     num_responses: int
@@ -37,6 +37,15 @@ class ParetoPoint:
     # % of responses with the right final answer whose worked steps also hold (tasks with `worked_steps_hold`):
     # the verifier reads only the final answer, and a small model can box the right total over wrong steps
     sound_accuracy: float | None = None
+    # denoising forwards that ran, the truncated final block's tail included (`RolloutBatch.forwards_spent`)
+    forwards_spent: int | None = None
+
+    @property
+    def tpf_spent(self) -> float | None:
+        """Σ tokens ÷ Σ spent forwards (None for results written before the spent count existed)."""
+        if self.forwards_spent is None:
+            return None
+        return self.tokens / self.forwards_spent if self.forwards_spent else 0.0
 
     @property
     def forwards_per_response(self) -> float:
@@ -54,6 +63,9 @@ class ParetoResult:
     aup: float
     y_max: float
     frontier: list[int] = field(default_factory=list)
+    # (tpf, accuracy) points AUP left out: more than 5 points below the lowest-TPF point's accuracy (d3LLM refuses
+    # such a curve; the AUP above is of the remaining points)
+    aup_dropped: list[tuple[float, float]] = field(default_factory=list)
 
     def point(self, threshold: float | None) -> ParetoPoint | None:
         for p in self.points:
@@ -67,6 +79,7 @@ class ParetoResult:
             "aup": self.aup,
             "y_max": self.y_max,
             "frontier": self.frontier,
+            "aup_dropped": [list(p) for p in self.aup_dropped],
         }
 
 
@@ -97,7 +110,10 @@ def run_pareto_sweep(
         planner_thresholds: also decode with the dUltra ``planner`` strategy (greedy: unmask where p_i >= t), one
             point ``planner@t`` per value; the model needs a planner head. Their ``threshold`` field holds t.
     """
-    from lrl.metrics import aup, pareto_frontier
+    import warnings
+
+    from lrl.metrics import pareto_frontier
+    from lrl.metrics.aup import AUPPointsDropped, aup_details
 
     if not records:
         raise ValueError("run_pareto_sweep: no evaluation records")
@@ -152,13 +168,18 @@ def run_pareto_sweep(
                 num_responses=len(batch),
                 styles=style_breakdown(task, batch, scores),
                 sound_accuracy=sound_accuracy(task, batch.texts, scores),
+                forwards_spent=int(batch.forwards_spent.sum()),
             )
         )
     curve = [(p.tpf, p.accuracy) for p in points]
     best = max(p.accuracy for p in points)
     ymax = y_max if y_max is not None else best
-    value = aup(curve, y_max=ymax) if ymax > 0 else 0.0
-    return ParetoResult(points=points, aup=value, y_max=ymax, frontier=pareto_frontier(curve))
+    value, dropped = aup_details(curve, y_max=ymax) if ymax > 0 else (0.0, [])
+    if dropped:
+        warnings.warn(f"AUP leaves out {len(dropped)} point(s) (tpf, accuracy) {dropped}: more than 5 points below "
+                      "the accuracy of the lowest-TPF point (d3LLM's get_aup refuses the curve); pareto.json lists "
+                      "them under aup_dropped", AUPPointsDropped, stacklevel=2)
+    return ParetoResult(points=points, aup=value, y_max=ymax, frontier=pareto_frontier(curve), aup_dropped=dropped)
 
 
 def sound_accuracy(task, texts, scores) -> float | None:
@@ -201,18 +222,32 @@ def style_breakdown(task, batch, scores) -> dict[str, dict[str, float]]:
 def format_table(result: ParetoResult) -> str:
     """A Markdown table of the sweep (one row per decoding setting) plus the AUP line."""
     rows = [
-        "| setting | accuracy % | sound steps % | TPF | tokens | forwards | forwards/response | styles | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | accuracy % | sound steps % | TPF | tokens | forwards | forwards/response | TPF spent | "
+        "forwards spent | styles | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in result.points:
         styles = " ".join(f"{k} {v['share']:.0%}" for k, v in p.styles.items() if v["share"] > 0) or "-"
         sound = "-" if p.sound_accuracy is None else f"{p.sound_accuracy:.1f}"
+        spent = "-" if p.forwards_spent is None else str(p.forwards_spent)
+        spent_tpf = "-" if p.tpf_spent is None else f"{p.tpf_spent:.2f}"
         rows.append(
             f"| {p.setting} | {p.accuracy:.1f} | {sound} | {p.tpf:.2f} | {p.tokens} | {p.forwards} | "
-            f"{p.forwards_per_response:.2f} | {styles} | {p.wall_s:.1f} |"
+            f"{p.forwards_per_response:.2f} | {spent_tpf} | {spent} | {styles} | {p.wall_s:.1f} |"
         )
-    rows.append(f"\nAUP = {result.aup:.1f} (y_max = {result.y_max:.1f}; d3LLM definition, α = 3)")
+    if result.aup_dropped:
+        rows.append(f"\nAUP leaves out {len(result.aup_dropped)} point(s) more than 5 points below the lowest-TPF "
+                    f"point's accuracy (d3LLM refuses such a curve): {result.aup_dropped}")
+    rows.append(f"\nAUP = {result.aup:.1f} (y_max = {result.y_max:.1f}; d3LLM definition, α = 3; TPF and forwards in "
+                "the paper's count, spent forwards add the decoded tail after a mid-block stop: docs/metrics.md)")
     return "\n".join(rows)
+
+
+def provenance(base_checkpoint: str, ckpt_path: str | None) -> dict[str, str | None]:
+    """pareto.json's record of what was evaluated: ``checkpoint`` = the weights evaluated (``--ckpt_path`` when
+    given, else the base), ``base_checkpoint`` = the config's ``--checkpoint`` (architecture and tokenizer)."""
+    return {"checkpoint": str(ckpt_path) if ckpt_path else str(base_checkpoint),
+            "base_checkpoint": str(base_checkpoint), "ckpt_path": str(ckpt_path) if ckpt_path else None}
 
 
 def atomic_write(path: str | os.PathLike, data: bytes) -> None:

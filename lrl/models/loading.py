@@ -116,17 +116,8 @@ def load_checkpoint(
         attention: ``"sdpa"`` or ``"flex"`` (see `BlockDiffusionLM`).
     """
     raw = read_config(path)
-    model_type = str(raw.get("model_type", "")).lower()
-    family = FAMILIES.get(model_type)
-    if family is None:
-        raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not supported; known: {sorted(FAMILIES)}")
-    config_cls, model_cls = _family_classes(family)
+    hf_config, model_cls = _hf_config(raw, path)
     identity = {k: raw[k] for k in IDENTITY_KEYS if k in raw}
-    body = {
-        k: v for k, v in raw.items()
-        if k not in ("model_type", "architectures", "auto_map", "transformers_version", PLANNER_CONFIG_KEY)
-    }
-    hf_config = config_cls(**body)
     tokenizer = load_tokenizer(path) if load_tokenizer_files else None
     bd = resolve_block_diffusion_config(
         raw, tokenizer, mask_token_id=mask_token_id, block_size=block_size, logit_shift=logit_shift
@@ -143,6 +134,83 @@ def load_checkpoint(
         model = model.to(device)
     planner = load_planner(path, raw, device=device)  # None when the checkpoint has no planner head
     return BlockDiffusionLM(model, bd, identity=identity, attention=attention, planner=planner), tokenizer
+
+
+def _hf_config(raw: dict, path) -> tuple[object, type]:
+    """(transformers config, model class) of a raw config.json."""
+    model_type = str(raw.get("model_type", "")).lower()
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not supported; known: {sorted(FAMILIES)}")
+    config_cls, model_cls = _family_classes(family)
+    body = {
+        k: v for k, v in raw.items()
+        if k not in ("model_type", "architectures", "auto_map", "transformers_version", PLANNER_CONFIG_KEY)
+    }
+    try:
+        return config_cls(**body), model_cls
+    except Exception as exc:  # noqa: BLE001 - transformers' validators raise their own types; it is bad input
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise ValueError(f"{path}: config.json does not describe a valid {family} model ({lines[-1] if lines else exc})"
+                         ) from None
+
+
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older exports wrote; transformers recomputes them
+
+
+def expected_weights(path: str | os.PathLike) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """``({HF name: shape}, names that may be absent)`` of the network config.json describes (built on the meta
+    device: no memory, no weights read). Tied output embeddings may be absent from the files."""
+    raw = read_config(path)
+    hf_config, model_cls = _hf_config(raw, path)
+    with _quiet_transformers(), torch.device("meta"):
+        model = model_cls(hf_config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    optional = {"lm_head.weight"} if getattr(hf_config, "tie_word_embeddings", False) else set()
+    return shapes, optional
+
+
+def check_weights(path: str | os.PathLike, files: list[Path], key: str = "checkpoint", values: bool = True) -> None:
+    """Refuse, naming ``key``, safetensors ``files`` that do not hold exactly the network config.json describes:
+    a missing or extra tensor, a shape that differs from the config's (e.g. ``vocab_size`` / ``hidden_size`` not
+    matching the weights), a non-float tensor, and with ``values`` a NaN or infinite weight (transformers would
+    otherwise initialise missing weights at random, skip extra ones and load NaNs silently). Headers are read
+    first; values are read tensor by tensor (memory-mapped), once the names and shapes agree."""
+    from safetensors import safe_open
+
+    expected, optional = expected_weights(path)
+    found: dict[str, tuple[tuple[int, ...], str, Path]] = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        for name, meta in header.items():
+            if name != "__metadata__" and not name.endswith(_IGNORED_SUFFIXES):
+                found[name] = (tuple(meta["shape"]), str(meta["dtype"]), f)
+    missing = sorted(set(expected) - set(found) - optional)
+    extra = sorted(set(found) - set(expected))
+    if missing:
+        raise ValueError(f"{key}: {path} lacks {len(missing)} weight(s) of the model its config.json describes, "
+                         f"e.g. {missing[:3]} (a different architecture, or an incomplete export)")
+    if extra:
+        raise ValueError(f"{key}: {path} holds {len(extra)} weight(s) its config.json's model does not have, e.g. "
+                         f"{extra[:3]} (config.json from another model?)")
+    for name, (shape, dtype, f) in found.items():
+        if shape != expected[name]:
+            raise ValueError(f"{key}: {path}: weight {name} has shape {list(shape)} but config.json describes "
+                             f"{list(expected[name])} (vocab_size / hidden_size / layer sizes do not match the "
+                             "weights)")
+        if dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{key}: {path}: weight {name} is {dtype}, not a floating-point tensor")
+    if not values:
+        return
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():  # noqa: SIM118 - safe_open is not a dict
+                t = fh.get_tensor(name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{key}: {path}: weight {name} holds NaN or infinite values")
 
 
 def atomic_dir_write(path: Path, writer) -> None:

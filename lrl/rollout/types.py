@@ -105,7 +105,8 @@ class RolloutBatch:
         texts: N decoded responses (special tokens skipped).
         step_maps: N lists, same length as ``response_ids``: the 1-based denoising forward that unmasked each
             token. Store passes are not counted (spec §2.5).
-        num_forwards: (N,) long, denoising forwards per response (= number of distinct step ids).
+        num_forwards: (N,) long, denoising forwards per response in the paper's count (= number of distinct step ids
+            of the returned tokens; `forwards_spent` adds the truncated tail's).
         num_store_passes: (N,) long, KV store passes per response (reported, not counted in TPF).
         finish_reasons: N strings, ``"stop"`` or ``"length"``.
         group_index: (N,) long, index of the prompt (group) each response belongs to, 0..num_groups-1.
@@ -184,23 +185,67 @@ class RolloutBatch:
     def num_groups(self) -> int:
         return int(self.group_index.max().item()) + 1 if len(self) else 0
 
+    # Counting (spec §2.5; docs/metrics.md says which count every logged key and table uses):
+    #   tokens  = `response_lengths`: generated ids up to and including the stop token. Under
+    #             eos_policy="keep_final_block" the final block's filler after the stop token is returned (and
+    #             trained on) but not counted: it is not part of the answer (the released code cuts the text at
+    #             <|im_end|> before counting, spec §2.5).
+    #   forwards, paper = `num_forwards`: distinct step ids of the returned tokens, len(set(step_map)).
+    #   forwards, spent = `forwards_spent`: distinct step ids of the returned tokens and of the final block's tail
+    #             that truncate decoded after the stop token (`tail_step_maps`): every denoising forward that ran for
+    #             the response. Store passes (`num_store_passes`) are counted by neither.
+    def stop_index(self, i: int) -> int | None:
+        """Position in ``response_ids[i]`` of its first stop token (``sampling.stop_token_ids``), or None when the
+        response did not stop or the stop ids are unknown."""
+        if self.finish_reasons[i] != "stop" or self.sampling is None or not self.sampling.stop_token_ids:
+            return None
+        stops = set(self.sampling.stop_token_ids)
+        return next((k for k, t in enumerate(self.response_ids[i]) if t in stops), None)
+
     @property
     def response_lengths(self) -> torch.Tensor:
-        """(N,) long: generated ids per response (including the stop token)."""
+        """(N,) long: tokens of each response up to and including its stop token (filler after it, which
+        ``keep_final_block`` returns, is not counted); the whole response when it did not stop."""
+        out = []
+        for i, ids in enumerate(self.response_ids):
+            k = self.stop_index(i)
+            out.append(len(ids) if k is None else k + 1)
+        return torch.tensor(out, dtype=torch.long)
+
+    @property
+    def returned_lengths(self) -> torch.Tensor:
+        """(N,) long: ids returned per response (``len(response_ids[i])``, filler after the stop token included)."""
         return torch.tensor([len(r) for r in self.response_ids], dtype=torch.long)
 
     @property
+    def forwards_spent(self) -> torch.Tensor:
+        """(N,) long: denoising forwards that ran for each response: distinct step ids of ``step_maps`` and
+        ``tail_step_maps`` together (store passes excluded). Under ``truncate`` the forwards that decoded only
+        positions after the stop token count here and not in ``num_forwards``; otherwise the two agree."""
+        return torch.tensor([len({s for s in (*sm, *tail) if s > 0}) for sm, tail in
+                             zip(self.step_maps, self.tail_step_maps)], dtype=torch.long)
+
+    @property
     def tpf(self) -> torch.Tensor:
-        """(N,) float: per-response tokens per forward, 0 where a response has no forward (spec §2.5)."""
-        forwards = self.num_forwards.to(torch.float32)
-        return torch.where(
-            forwards > 0, self.response_lengths.float() / forwards.clamp(min=1), torch.zeros_like(forwards)
-        )
+        """(N,) float: per-response tokens per forward in the paper's count (``response_lengths`` ÷
+        ``num_forwards``), 0 where a response has no forward (spec §2.5; the speed reward, §3.2)."""
+        return _ratio(self.response_lengths, self.num_forwards)
+
+    @property
+    def tpf_spent(self) -> torch.Tensor:
+        """(N,) float: ``response_lengths`` ÷ ``forwards_spent`` (0 where no forward ran)."""
+        return _ratio(self.response_lengths, self.forwards_spent)
 
     @property
     def batch_tpf(self) -> float:
-        """Σ tokens ÷ Σ forwards over the batch (a ratio of sums, as the evaluation reports it)."""
+        """Σ tokens ÷ Σ forwards (paper count) over the batch (a ratio of sums, as the evaluation reports it)."""
         total = int(self.num_forwards.sum())
+        return float(self.response_lengths.sum()) / total if total else 0.0
+
+    @property
+    def batch_tpf_spent(self) -> float:
+        """Σ tokens ÷ Σ spent forwards over the batch."""
+        total = int(self.forwards_spent.sum())
         return float(self.response_lengths.sum()) / total if total else 0.0
 
     @property
@@ -271,6 +316,11 @@ class RolloutBatch:
             else:
                 out[f.name] = [x for v in vals for x in v]
         return RolloutBatch(**out)
+
+
+def _ratio(tokens: torch.Tensor, forwards: torch.Tensor) -> torch.Tensor:
+    f = forwards.to(torch.float32)
+    return torch.where(f > 0, tokens.float() / f.clamp(min=1), torch.zeros_like(f))
 
 
 def _common_sampling(vals: list[SamplingParams | None]) -> SamplingParams | None:
