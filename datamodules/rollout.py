@@ -42,6 +42,10 @@ class RolloutBackend:
         kv_cache_gb: native engine: KV cache budget in GB (10⁹ bytes) per rank. The paged cache holds this many
             bytes of blocks (`lrl.models.paged_kv`); rows are admitted while pages are free. None: enough for
             ``max_rows`` rows at the full generation budget (the dense worst case).
+        release_after_rollout: free what the rollout holds (`RolloutGenerator.release_memory`: the native engine's
+            kept page pool and CUDA graphs and the allocator's cache; a colocated SGLang server's weights and KV
+            cache) once a step's rollouts are done, before training. False keeps CUDA graphs captured between
+            steps (faster rollouts, less memory for training).
         transient_gb: native engine: bound on the per-forward transients (sampling over the vocabulary, gathered
             attention keys), in GB; work is split into chunks that fit.
         urls: SGLang server (or router) URLs.
@@ -55,6 +59,7 @@ class RolloutBackend:
     cuda_graphs: bool = False
     kv_cache_gb: float | None = None
     transient_gb: float = 2.0
+    release_after_rollout: bool = True
     urls: list[str] = field(default_factory=list)
     sglang: dict[str, Any] = field(default_factory=dict)
 
@@ -126,6 +131,23 @@ def _check_sampling_knobs(*, max_new_tokens, temperature, top_k, top_p, denoisin
         raise ValueError(f"data.max_prompt_tokens must be >= 1 (or null: no limit), got {max_prompt_tokens}")
     if stop_token_ids is not None and any(int(t) < 0 for t in stop_token_ids):
         raise ValueError(f"data.stop_token_ids must be token ids >= 0, got {list(stop_token_ids)}")
+
+
+def _merge_engine_stats(parts: list[dict[str, float]]) -> dict[str, float]:
+    """One step's engine figures over its refill rounds: peaks as maxima, counts as sums, rows as a mean."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return {}
+    out = {}
+    for key in parts[0]:
+        vals = [p[key] for p in parts if key in p]
+        if key.endswith("_gb"):
+            out[key] = max(vals)
+        elif key == "rollout/rows_per_forward":
+            out[key] = sum(vals) / len(vals)
+        else:
+            out[key] = sum(vals)
+    return out
 
 
 class _RolloutStream(IterableDataset):
@@ -438,7 +460,7 @@ class RolloutDataModule(LightningDataModule):
         if cfg.dtype:
             lm.to(getattr(torch, cfg.dtype))
         return NativeEngine(lm, module.tokenizer, max_rows=cfg.max_rows, progress=cfg.progress,
-                            cuda_graphs=cfg.cuda_graphs)
+                            cuda_graphs=cfg.cuda_graphs, kv_cache_gb=cfg.kv_cache_gb, transient_gb=cfg.transient_gb)
 
     def get_generator(self) -> RolloutGenerator:
         if self.generator is None:
@@ -581,6 +603,7 @@ class RolloutDataModule(LightningDataModule):
         t_roll = t_rew = 0.0
         have = 0
         drawn: list[RolloutBatch] = []  # every rollout of this step before filtering, for the diagnostics
+        engine_stats: list[dict[str, float]] = []
         # draws left before a prompt would repeat: within this step, and with the default epoch within the epoch
         budget = self._prompts_per_rank() - (self.cursor if self._steps_per_epoch is None else 0)
         for attempt in range(hp.max_refill_rounds):
@@ -595,6 +618,7 @@ class RolloutDataModule(LightningDataModule):
             t = time.perf_counter()
             batch = gen.generate(prompts, self.sampling_params(bsz, seed))
             t_roll += time.perf_counter() - t
+            engine_stats.append(gen.last_stats())
             batch.prompts = prompts
             batch.ground_truths = [self.task.ground_truth(r) for r in records]
             t = time.perf_counter()
@@ -626,6 +650,9 @@ class RolloutDataModule(LightningDataModule):
             counts["rollout/right_answer_bad_steps"] = (
                 sum(b.stats.get("right_answers_bad_steps", 0.0) for b in drawn) / max(1, sum(len(b) for b in drawn))
             )
+        if self.rollout_cfg.release_after_rollout:
+            gen.release_memory()  # training needs the memory: KV pages, graph pools, a colocated server's
+        counts.update(_merge_engine_stats(engine_stats))
         self.step_in_epoch += 1
         self.rl_step += 1
         out = RolloutBatch.concat(kept_parts) if kept_parts else _empty_batch(gen.weight_version)

@@ -11,15 +11,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from lrl.rollout.base import RolloutGenerator
 from lrl.rollout.types import RolloutBatch
 
 G = 2  # responses per prompt
 
 
-class _FakeGenerator:
+class _FakeGenerator(RolloutGenerator):
     """Responses whose reward is fixed by the prompt text (``p<i>``) and the sample index: see `_reward`."""
 
     weight_version = 0
+
+    def update_weights(self, weights, version=None):
+        pass
 
     def generate(self, prompts, sampling):
         n = len(prompts) * G

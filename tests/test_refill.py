@@ -5,13 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lrl.rollout.base import RolloutGenerator
 from lrl.rollout.types import RolloutBatch
 
 G = 2
 
 
-class _Gen:
+class _Gen(RolloutGenerator):
     weight_version = 0
+
+    def update_weights(self, weights, version=None):
+        pass
 
     def generate(self, prompts, sampling):
         n = len(prompts) * G
