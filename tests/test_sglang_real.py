@@ -1,0 +1,201 @@
+"""The plugin and the client against the REAL ``sglang==0.5.23`` package, on CPU (``make test-sglang``).
+
+Skipped unless ``import sglang`` works (``make test-sglang`` builds ``.venv-sglang`` with the pinned package and
+this repository installed ``--no-deps``), and deselected from the default suite by the ``sglang_pkg`` marker.
+
+* The plugin is loaded by SGLang's own plugin loader (the ``sglang.srt.plugins`` entry point, ``SGLANG_PLUGINS``):
+  the algorithm lands in SGLang's registry and the AROUND hook on ``process_batch_result_dllm`` is applied.
+* ``scripts/launch_sglang.sh``'s command line is parsed by 0.5.23's own argument parser and resolved into a real
+  `ServerArgs` and `DllmConfig` (YAML block size, algorithm config accepted by the plugin).
+* Decoding through SGLang's real request/scheduler/output code (tests/sglang_real_utils.py) with the tiny lrl
+  model's logits gives the native engine's tokens, step maps and sampling log-probs in ``meta_info``.
+* The client (`SGLangRolloutGenerator`) talks HTTP to 0.5.23's real FastAPI app (its routes parse every payload
+  into 0.5.23's request classes); only the tokenizer manager behind the routes is a stand-in, and it serves
+  ``/generate`` with the same real decoding path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+from array import array
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.sglang_pkg
+sglang = pytest.importorskip("sglang", reason="needs the sglang==0.5.23 package (make test-sglang)")
+
+from sglang_real_utils import MiniScheduler, TinyModelRunner, engine_attention  # noqa: E402
+
+from lrl.rollout import NativeEngine, SamplingParams  # noqa: E402
+from lrl.rollout import sglang_plugin as plugin  # noqa: E402
+from lrl.rollout.sglang_client import SGLangRolloutGenerator  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["abc", "hello w", "hello world", "The quick brown"]  # lengths 3, 7, 11, 15: + 17 is block-aligned
+
+
+@pytest.fixture(scope="module")
+def sgl_ckpt(tmp_path_factory, tiny_checkpoint):
+    """The tiny checkpoint as SGLang's config loader reads it: ``model_type`` qwen3 (transformers knows it; real
+    SDAR checkpoints bring remote code instead), architecture ``SDARForCausalLM`` (what selects the dLLM path)."""
+    out = tmp_path_factory.mktemp("sgl") / "tiny_sdar"
+    out.mkdir()
+    for f in Path(tiny_checkpoint).iterdir():
+        if f.name != "config.json":
+            (out / f.name).symlink_to(f)
+    cfg = json.loads((Path(tiny_checkpoint) / "config.json").read_text())
+    assert cfg["architectures"] == ["SDARForCausalLM"]
+    cfg["model_type"] = "qwen3"
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sgl(sgl_ckpt):
+    """SGLang's plugin loader run as the server runs it, and a runtime context published from real ServerArgs."""
+    from sglang.srt import plugins
+    from sglang.srt.runtime_context import SpawnRanks, publish
+    from sglang.srt.server_args import ServerArgs
+
+    os.environ["SGLANG_PLUGINS"] = "lrl_dllm"
+    plugins.load_plugins()
+    sa = ServerArgs(model_path=str(sgl_ckpt), dllm_algorithm=plugin.ALGORITHM_NAME, device="cpu",
+                    max_running_requests=8, trust_remote_code=True)
+    publish(sa, role="scheduler", ranks=SpawnRanks(world_rank=0, dp_rank=None, gpu_id=None))
+    return sa
+
+
+def _dllm_config(mask_id: int, *, fdfo: bool = True, **algo):
+    from sglang.srt.dllm.config import DllmConfig
+
+    algo = {"block_size": 4, **algo}
+    return DllmConfig(algorithm=plugin.ALGORITHM_NAME, algorithm_config=algo, block_size=4, mask_id=mask_id,
+                      max_running_requests=8, first_done_first_out_mode=fdfo)
+
+
+def _req(rid: str, ids: list[int], sampling: dict, cfg, eos: int, vocab: int):
+    """A real SGLang `Req`, with the client's ``sampling_params`` dict turned into SGLang's `SamplingParams` the way
+    its tokenizer manager does (``SamplingParams(**d)``, ``normalize``, ``verify``)."""
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.sampling.sampling_params import SamplingParams as SglSamplingParams
+
+    sp = SglSamplingParams(**sampling)
+    sp.normalize(None)
+    sp.verify(vocab)
+    return Req(rid, "", array("q", ids), sp, dllm_config=cfg, eos_token_ids={eos})
+
+
+def serve_with_sglang(lm, tok, prompts: list[list[int]], sp: SamplingParams, *, fdfo: bool = True,
+                      seeds: list[int] | None = None, sampling: list[SamplingParams] | None = None):
+    """Decode ``prompts`` through SGLang's real dLLM path with the plugin's algorithm; returns (served, runner)."""
+    from sglang.srt.dllm.algorithm import get_algorithm
+
+    mask = lm.bd.mask_token_id
+    cfg = _dllm_config(mask, fdfo=fdfo, threshold=sp.threshold, strategy=sp.remasking_strategy,
+                       denoising_steps=sp.denoising_steps, seed=sp.seed)
+    algo = get_algorithm(cfg)
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    sampling = sampling or [sp] * len(prompts)
+    reqs = [_req(f"r{i}", p, SGLangRolloutGenerator.sglang_sampling_params(s, 0), cfg, tok.eos_token_id, vocab)
+            for i, (p, s) in enumerate(zip(prompts, sampling))]
+    max_len = max(len(p) for p in prompts) + sp.max_new_tokens + 2 * cfg.block_size
+    runner = TinyModelRunner(lm, len(prompts), max_len, mask)
+    with engine_attention(lm):
+        served = MiniScheduler(algo, cfg, runner, vocab).run(reqs)
+    return [served[f"r{i}"] for i in range(len(prompts))], runner
+
+
+def _ids(tok, prompts):
+    return [tok(p, add_special_tokens=False).input_ids for p in prompts]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+def test_plugin_loaded_by_sglang_loader(sgl):
+    from importlib.metadata import entry_points
+
+    from sglang.srt.dllm.algorithm import algo_name_to_cls, get_algorithm_cls
+    from sglang.srt.dllm.algorithm.base import DllmAlgorithm
+    from sglang.srt.dllm.algorithm.low_confidence import LowConfidence
+    from sglang.srt.dllm.mixin.scheduler import SchedulerDllmMixin
+    from sglang.srt.plugins import GENERAL_PLUGINS_GROUP, load_plugins_by_group
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    eps = {ep.name: ep.value for ep in entry_points(group=GENERAL_PLUGINS_GROUP)}
+    assert eps.get("lrl_dllm") == "lrl.rollout.sglang_plugin:register"
+    cls = get_algorithm_cls(plugin.ALGORITHM_NAME)
+    assert cls is algo_name_to_cls[plugin.ALGORITHM_NAME] and issubclass(cls, LowConfidence)
+    assert issubclass(cls, DllmAlgorithm) and cls.__name__ == plugin.ALGORITHM_NAME
+    wrapped = SchedulerDllmMixin.process_batch_result_dllm
+    assert plugin.HOOK_TARGET in HookRegistry._patched and getattr(wrapped, "__wrapped__", None) is not None
+    assert [h for _, h, _ in HookRegistry._hooks[plugin.HOOK_TARGET]] == [plugin.around_process_batch_result_dllm]
+    # the SGLANG_PLUGINS whitelist is honoured: another name leaves our plugin out
+    old = os.environ["SGLANG_PLUGINS"]
+    try:
+        os.environ["SGLANG_PLUGINS"] = "someone_else"
+        assert "lrl_dllm" not in load_plugins_by_group(GENERAL_PLUGINS_GROUP)
+        os.environ["SGLANG_PLUGINS"] = "lrl_dllm"
+        assert "lrl_dllm" in load_plugins_by_group(GENERAL_PLUGINS_GROUP)
+    finally:
+        os.environ["SGLANG_PLUGINS"] = old
+
+
+def test_launch_script_parsed_by_sglang(sgl, sgl_ckpt, tmp_path):
+    """The launcher's command line, parsed and resolved by 0.5.23's own server arguments and DllmConfig."""
+    import argparse
+
+    from sglang.srt.arg_groups.overrides import resolving_view
+    from sglang.srt.dllm.algorithm import get_algorithm
+    from sglang.srt.dllm.config import DllmConfig
+    from sglang.srt.server_args import ServerArgs
+
+    out = subprocess.run(["bash", str(REPO / "scripts/launch_sglang.sh"), "--model", str(sgl_ckpt), "--port", "30123",
+                          "--block-size", "4", "--threshold", "0.7", "--strategy", "low_confidence_static",
+                          "--denoising-steps", "2", "--max-running-requests", "16", "--mem-fraction", "0.55",
+                          "--config-dir", str(tmp_path), "--dry-run", "--", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("SGLANG_PLUGINS=")][-1]
+    words = shlex.split(line)
+    assert words[0] == "SGLANG_PLUGINS=lrl_dllm"
+    argv = words[words.index("sglang.launch_server") + 1 :]
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    sa = ServerArgs.from_cli_args(parser.parse_args(argv))
+    assert sa.dllm_algorithm == plugin.ALGORITHM_NAME and sa.dllm_fdfo is True
+    assert sa.mem_fraction_static == pytest.approx(0.55) and sa.enable_memory_saver is True
+    assert sa.max_running_requests == 16 and sa.tp_size == 1 and sa.port == 30123
+    sa.resolve_once()
+    view = resolving_view(sa)
+    assert view.page_size == 4  # SGLang's dLLM fix-up: page size = block size (it read our YAML)
+    assert view.disable_overlap_schedule is True
+    cfg = DllmConfig.from_server_args(sa)
+    assert (cfg.block_size, cfg.mask_id, cfg.max_running_requests) == (4, 151669, 16)  # SDAR's mask id
+    algo = get_algorithm(cfg)
+    assert type(algo).__name__ == plugin.ALGORITHM_NAME and algo.block_size == 4 and algo.fdfo
+    assert algo.lrl_cfg == plugin.PluginAlgoConfig(block_size=4, strategy="low_confidence_static", threshold=0.7,
+                                                   denoising_steps=2, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+@pytest.mark.parametrize("strategy,fdfo", [("low_confidence_dynamic", True), ("low_confidence_static", True),
+                                           ("sequential", True), ("low_confidence_dynamic", False)])
+def test_greedy_through_sglang_equals_native(sgl, tiny_lm, tiny_tokenizer, strategy, fdfo):
+    sp = SamplingParams(block_size=4, remasking_strategy=strategy, threshold=0.3, denoising_steps=2, greedy=True,
+                        max_new_tokens=17, stop_token_ids=(tiny_tokenizer.eos_token_id,))
+    prompts = _ids(tiny_tokenizer, PROMPTS)
+    ref = NativeEngine(tiny_lm, tiny_tokenizer).generate(prompts, sp)
+    served, _ = serve_with_sglang(tiny_lm, tiny_tokenizer, prompts, sp, fdfo=fdfo)
+    for k, s in enumerate(served):
+        meta = s.meta_info
+        assert s.output_ids == ref.response_ids[k], PROMPTS[k]
+        assert meta[plugin.STEP_MAP_KEY] == ref.step_maps[k], PROMPTS[k]
+        assert len(set(meta[plugin.STEP_MAP_KEY])) == int(ref.num_forwards[k])
+        torch.testing.assert_close(torch.tensor(meta[plugin.LOGPROB_KEY]), torch.tensor(ref.sampling_logprobs[k]))
+        # SGLang runs the KV-commit forward of the final block too: one store pass more than native (documented)
+        assert meta[plugin.STORE_KEY][-1] == int(ref.num_store_passes[k]) + 1
+        assert meta["finish_reason"]["type"] == ref.finish_reasons[k]
