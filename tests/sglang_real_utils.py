@@ -107,6 +107,7 @@ class MiniScheduler:
 
         self.algo, self.cfg, self.runner, self.vocab_size = algo, dllm_config, runner, vocab_size
         self.socket = _Recorder()
+        self.leftover_info: list[dict] = []
         noop = lambda *a, **k: None  # noqa: E731
         self.sched = SimpleNamespace(
             dllm_config=dllm_config,
@@ -179,6 +180,8 @@ class MiniScheduler:
                                     dp_cooperation_info=None)
             n_sent = len(self.socket.sent)
             self.process(batch, result)
+            if getattr(logits_output, "customized_info", None):  # the hook must have consumed the records
+                self.leftover_info.append(dict(logits_output.customized_info))
             for payload in self.socket.sent[n_sent:]:
                 self._deliver(payload, served)
             for r in live:

@@ -105,8 +105,11 @@ def serve_with_sglang(lm, tok, prompts: list[list[int]], sp: SamplingParams, *, 
             for i, (p, s) in enumerate(zip(prompts, sampling))]
     max_len = max(len(p) for p in prompts) + sp.max_new_tokens + 2 * cfg.block_size
     runner = TinyModelRunner(lm, len(prompts), max_len, mask)
+    sched = MiniScheduler(algo, cfg, runner, vocab)
     with engine_attention(lm):
-        served = MiniScheduler(algo, cfg, runner, vocab).run(reqs)
+        served = sched.run(reqs)
+    assert sched.leftover_info == []  # the plugin's hook took its records off logits_output every round
+    assert sorted(sched.released) == sorted(r.rid for r in reqs)  # every request finished through SGLang's path
     return [served[f"r{i}"] for i in range(len(prompts))], runner
 
 
@@ -199,3 +202,90 @@ def test_greedy_through_sglang_equals_native(sgl, tiny_lm, tiny_tokenizer, strat
         # SGLang runs the KV-commit forward of the final block too: one store pass more than native (documented)
         assert meta[plugin.STORE_KEY][-1] == int(ref.num_store_passes[k]) + 1
         assert meta["finish_reason"]["type"] == ref.finish_reasons[k]
+
+
+def test_sampled_through_sglang_equals_native(sgl, tiny_lm, tiny_tokenizer):
+    """One request at a time, so the plugin's generator (seeded with the YAML ``seed``) draws in the native order."""
+    engine = NativeEngine(tiny_lm, tiny_tokenizer)
+    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 20, 0.9)]:
+        sp = SamplingParams(block_size=4, threshold=0.2, temperature=temperature, top_k=top_k, top_p=top_p,
+                            max_new_tokens=17, seed=123)
+        for prompt in _ids(tiny_tokenizer, PROMPTS[:2]):
+            ref = engine.generate([prompt], sp)
+            (s,), _ = serve_with_sglang(tiny_lm, tiny_tokenizer, [prompt], sp)
+            assert s.output_ids == ref.response_ids[0]
+            assert s.meta_info[plugin.STEP_MAP_KEY] == ref.step_maps[0]
+            torch.testing.assert_close(torch.tensor(s.meta_info[plugin.LOGPROB_KEY]),
+                                       torch.tensor(ref.sampling_logprobs[0]))
+
+
+def test_group_samples_differ_and_greedy_rows_stay_native(sgl, tiny_lm, tiny_tokenizer):
+    """A GRPO group (one prompt, four sampled rows) next to a greedy row in the same batches: SGLang's per-request
+    temperatures reach the plugin (stock 0.5.23 would return four identical greedy answers), the greedy row is
+    untouched by its sampled neighbours."""
+    prompt = _ids(tiny_tokenizer, ["hello w"])[0]
+    greedy = SamplingParams(block_size=4, threshold=0.2, greedy=True, max_new_tokens=17)
+    sampled = SamplingParams(block_size=4, threshold=0.2, temperature=1.0, max_new_tokens=17, seed=5)
+    ref = NativeEngine(tiny_lm, tiny_tokenizer).generate([prompt], greedy)
+    served, _ = serve_with_sglang(tiny_lm, tiny_tokenizer, [prompt] * 5, sampled,
+                                  sampling=[greedy] + [sampled] * 4)
+    assert served[0].output_ids == ref.response_ids[0]
+    assert served[0].meta_info[plugin.STEP_MAP_KEY] == ref.step_maps[0]
+    group = [tuple(s.output_ids) for s in served[1:]]
+    assert len(set(group)) > 1, group
+    for s in served[1:]:
+        lp = s.meta_info[plugin.LOGPROB_KEY]
+        assert len(lp) == len(s.output_ids) and all(x <= 0.0 for x in lp)
+
+
+def test_stop_inside_a_block_truncates_step_map(sgl, tiny_lm, tiny_tokenizer):
+    """A stop token in the middle of a block: SGLang's ``finished_len`` cuts ``output_ids`` and (through the output
+    streamer's token slicing) the step map and log-probs at the same place as the native engine."""
+    stop = 81  # the tiny model's greedy answers contain it early (e.g. "abc" -> 48 79 81 ...)
+    sp = SamplingParams(block_size=4, threshold=0.3, greedy=True, max_new_tokens=17,
+                        stop_token_ids=(stop, tiny_tokenizer.eos_token_id))
+    prompts = _ids(tiny_tokenizer, PROMPTS)
+    ref = NativeEngine(tiny_lm, tiny_tokenizer).generate(prompts, sp)
+    served, _ = serve_with_sglang(tiny_lm, tiny_tokenizer, prompts, sp)
+    mid_block = 0
+    for k, s in enumerate(served):
+        assert s.output_ids == ref.response_ids[k]
+        assert s.meta_info[plugin.STEP_MAP_KEY] == ref.step_maps[k]
+        assert len(s.meta_info[plugin.LOGPROB_KEY]) == len(s.output_ids)
+        if s.meta_info["finish_reason"] == {"type": "stop", "matched": stop}:
+            mid_block += (len(prompts[k]) + len(s.output_ids)) % 4 != 0
+    assert mid_block >= 1  # the case under test happened
+
+
+def test_run_returns_dllm_run_output(sgl, tiny_lm, tiny_tokenizer):
+    """``run`` returns 0.5.23's ``DllmRunOutput`` as ``_forward_batch_generation_dllm`` unpacks it, with the
+    plugin's block records riding on ``logits_output.customized_info`` (FDFO: one round; sync: whole blocks)."""
+    from sglang.srt.dllm.algorithm import get_algorithm
+    from sglang.srt.layers.logits_processor import LogitsProcessorOutput
+    from sglang.srt.model_executor.forward_batch_info import ForwardBatch, ForwardMode
+
+    mask = tiny_lm.bd.mask_token_id
+    for fdfo in (True, False):
+        algo = get_algorithm(_dllm_config(mask, fdfo=fdfo, threshold=0.0))  # threshold 0: one step per block
+        runner = TinyModelRunner(tiny_lm, 2, 16, mask)
+        tokens = torch.tensor([[mask] * 4, [mask] * 4])
+        fb = ForwardBatch(forward_mode=ForwardMode.DLLM_EXTEND, batch_size=2, input_ids=tokens.reshape(-1).clone(),
+                          req_pool_indices=torch.tensor([0, 1]), seq_lens=torch.tensor([4, 4]),
+                          out_cache_loc=torch.zeros(8, dtype=torch.long), seq_lens_sum=8)
+        with engine_attention(tiny_lm):
+            out = algo.run(runner, fb, [None, None] if fdfo else None)
+        assert isinstance(out, tuple) and len(out) == 5
+        logits_output, next_ids, accept, states, graph = out
+        assert isinstance(logits_output, LogitsProcessorOutput) and graph is False
+        assert (fb.input_ids == mask).sum() == 0  # threshold 0 unmasks the whole block in one step
+        if fdfo:  # first round: the block was denoised but its KV-commit forward is still due: no record yet
+            assert [len(x) for x in next_ids] == [4, 4] and accept == [0, 0]
+            assert logits_output.customized_info is None
+            assert all(isinstance(s, plugin.BlockStepState) and s.step_map == [1, 1, 1, 1] for s in states)
+            out = algo.run(runner, fb, states)
+            assert out[2] == [4, 4] and out[3] == [None, None]
+            records = out[0].customized_info[plugin._RECORD_KEY]
+        else:  # synchronous: the block and its commit forward in one call; slices from the first mask position
+            records = logits_output.customized_info[plugin._RECORD_KEY]
+            assert accept is None and states is None and [len(x) for x in next_ids] == [4, 4]
+        assert [r.step_map for r in records] == [(1, 1, 1, 1)] * 2 and [r.forwards for r in records] == [2, 2]
