@@ -289,3 +289,19 @@ def test_run_returns_dllm_run_output(sgl, tiny_lm, tiny_tokenizer):
             records = logits_output.customized_info[plugin._RECORD_KEY]
             assert accept is None and states is None and [len(x) for x in next_ids] == [4, 4]
         assert [r.step_map for r in records] == [(1, 1, 1, 1)] * 2 and [r.forwards for r in records] == [2, 2]
+
+
+def test_validate_request_refuses_what_the_plugin_ignores(sgl, tiny_tokenizer):
+    """SGLang's scheduler aborts a request when the algorithm's ``validate_request`` returns a message; features the
+    dLLM path would silently drop are refused, what the client sends is accepted."""
+    cfg = _dllm_config(2)
+    client = SGLangRolloutGenerator.sglang_sampling_params(
+        SamplingParams(block_size=4, temperature=0.8, top_k=5, top_p=0.9, max_new_tokens=8, stop_token_ids=(0,)), 7)
+    assert cfg.validate_request(_req("ok", [3, 4], client, cfg, 0, 101)) is None
+    for extra, name in [({"repetition_penalty": 1.2}, "repetition_penalty"), ({"min_p": 0.1}, "min_p"),
+                        ({"frequency_penalty": 0.5}, "frequency_penalty"), ({"regex": "a+"}, "regex")]:
+        msg = cfg.validate_request(_req("bad", [3, 4], {**client, **extra}, cfg, 0, 101))
+        assert msg is not None and name in msg and plugin.ALGORITHM_NAME in msg
+    req = _req("lp", [3, 4], client, cfg, 0, 101)
+    req.return_logprob = True
+    assert "return_logprob" in cfg.validate_request(req)
