@@ -213,3 +213,203 @@ class MiniScheduler:
             if info is not None:
                 TokenizerManager.update_request_meta_info(tm, meta, s.state, info, i, out.finished_reasons[i])
             s.meta_info.update(meta)
+
+
+def _group_worker(params: dict, conn) -> None:
+    """The server's side of the weight-update group, in its own process (a process-group name can be registered
+    once per process, and the trainer's rank 0 lives in the test process): join as ``rank_offset``, then receive
+    rank 0's broadcasts for each ``(dtypes, shapes)`` sent over ``conn`` and send the tensors back."""
+    import torch
+
+    from lrl.rollout.weight_sync import destroy_process_group, init_custom_process_group
+
+    try:
+        pg = init_custom_process_group(**params, timeout_s=60)
+    except Exception as exc:  # reported to the route
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        return
+    conn.send(("ok", None))
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            destroy_process_group(pg)
+            return
+        tensors = [torch.empty(shape, dtype=getattr(torch, dt)) for dt, shape in msg]
+        for w in [torch.distributed.broadcast(t, src=0, group=pg, async_op=True) for t in tensors]:
+            w.wait()
+        conn.send(("ok", tensors))
+
+
+class FakeTokenizerManager:
+    """What 0.5.23's HTTP routes call on their tokenizer manager, backed by the MiniScheduler and the tiny model.
+
+    The real routes (``sglang.srt.entrypoints.http_server.app``) have already parsed every body into 0.5.23's request
+    classes when these methods run; each call is recorded in ``calls`` as (method, request object). Weight updates
+    load into ``lm``; the distributed ones join the trainer's group as ``rank_offset`` and receive rank 0's
+    broadcasts, as SGLang's model runner does.
+    """
+
+    def __init__(self, lm, dllm_config, make_algo, model_path: str):
+        from sglang.srt.managers.tokenizer_manager import ServerStatus
+
+        self.lm, self.cfg, self.make_algo = lm, dllm_config, make_algo
+        self.model_path = self.served_model_name = model_path
+        self.is_generation, self.gracefully_exit = True, False
+        self.server_status = ServerStatus.Up
+        self.last_receive_tstamp = 0.0
+        self.rid_to_state: dict = {}
+        self.weight_version = "default"
+        self.model_config = SimpleNamespace(is_image_understandable_model=False, is_audio_understandable_model=False,
+                                            hf_config=SimpleNamespace(model_type="qwen3",
+                                                                      architectures=["SDARForCausalLM"]))
+        self.calls: list[tuple[str, object]] = []
+        self.groups: dict = {}
+        self.bracket_open = False
+        self.vocab = lm.model.get_output_embeddings().weight.shape[0]
+
+    def config_value(self, name: str):
+        return {"weight_version": self.weight_version}.get(name)
+
+    def _serve(self, items) -> list[dict]:
+        from sglang.srt.managers.schedule_batch import Req
+        from sglang.srt.sampling.sampling_params import SamplingParams
+
+        reqs = []
+        for it in items:
+            sp = SamplingParams(**it.sampling_params)  # as TokenizerManager._create_tokenized_object
+            sp.normalize(None)
+            sp.verify(self.vocab)
+            reqs.append(Req(it.rid, "", array("q", it.input_ids), sp, dllm_config=self.cfg,
+                            eos_token_ids={int(self.lm.model.config.eos_token_id)}))
+        bs = self.cfg.block_size
+        max_len = max(len(r.origin_input_ids) + r.sampling_params.max_new_tokens for r in reqs) + 2 * bs
+        runner = TinyModelRunner(self.lm, len(reqs), max_len, self.cfg.mask_id)
+        with engine_attention(self.lm):
+            served = MiniScheduler(self.make_algo(), self.cfg, runner, self.vocab).run(reqs)
+        out = []
+        for r in reqs:
+            s = served[r.rid]
+            out.append({"text": "", "output_ids": s.output_ids,
+                        "meta_info": {**s.meta_info, "weight_version": self.weight_version}})
+        return out
+
+    async def generate_request(self, obj, request=None):
+        import time
+
+        from sglang.srt.constants import HEALTH_CHECK_RID_PREFIX
+
+        if isinstance(obj.rid, str) and obj.rid.startswith(HEALTH_CHECK_RID_PREFIX):
+            self.last_receive_tstamp = time.time() + 1.0
+            yield {}
+            return
+        self.calls.append(("generate", obj))
+        obj.normalize_batch_and_arguments()
+        items = [obj] if obj.is_single else [obj[i] for i in range(obj.batch_size)]
+        out = self._serve(items)
+        yield out[0] if obj.is_single else out
+
+    async def update_weights_from_disk(self, obj, request=None):
+        from lrl.rollout.weight_sync import read_hf_weights
+
+        self.calls.append(("update_weights_from_disk", obj))
+        self._load(read_hf_weights(obj.model_path).items(), obj.weight_version)
+        return True, "ok", 0
+
+    def _load(self, named, version) -> None:
+        params = dict(self.lm.model.state_dict())
+        with torch.no_grad():
+            for name, t in named:
+                params[name].copy_(t.to(params[name].dtype))
+        if version is not None:
+            self.weight_version = version
+
+    async def begin_weight_update(self, obj, request=None):
+        self.calls.append(("begin_weight_update", obj))
+        ok, self.bracket_open = not self.bracket_open, True
+        return ok, "" if ok else "a weight update is already open"
+
+    async def end_weight_update(self, obj, request=None):
+        self.calls.append(("end_weight_update", obj))
+        self.bracket_open = False
+        return True, ""
+
+    async def init_weights_update_group(self, obj, request=None):
+        import asyncio
+        import multiprocessing as mp
+
+        self.calls.append(("init_weights_update_group", obj))
+        ctx = mp.get_context("spawn")
+        conn, child = ctx.Pipe()
+        params = {"backend": obj.backend, "init_method": f"tcp://{obj.master_address}:{obj.master_port}",
+                  "world_size": obj.world_size, "rank": obj.rank_offset, "group_name": obj.group_name}
+        proc = ctx.Process(target=_group_worker, args=(params, child), daemon=True)
+        proc.start()
+        status, detail = await asyncio.to_thread(conn.recv)
+        if status != "ok":
+            return False, detail
+        self.groups[obj.group_name] = (proc, conn)
+        return True, ""
+
+    async def update_weights_from_distributed(self, obj, request=None):
+        import asyncio
+
+        self.calls.append(("update_weights_from_distributed", obj))
+        if not self.bracket_open:  # 0.5.23's rule (SchedulerWeightUpdaterManager)
+            return False, "must run between begin_weight_update() and end_weight_update()"
+        _, conn = self.groups[obj.group_name]
+        conn.send(list(zip(obj.dtypes, obj.shapes)))
+        _, tensors = await asyncio.to_thread(conn.recv)
+        self._load(zip(obj.names, tensors), obj.weight_version)
+        return True, ""
+
+    async def destroy_weights_update_group(self, obj, request=None):
+        self.calls.append(("destroy_weights_update_group", obj))
+        proc, conn = self.groups.pop(obj.group_name, (None, None))
+        if proc is not None:
+            conn.send(None)
+            proc.join(timeout=30)
+        return True, ""
+
+    async def release_memory_occupation(self, obj, request=None):
+        self.calls.append(("release_memory_occupation", obj))
+
+    async def resume_memory_occupation(self, obj, request=None):
+        self.calls.append(("resume_memory_occupation", obj))
+
+    async def flush_cache(self, timeout_s: float = 0.0):
+        self.calls.append(("flush_cache", timeout_s))
+        return SimpleNamespace(success=True, message="")
+
+
+class RealSGLangApp:
+    """0.5.23's FastAPI app (``sglang.srt.entrypoints.http_server.app``) served by uvicorn on a loopback port, with
+    ``tokenizer_manager`` behind its routes."""
+
+    def __init__(self, tokenizer_manager):
+        import socket
+        import threading
+
+        import uvicorn
+        from sglang.srt.entrypoints import http_server
+
+        http_server.set_global_state(http_server._GlobalState(tokenizer_manager=tokenizer_manager,
+                                                              template_manager=None, scheduler_info={}))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(http_server.app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", lifespan="off"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        import time
+
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start the SGLang app")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -29,7 +29,13 @@ import torch
 pytestmark = pytest.mark.sglang_pkg
 sglang = pytest.importorskip("sglang", reason="needs the sglang==0.5.23 package (make test-sglang)")
 
-from sglang_real_utils import MiniScheduler, TinyModelRunner, engine_attention  # noqa: E402
+from sglang_real_utils import (  # noqa: E402
+    FakeTokenizerManager,
+    MiniScheduler,
+    RealSGLangApp,
+    TinyModelRunner,
+    engine_attention,
+)
 
 from lrl.rollout import NativeEngine, SamplingParams  # noqa: E402
 from lrl.rollout import sglang_plugin as plugin  # noqa: E402
@@ -305,3 +311,116 @@ def test_validate_request_refuses_what_the_plugin_ignores(sgl, tiny_tokenizer):
     req = _req("lp", [3, 4], client, cfg, 0, 101)
     req.return_logprob = True
     assert "return_logprob" in cfg.validate_request(req)
+
+
+# ---------------------------------------------------------------------------------------------- client over HTTP
+@pytest.fixture(scope="module")
+def sglang_app(sgl, tiny_tokenizer, sgl_ckpt):
+    """0.5.23's real FastAPI app on a loopback port; behind it a stand-in tokenizer manager serving the tiny model
+    through the plugin and SGLang's real dLLM request/output path."""
+    from sglang.srt.dllm.algorithm import get_algorithm
+
+    from lrl.models import build_tiny_model
+
+    lm = build_tiny_model(tiny_tokenizer, block_size=4, seed=0).eval()  # its own copy: weight syncs change it
+    cfg = _dllm_config(lm.bd.mask_token_id, threshold=0.3)
+    tm = FakeTokenizerManager(lm, cfg, lambda: get_algorithm(cfg), str(sgl_ckpt))
+    app = RealSGLangApp(tm)
+    yield app, tm, lm
+    app.stop()
+
+
+def _client(app, tiny_checkpoint, **kw):
+    return SGLangRolloutGenerator([app.url], str(tiny_checkpoint), server_tp_sizes=[1], health_timeout_s=60,
+                                  timeout_s=120, **kw)
+
+
+def _calls(tm, name):
+    return [obj for n, obj in tm.calls if n == name]
+
+
+def _assert_rollouts_equal_native(batch, ref):
+    assert batch.response_ids == ref.response_ids
+    assert batch.step_maps == ref.step_maps
+    assert batch.num_forwards.tolist() == ref.num_forwards.tolist()
+    assert batch.finish_reasons == ref.finish_reasons
+    assert (batch.num_store_passes - ref.num_store_passes).tolist() == [1] * len(ref.response_ids)  # documented
+    for got, want in zip(batch.sampling_logprobs, ref.sampling_logprobs):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want))
+
+
+def test_client_generates_through_real_sglang_routes(sglang_app, tiny_checkpoint, tiny_tokenizer):
+    from sglang.srt.managers.io_struct import GenerateReqInput
+
+    app, tm, lm = sglang_app
+    sp = SamplingParams(block_size=4, threshold=0.3, greedy=True, max_new_tokens=17, samples_per_prompt=2,
+                        stop_token_ids=(tiny_tokenizer.eos_token_id,))
+    client = _client(app, tiny_checkpoint, max_rows_per_request=3)
+    try:
+        batch = client.generate(PROMPTS, sp)
+    finally:
+        client.close()
+    ref = NativeEngine(lm, tiny_tokenizer).generate(PROMPTS, sp)
+    _assert_rollouts_equal_native(batch, ref)
+    reqs = _calls(tm, "generate")
+    assert len(reqs) == 3 and all(isinstance(r, GenerateReqInput) for r in reqs)  # 8 rows in chunks of 3
+    assert sorted(r.batch_size for r in reqs) == [2, 3, 3]
+
+
+def test_client_weight_sync_payloads_parsed_by_real_routes(sglang_app, tiny_checkpoint, tiny_tokenizer, tmp_path):
+    """Disk and distributed (gloo) sync through 0.5.23's routes: every body parses into its request class with the
+    intended values, the served weights are the policy's, and rollouts then carry the new ``weight_version``."""
+    from sglang.srt.managers.io_struct import (
+        BeginWeightUpdateReqInput,
+        DestroyWeightsUpdateGroupReqInput,
+        EndWeightUpdateReqInput,
+        InitWeightsUpdateGroupReqInput,
+        UpdateWeightFromDiskReqInput,
+        UpdateWeightsFromDistributedReqInput,
+    )
+
+    from lrl.models import build_tiny_model
+
+    app, tm, lm = sglang_app
+    policy = build_tiny_model(tiny_tokenizer, block_size=4, seed=1)
+    disk = _client(app, tiny_checkpoint, sync_dir=str(tmp_path / "sync"))
+    try:
+        disk.sync_from_model(policy, version=1)
+        (obj,) = _calls(tm, "update_weights_from_disk")
+        assert isinstance(obj, UpdateWeightFromDiskReqInput) and obj.weight_version == "1"
+        assert obj.flush_cache is True and obj.abort_all_requests is False and obj.load_format is None
+        assert Path(obj.model_path).is_dir() and str(tmp_path) in obj.model_path
+        for k, v in policy.model.state_dict().items():
+            torch.testing.assert_close(lm.model.state_dict()[k], v)
+        sp = SamplingParams(block_size=4, threshold=0.3, greedy=True, max_new_tokens=17)
+        batch = disk.generate(PROMPTS[:2], sp)  # meta_info.weight_version "1" is what the client now expects
+        _assert_rollouts_equal_native(batch, NativeEngine(lm, tiny_tokenizer).generate(PROMPTS[:2], sp))
+    finally:
+        disk.close()
+
+    policy2 = build_tiny_model(tiny_tokenizer, block_size=4, seed=2)
+    dist = _client(app, tiny_checkpoint, weight_sync="distributed", dist_backend="gloo", bucket_bytes=64 << 10,
+                   initial_weight_version=1, sync_timeout_s=60)
+    try:
+        dist.update_weights(policy2.model.state_dict(), version=2)
+    finally:
+        dist.close()
+    names = [n for n, _ in tm.calls if n not in ("generate", "update_weights_from_disk")]
+    n_buckets = len(_calls(tm, "update_weights_from_distributed"))
+    assert names == ["begin_weight_update", "init_weights_update_group", *["update_weights_from_distributed"] * n_buckets,
+                     "end_weight_update", "destroy_weights_update_group"]
+    (begin,) = _calls(tm, "begin_weight_update")
+    (group,) = _calls(tm, "init_weights_update_group")
+    buckets = _calls(tm, "update_weights_from_distributed")
+    assert isinstance(begin, BeginWeightUpdateReqInput) and begin.selector == "all"
+    assert isinstance(group, InitWeightsUpdateGroupReqInput) and (group.rank_offset, group.world_size) == (1, 2)
+    assert group.backend == "gloo" and group.group_name == dist.group_name
+    assert len(buckets) > 1 and all(isinstance(b, UpdateWeightsFromDistributedReqInput) for b in buckets)
+    assert [b.weight_version for b in buckets] == [None] * (len(buckets) - 1) + ["2"]
+    assert [b.flush_cache for b in buckets] == [False] * (len(buckets) - 1) + [True]
+    assert sorted(n for b in buckets for n in b.names) == sorted(policy2.model.state_dict())
+    assert isinstance(_calls(tm, "end_weight_update")[0], EndWeightUpdateReqInput)
+    assert isinstance(_calls(tm, "destroy_weights_update_group")[0], DestroyWeightsUpdateGroupReqInput)
+    for k, v in policy2.model.state_dict().items():
+        torch.testing.assert_close(lm.model.state_dict()[k], v)
+    assert tm.weight_version == "2"
