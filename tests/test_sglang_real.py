@@ -407,8 +407,9 @@ def test_client_weight_sync_payloads_parsed_by_real_routes(sglang_app, tiny_chec
         dist.close()
     names = [n for n, _ in tm.calls if n not in ("generate", "update_weights_from_disk")]
     n_buckets = len(_calls(tm, "update_weights_from_distributed"))
-    assert names == ["begin_weight_update", "init_weights_update_group", *["update_weights_from_distributed"] * n_buckets,
-                     "end_weight_update", "destroy_weights_update_group"]
+    assert names == ["init_weights_update_group", "begin_weight_update",
+                     *["update_weights_from_distributed"] * n_buckets, "end_weight_update",
+                     "destroy_weights_update_group"]
     (begin,) = _calls(tm, "begin_weight_update")
     (group,) = _calls(tm, "init_weights_update_group")
     buckets = _calls(tm, "update_weights_from_distributed")
@@ -424,3 +425,29 @@ def test_client_weight_sync_payloads_parsed_by_real_routes(sglang_app, tiny_chec
     for k, v in policy2.model.state_dict().items():
         torch.testing.assert_close(lm.model.state_dict()[k], v)
     assert tm.weight_version == "2"
+
+
+def test_release_resume_payloads_parsed_by_real_routes(sglang_app, tiny_checkpoint, tiny_tokenizer):
+    """The colocated-training hooks: bodies parse into 0.5.23's memory-occupation request classes with the tags
+    SGLang knows, in the order its RL guide gives; the next rollout still decodes natively."""
+    from sglang.srt.managers.io_struct import ReleaseMemoryOccupationReqInput, ResumeMemoryOccupationReqInput
+
+    app, tm, lm = sglang_app
+    start = len(tm.calls)
+    client = _client(app, tiny_checkpoint, release_tags=["weights", "kv_cache"], expected_server_version=None)
+    try:
+        client.release_memory()
+        client.resume_memory()
+        client.release_memory()
+        sp = SamplingParams(block_size=4, threshold=0.3, greedy=True, max_new_tokens=17)
+        batch = client.generate(PROMPTS[:1], sp)  # resumes by itself before generating
+    finally:
+        client.close()
+    mem = [(n, obj) for n, obj in tm.calls[start:] if "memory" in n]
+    assert [n for n, _ in mem] == ["release_memory_occupation", "resume_memory_occupation",
+                                   "resume_memory_occupation"] * 2
+    for n, obj in mem:
+        assert isinstance(obj, ReleaseMemoryOccupationReqInput if n.startswith("release")
+                          else ResumeMemoryOccupationReqInput)
+    assert [obj.tags for _, obj in mem[:3]] == [["weights", "kv_cache"], ["weights"], ["kv_cache"]]
+    _assert_rollouts_equal_native(batch, NativeEngine(lm, tiny_tokenizer).generate(PROMPTS[:1], sp))
