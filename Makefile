@@ -40,16 +40,20 @@ SGLANG_VENV := .venv-sglang
 SGLANG_STAMP := $(SGLANG_VENV)/.installed
 SGLANG_PIN ?= sglang==0.5.23
 
-$(SGLANG_STAMP):
+$(SGLANG_STAMP): SHELL := /bin/bash
+$(SGLANG_STAMP): .SHELLFLAGS := -o pipefail -c
+$(SGLANG_STAMP): pyproject.toml
 	test -d $(SGLANG_VENV) || $(PY) -m venv $(SGLANG_VENV)
-	$(SGLANG_VENV)/bin/pip install -q --upgrade pip
-	$(SGLANG_VENV)/bin/pip install -q "$(SGLANG_PIN)" "pytest>=8" "pytest-timeout>=2.3"
-	$(SGLANG_VENV)/bin/pip install -q --no-deps -e .
-	$(SGLANG_VENV)/bin/python -c "import sglang, sglang.srt.dllm.algorithm, lrl.rollout.sglang_plugin"
+	$(SGLANG_VENV)/bin/pip install -q --upgrade pip 2>&1 | { grep -v "is ignored" || true; }
+	$(SGLANG_VENV)/bin/pip install -q "$(SGLANG_PIN)" "pytest>=8" "pytest-timeout>=2.3" 2>&1 | { grep -v "is ignored" || true; }
+	$(SGLANG_VENV)/bin/pip install -q --no-deps -e . 2>&1 | { grep -v "is ignored" || true; }
+	$(SGLANG_VENV)/bin/python -W ignore -c "import sglang, sglang.srt.dllm.algorithm, lrl.rollout.sglang_plugin"
 	touch $(SGLANG_STAMP)
 
+# LRL_REQUIRE_SGLANG: a missing or broken sglang fails these tests instead of skipping them.
 test-sglang: $(SGLANG_STAMP)
-	$(SGLANG_VENV)/bin/python -m pytest -q -x --timeout=600 -m sglang_pkg -p no:cacheprovider tests/test_sglang_real.py
+	LRL_REQUIRE_SGLANG=1 OMP_NUM_THREADS=1 $(SGLANG_VENV)/bin/python -m pytest -q -x --timeout=600 -m sglang_pkg \
+		-p no:cacheprovider tests/test_sglang_real.py
 
 clean:
 	rm -rf $(VENV)
