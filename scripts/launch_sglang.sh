@@ -87,8 +87,13 @@ CMD=("$PY" -m sglang.launch_server
 [[ -n "$MEM_FRACTION" ]] && CMD+=(--mem-fraction-static "$MEM_FRACTION")
 CMD+=("${EXTRA[@]}")
 
-# Only our plugin (plus any the caller already whitelisted) is loaded by SGLang's plugin framework.
-export SGLANG_PLUGINS="${SGLANG_PLUGINS:+$SGLANG_PLUGINS,}lrl_dllm"
+# SGLANG_PLUGINS is SGLang's comma-separated whitelist of general plugins: add ours to what the caller already
+# whitelisted (once; unset = only ours, since an empty whitelist would load every installed plugin).
+case ",${SGLANG_PLUGINS:-}," in
+  *,lrl_dllm,*) ;;
+  *) SGLANG_PLUGINS="${SGLANG_PLUGINS:+$SGLANG_PLUGINS,}lrl_dllm" ;;
+esac
+export SGLANG_PLUGINS
 
 if [[ $DRY_RUN == 1 ]]; then
   echo "# $CFG"

@@ -30,7 +30,7 @@ import torch
 
 from lrl.rollout import weight_sync as ws
 from lrl.rollout.base import RolloutGenerator
-from lrl.rollout.sglang_servers import RolloutServerError, SGLangServerMixin, StaleWeightsError
+from lrl.rollout.sglang_servers import MEMORY_TAGS, RolloutServerError, SGLangServerMixin, StaleWeightsError
 from lrl.rollout.types import RolloutBatch, SamplingParams
 
 STEP_MAP_KEY, NFE_KEY, STORE_KEY = "dllm_step_map", "dllm_nfe", "dllm_store_passes"
@@ -86,6 +86,9 @@ class SGLangRolloutGenerator(SGLangServerMixin, RolloutGenerator):
         server_tp_sizes: tensor-parallel size of each worker (distributed ranks); default: read ``tp_size`` from
             ``/get_server_info`` (1 if absent).
         api_key: sent as ``Authorization: Bearer`` when the servers were launched with ``--api-key``.
+        release_tags: what `release_memory` frees on the servers before a training phase: ``["kv_cache",
+            "weights"]`` for servers colocated with training on the same GPUs (launched with
+            ``--enable-memory-saver``); empty (default): servers keep their memory and the hooks do nothing.
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class SGLangRolloutGenerator(SGLangServerMixin, RolloutGenerator):
         require_step_maps: bool = True,
         server_tp_sizes: list[int] | None = None,
         api_key: str | None = None,
+        release_tags: Sequence[str] = (),
     ):
         urls = [urls] if isinstance(urls, str) else list(urls)
         if not urls:
@@ -138,6 +142,12 @@ class SGLangRolloutGenerator(SGLangServerMixin, RolloutGenerator):
             raise ValueError(f"max_retries and backoff_s must be >= 0, got {max_retries}, {backoff_s}")
         if max_rows_per_request < 1:
             raise ValueError(f"max_rows_per_request must be >= 1, got {max_rows_per_request}")
+        bad_tags = sorted(set(release_tags) - set(MEMORY_TAGS))
+        if bad_tags:
+            raise ValueError(f"data.init_args.rollout.sglang.release_tags: unknown tags {bad_tags}; SGLang 0.5.23 "
+                             f"knows {list(MEMORY_TAGS)}")
+        self.release_tags = [t for t in MEMORY_TAGS if t in set(release_tags)]
+        self._released: set[str] = set()
         self.urls = [u.rstrip("/") for u in urls]
         self.worker_urls = [u.rstrip("/") for u in (worker_urls or urls)]
         self.router = router
@@ -310,6 +320,7 @@ class SGLangRolloutGenerator(SGLangServerMixin, RolloutGenerator):
         if len(prompts) == 0:
             raise ValueError("generate() needs at least one prompt")
         self._ensure_ready()
+        self.resume_memory()  # a rollout needs weights and KV cache resident (no-op unless released)
         self._check_decode_config(sampling)
         ids = self._encode(prompts)
         g = sampling.samples_per_prompt

@@ -313,6 +313,27 @@ def sampling_from_info(sampling_info: Any, batch_size: int) -> list[RowSampling]
     return [RowSampling.from_sglang(t, k, p) for t, k, p in zip(temps, top_ks, top_ps)]
 
 
+def unsupported_request_features(req: Any) -> str | None:
+    """Why SGLang should reject ``req`` (a 0.5.23 ``Req``), or None.
+
+    The plugin samples with temperature / top-k / top-p only; SGLang's penalties, min-p, logit bias, grammars and
+    custom logit processors act in its AR sampler, which the dLLM path never runs, and its ``output_token_logprobs``
+    are never filled for dLLMs (the plugin reports ``meta_info.dllm_sampling_logprobs`` instead). ``sampling_seed``
+    is accepted but not honoured (one seeded generator per rank).
+    """
+    sp = req.sampling_params
+    bad = [name for name, default in (("frequency_penalty", 0.0), ("presence_penalty", 0.0),
+                                      ("repetition_penalty", 1.0), ("min_new_tokens", 0), ("min_p", 0.0))
+           if getattr(sp, name, default) != default]
+    grammar = ("logit_bias", "json_schema", "regex", "ebnf", "structural_tag")
+    bad += [name for name in grammar if getattr(sp, name, None)]
+    bad += [name for name in ("return_logprob", "custom_logit_processor") if getattr(req, name, None)]
+    if not bad:
+        return None
+    return (f"{ALGORITHM_NAME} does not support request-level {', '.join(bad)} (it samples with temperature / top_k / "
+            f"top_p only; sampling log-probs come in meta_info.{LOGPROB_KEY})")
+
+
 # ---------------------------------------------------------------------------------------------- SGLang glue
 _ALGO_CLS: type | None = None
 _REGISTERED = False
@@ -339,6 +360,11 @@ def build_algorithm_class() -> type:
             if self._generator is None or self._generator.device != device:
                 self._generator = torch.Generator(device=device).manual_seed(int(self.lrl_cfg.seed))
             return self._generator
+
+        @classmethod
+        def validate_request(cls, req):
+            """Refuse request features this algorithm would silently ignore (SGLang aborts the request with it)."""
+            return unsupported_request_features(req)
 
         def init_step_state(self, forward_batch):
             return [BlockStepState.new(self.block_size) for _ in range(forward_batch.batch_size)]

@@ -25,6 +25,9 @@ from lrl.rollout import weight_sync as ws
 
 logger = logging.getLogger(__name__)
 
+# SGLang 0.5.23's memory-saver tags, in the order they are resumed (weights, then KV cache)
+MEMORY_TAGS = ("weights", "kv_cache")
+
 
 class RolloutServerError(RuntimeError):
     """A rollout server is unreachable, failed a request, or answered something malformed."""
@@ -152,6 +155,7 @@ class SGLangServerMixin:
         """
         version = self.weight_version + 1 if version is None else int(version)
         self._ensure_ready()
+        self._resume_weights()
         if self.weight_sync == "disk":
             store = self._checkpoint_store()
             path = ws.write_hf_checkpoint(weights, store.path_for(version), self.template_dir, dtype=self.sync_dtype)
@@ -189,6 +193,7 @@ class SGLangServerMixin:
     def update_weights_from_disk(self, path: str | os.PathLike, version: int) -> None:
         """Ask every worker to load the checkpoint at ``path`` (which it must be able to read) as ``version``."""
         self._ensure_ready()
+        self._resume_weights()
         body = {"model_path": str(Path(path).resolve()), "weight_version": str(version),
                 "flush_cache": self.flush_cache_after_update, "abort_all_requests": False}
 
@@ -263,6 +268,7 @@ class SGLangServerMixin:
 
     def _update_distributed(self, weights, version: int) -> None:
         self.init_weight_sync_group()
+        self._resume_weights()
         device = torch.device("cuda", torch.cuda.current_device()) if self.dist_backend == "nccl" else torch.device(
             "cpu")
         self._fan_out(self.worker_urls, "POST", "/begin_weight_update", json={}, timeout=self.sync_timeout_s,
@@ -324,13 +330,38 @@ class SGLangServerMixin:
         self._fan_out(self.worker_urls, "POST", "/flush_cache", timeout=self.sync_timeout_s, idempotent=True)
 
     def release_memory_occupation(self, tags: list[str] | None = None) -> None:
-        """Free GPU weights and/or KV cache on every server (needs ``--enable-memory-saver``; servers must be idle)."""
+        """Free GPU weights and/or KV cache on every server (needs ``--enable-memory-saver``; servers must be idle).
+
+        Body: SGLang 0.5.23's ``ReleaseMemoryOccupationReqInput`` (``tags``: ``"weights"``, ``"kv_cache"``; None =
+        all)."""
         self._fan_out(self.worker_urls, "POST", "/release_memory_occupation", json={"tags": tags},
                       timeout=self.sync_timeout_s, idempotent=False)
+        self._released |= set(MEMORY_TAGS if tags is None else tags)
 
     def resume_memory_occupation(self, tags: list[str] | None = None) -> None:
+        """Take back what `release_memory_occupation` freed (``ResumeMemoryOccupationReqInput``)."""
         self._fan_out(self.worker_urls, "POST", "/resume_memory_occupation", json={"tags": tags},
                       timeout=self.sync_timeout_s, idempotent=False)
+        self._released -= set(MEMORY_TAGS if tags is None else tags)
+
+    def release_memory(self) -> None:
+        """Before a training phase (colocated servers): release ``release_tags`` on every server; no-op without."""
+        self._ensure_ready()
+        tags = [t for t in self.release_tags if t not in self._released]
+        if tags:
+            self.release_memory_occupation(tags)
+
+    def resume_memory(self) -> None:
+        """Before the next rollout phase: resume what `release_memory` freed (weights first, then the KV cache, as
+        SGLang's RL guide orders them; a weight sync in between resumes the weights by itself)."""
+        for tag in MEMORY_TAGS:
+            if tag in self._released:
+                self.resume_memory_occupation([tag])
+
+    def _resume_weights(self) -> None:
+        """A weight update needs the weights resident: resume them if `release_memory` released them."""
+        if "weights" in self._released:
+            self.resume_memory_occupation(["weights"])
 
     def close(self) -> None:
         """Leave the weight-update group and close connections (servers keep running)."""
