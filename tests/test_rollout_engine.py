@@ -12,7 +12,7 @@ import torch
 
 from lrl.models import build_tiny_model
 from lrl.rollout import NativeEngine, SamplingParams, sample_tokens, select_unmask
-from lrl.rollout.unmasking import draw_keys
+from decode_reference import reference_decode  # noqa: E402  (tests/ is on sys.path)
 
 PROMPTS = ["Q: 12+7=?\nA: ", "hi", "The quick brown fox", "abcdefgh", "x=3; y=x*x; print(y)"]
 # The random tiny model is nearly uniform over ~100 tokens: greedy confidences sit around 0.01-0.03, so thresholds
@@ -33,49 +33,6 @@ def greedy(**kw) -> SamplingParams:
 def blocks_touched(plen: int, n: int, bsz: int) -> int:
     """Blocks holding generated positions [plen, plen + n)."""
     return (plen + n - 1) // bsz - plen // bsz + 1
-
-
-def reference_decode(lm, prompt: list[int], sp: SamplingParams, pad_id: int, row: int = 0):
-    """Slow uncached decoder: every denoising step recomputes the whole sequence with ``full_logits``.
-
-    Same rules as the engine (spec §2): blocks aligned to absolute positions, the shared sample/select functions,
-    stop checks on complete blocks, nothing generated past the budget; sampled draws keyed by (seed, ``row`` — the
-    request row, prompt i × G + sample j —, step, block offset). Returns (ids, step map, finish reason).
-    """
-    bsz, plen = sp.block_size, len(prompt)
-    budget = plen + sp.max_new_tokens
-    total = -(-budget // bsz) * bsz
-    seq = torch.full((total,), pad_id, dtype=torch.long)
-    seq[:plen] = torch.tensor(prompt)
-    masked = torch.zeros(total, dtype=torch.bool)
-    masked[plen:budget] = True
-    seq[masked] = lm.bd.mask_token_id
-    steps, step = torch.zeros(total, dtype=torch.long), 0
-    for lo in range(plen // bsz * bsz, total, bsz):
-        hi = lo + bsz
-        while masked[lo:hi].any():
-            logits = lm.full_logits(seq[None, :hi], torch.tensor([min(hi, budget)]), bsz)[0, lo:hi]
-            m = masked[lo:hi]
-            at = m.nonzero().squeeze(1)
-            keys = draw_keys(sp.seed, torch.full_like(at, row), torch.full_like(at, step + 1), at)
-            tok, c = sample_tokens(logits[m], greedy=sp.greedy, temperature=sp.temperature, top_k=sp.top_k,
-                                   top_p=sp.top_p, keys=None if sp.greedy else keys)
-            conf, drawn = torch.zeros(bsz), seq[lo:hi].clone()
-            conf[m], drawn[m] = c, tok
-            chosen = select_unmask(conf[None], m[None], strategy=sp.remasking_strategy, threshold=sp.threshold,
-                                   k=sp.tokens_per_step())[0]
-            step += 1
-            seq[lo:hi][chosen] = drawn[chosen]
-            steps[lo:hi][chosen] = step
-            masked[lo:hi] &= ~chosen
-        gen_from = max(lo, plen)
-        hits = [i for i, t in enumerate(seq[gen_from:min(hi, budget)].tolist()) if t in sp.stop_token_ids]
-        if hits:
-            end = gen_from + hits[0] + 1 if sp.eos_policy == "truncate" else min(hi, budget)
-            return seq[plen:end].tolist(), steps[plen:end].tolist(), "stop"
-        if hi >= budget:
-            return seq[plen:budget].tolist(), steps[plen:budget].tolist(), "length"
-    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------------------------- step maps, TPF
