@@ -195,7 +195,7 @@ def test_datamodule_chat_template_and_stop_token_settings(sdar_like_checkpoint, 
     from datamodules import RolloutDataModule
 
     kw = dict(task="synthetic", task_kwargs={"num_train": 4, "num_eval": 2}, group_size=2, block_size=4,
-              max_new_tokens=8)
+              prompts_per_step=2, max_new_tokens=8)  # a step's prompts must fit the 4-prompt split
     dm = RolloutDataModule(str(sdar_like_checkpoint), **kw)
     dm.setup("fit")
     assert dm.stop_ids == (151643, 151645)

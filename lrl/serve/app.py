@@ -53,6 +53,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lrl.rollout.engine import NativeEngine
 from lrl.rollout.types import SamplingParams
+from lrl.serve.cancel import CancelHook, GenerationCancelled, run_cancellable
 from lrl.serve.limits import BodySizeLimit, json_error
 
 logger = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ class ServeState:
         self.model_path = model_path
         self.weight_version = weight_version
         self.lock = threading.Lock()
+        self.cancel = CancelHook(engine.lm)  # a client that went away stops its generation at the next forward
         self.bracket_open = False
         self.groups: dict[str, Any] = {}
         from lrl.models.generation import checkpoint_stop_ids
@@ -258,8 +260,9 @@ def _sampling(raw: dict | None, state: ServeState) -> tuple[SamplingParams, SGLa
     return sp, p
 
 
-def run_generate(state: ServeState, req: GenerateRequest) -> Any:
-    """Serve one /generate request (blocking; called in a worker thread)."""
+def run_generate(state: ServeState, req: GenerateRequest, cancel: threading.Event | None = None) -> Any:
+    """Serve one /generate request (blocking; called in a worker thread). Setting ``cancel`` (the client went
+    away) stops it at the engine's next forward with `GenerationCancelled`."""
     rows, batch = _rows(req, state)
     raw = req.sampling_params
     if isinstance(raw, list):
@@ -277,7 +280,7 @@ def run_generate(state: ServeState, req: GenerateRequest) -> Any:
         groups.setdefault(dataclasses.astuple(sp), []).append(i)
     outputs: list[dict | None] = [None] * len(rows)
     t0 = time.perf_counter()
-    with state.lock:
+    with state.lock, state.cancel.watching(cancel):
         version = state.weight_version
         for idx in groups.values():
             sp, sgl = params[idx[0]]
@@ -498,15 +501,19 @@ def create_app(engine: NativeEngine, decode: DecodeConfig, *, model_path: str = 
     async def server_info():
         return {"tp_size": 1, "dp_size": 1, "model_path": state.model_path, "weight_version": state.weight_version,
                 "device": str(state.engine.lm.device), **dataclasses.asdict(state.decode),
-                "max_running_requests": state.engine.max_rows}
+                "max_running_requests": state.engine.max_rows, "lrl_cancelled_generations": state.cancel.cancelled}
 
     @app.get("/get_weight_version")
     async def get_weight_version():
         return {"weight_version": state.weight_version}
 
     @app.post("/generate")
-    async def generate(req: GenerateRequest):
-        return await asyncio.to_thread(run_generate, state, req)
+    async def generate(req: GenerateRequest, request: Request):
+        try:
+            return await run_cancellable(request, run_generate, state, req)
+        except GenerationCancelled:
+            logger.info("/generate: the client went away; its generation was stopped")
+            return json_error(499, "client closed the request; generation cancelled")
 
     @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(req: UpdateFromDiskRequest):
