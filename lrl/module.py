@@ -14,6 +14,7 @@ datamodule's cursor in a checkpoint is exact).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from typing import Literal
@@ -104,6 +105,9 @@ class LightningRLModule(PlannerTraining, LightningModule):
             log-probs to the per-token loss; ``joint`` uses one ratio per step whose log-prob is Σ decisions +
             Σ tokens of the step, with this loss's clip, KL and reductions over steps (needs a planner head and
             the trajectory estimator; one packed forward per micro-batch instead of two).
+        reference_offload: keep the frozen reference on the CPU between its passes (on a GPU it then costs device
+            memory only during the reference log-prob pass). The reference is held in the compute dtype (bf16 under
+            ``bf16-mixed`` / ``bf16-true``), never as a second float32 copy.
     """
 
     def __init__(
@@ -147,6 +151,7 @@ class LightningRLModule(PlannerTraining, LightningModule):
         freeze_backbone: bool = False,
         eval_planner_thresholds: list[float] = (),
         planner_ratio: Literal["separate", "joint"] = "separate",
+        reference_offload: bool = True,
     ):
         super().__init__()
         for name, value in (
@@ -205,8 +210,11 @@ class LightningRLModule(PlannerTraining, LightningModule):
         if hp.gradient_checkpointing:
             self.policy.model.gradient_checkpointing_enable()
         if hp.kl_beta > 0:
-            ref = copy.deepcopy(self.policy).eval()
+            ref = copy.deepcopy(self.policy).eval()  # on the CPU here: the policy reaches the device later
             ref.requires_grad_(False)
+            dtype = self._compute_dtype()
+            if dtype is not None:  # its passes run in this dtype anyway (autocast): no float32 copy (issue 28)
+                ref.to(dtype)
             self._ref = [ref]
         self._maybe_shard()
 
@@ -244,6 +252,15 @@ class LightningRLModule(PlannerTraining, LightningModule):
         total = int(self.all_gather(torch.tensor(local, device=self.device)).max())
         self.padded_forwards += total - local
         return total
+
+    def _compute_dtype(self) -> torch.dtype | None:
+        """The dtype the trainer's precision computes in (None: the parameters' own)."""
+        precision = str(getattr(self._trainer, "precision", "") if self._trainer is not None else "")
+        if precision.startswith("bf16"):
+            return torch.bfloat16
+        if precision.startswith("16"):
+            return torch.float16
+        return None
 
     @property
     def rollout_block_size(self) -> int:
@@ -328,14 +345,18 @@ class LightningRLModule(PlannerTraining, LightningModule):
         n, mbs = len(batch), self.hparams.micro_batch_size
         was_training = lm.training
         lm.eval()
-        with gathered(lm):  # sharded policy: full weights once, then no per-forward collectives
+        # a sharded policy runs through its wrapper, one unit gathered at a time (never the whole float32 model);
+        # the planner's per-step path calls submodules directly and needs the full weights
+        through_wrapper = is_sharded(lm) and not per_step
+        with contextlib.nullcontext() if through_wrapper else gathered(lm):
+            target = lm if through_wrapper else unwrap(lm)
             for s in range(0, n, mbs):
                 rows = list(range(s, min(n, s + mbs)))
                 if per_step:
-                    dec, tok, steps = self._step_logprobs(unwrap(lm), batch, rows)
+                    dec, tok, steps = self._step_logprobs(target, batch, rows)
                     out.extend((dec + tok).split(steps))
                 else:
-                    logp, _ = self._logprobs(unwrap(lm), batch, rows)
+                    logp, _ = self._logprobs(target, batch, rows)
                     out.extend(logp.split([len(batch.response_ids[i]) for i in rows]))
         lm.train(was_training)
         return out
@@ -367,6 +388,8 @@ class LightningRLModule(PlannerTraining, LightningModule):
         ref_model = self.reference
         use_ref = n and ref_model is not None and hp.kl_beta > 0
         ref = self._frozen_logprobs(ref_model, batch, joint) if use_ref else None
+        if use_ref and hp.reference_offload and ref_model.device.type != "cpu":
+            ref_model.to("cpu")  # device memory only during its pass (docs/memory.md)
         if hp.nll_correct == "verifier" or not n:
             correct = batch.correct if batch.correct is not None else torch.zeros(n, dtype=torch.bool)
         else:
@@ -472,6 +495,7 @@ class LightningRLModule(PlannerTraining, LightningModule):
                     n_opt += 1
                 if mb_stats is not None:
                     total_stats = mb_stats if total_stats is None else total_stats + mb_stats
+        opt.zero_grad(set_to_none=True)  # gradients hold no memory during rollouts and evaluation
         self.rl_step += 1
         if hp.max_rl_steps is not None and self.rl_step >= hp.max_rl_steps:
             self.trainer.should_stop = True
