@@ -176,7 +176,8 @@ def build_plan(config: dict, *, world_size: int | None = None, device_gb: float 
     rb = DTYPE_BYTES.get(str(ro.get("dtype")), None) or base_b
     if native:
         if fsdp or lora or rb != pb:
-            note = "bf16 copy built per rollout phase" if not fsdp else "gathered layer by layer, per rollout phase"
+            # counted in the rollout phase: the copy must be freed around training (release_memory, issue 27)
+            note = "engine's own copy in the rollout dtype; assumes release_memory frees it while training"
             rows.append(Row("rollout engine weights", "rollout", P * rb, "data.init_args.rollout.dtype", note))
         else:
             rows.append(Row("rollout engine weights", "rollout", 0, "", "reads the policy's own weights"))
