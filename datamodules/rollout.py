@@ -11,7 +11,6 @@ resumed run draws exactly the prompts and samples an uninterrupted run would.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
 from lrl.models import load_checkpoint
-from lrl.models.sharding import is_sharded
+from lrl.models.sharding import cast_copy, is_sharded
 from lrl.rollout.base import RolloutGenerator
 from lrl.rollout.types import RolloutBatch, SamplingParams
 
@@ -449,16 +448,18 @@ class RolloutDataModule(LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is None or getattr(module, "policy", None) is None:
             raise RuntimeError("the native rollout engine needs the policy of a LightningRLModule")
+        dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
         if is_sharded(module.policy):
-            # a sharded policy cannot be deep-copied: load the architecture, WeightSync then pushes full weights
+            # a sharded policy cannot be deep-copied: the architecture in the rollout dtype straight from disk
+            # (never a float32 copy on the device); WeightSync then pushes the full weights
             hp = module.hparams
-            lm, _ = load_checkpoint(hp.checkpoint, mask_token_id=hp.mask_token_id, attention=hp.attention)
-            lm.to(module.device)
+            lm, _ = load_checkpoint(hp.checkpoint, mask_token_id=hp.mask_token_id, attention=hp.attention,
+                                    dtype=dtype)
+            lm.to(module.device).eval().requires_grad_(False)
+        elif dtype is None or dtype == module.policy.dtype:
+            lm = module.policy  # the engine reads the policy's own weights: no copy at all (issue 28)
         else:
-            lm = copy.deepcopy(module.policy)
-        lm.eval().requires_grad_(False)
-        if cfg.dtype:
-            lm.to(getattr(torch, cfg.dtype))
+            lm = cast_copy(module.policy, dtype)  # the copy the config asks for, built tensor by tensor
         return NativeEngine(lm, module.tokenizer, max_rows=cfg.max_rows, progress=cfg.progress,
                             cuda_graphs=cfg.cuda_graphs, kv_cache_gb=cfg.kv_cache_gb, transient_gb=cfg.transient_gb)
 

@@ -51,6 +51,8 @@ class LRLCLI(LightningCLI):
             default=None,
             help="Override of the checkpoint's mask token id (must agree with the tokenizer)",
         )
+        parser.add_argument("--skip_plan", type=bool, default=False,
+                            help="fit on a GPU: run even if the memory plan (`lrl plan`) says it does not fit")
         for key in ("checkpoint", "block_size", "mask_token_id"):
             parser.link_arguments(key, f"model.init_args.{key}")
             parser.link_arguments(key, f"data.init_args.{key}")
@@ -66,6 +68,10 @@ class LRLCLI(LightningCLI):
         if config.get("checkpoint") and not model_args.get("init_tiny"):  # SFT from scratch exports there instead
             check_checkpoint_dir(config["checkpoint"])
         check_config(config)
+        if self.subcommand == "fit" and not config.get("skip_plan"):
+            from lrl.plan.command import preflight
+
+            preflight(config.as_dict())
 
     def _parse_ckpt_path(self) -> None:
         """Lightning re-reads a ``--ckpt_path`` file's hyperparameters here, before `before_instantiate_classes`:
@@ -227,6 +233,10 @@ def main(argv: list[str] | None = None) -> None:
 
         serve_main(args[1:])
         return
+    if args and args[0] == "plan":
+        from lrl.plan.command import main as plan_main
+
+        sys.exit(plan_main(args[1:]))
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from lrl import cli_errors

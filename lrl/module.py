@@ -14,6 +14,7 @@ datamodule's cursor in a checkpoint is exact).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from typing import Literal
@@ -22,7 +23,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import FSDPStrategy
 
-from lrl.algorithms.logprobs import response_logprobs
+from lrl.algorithms.logprobs import backward_logprobs, response_logprobs, single_pass_tokens
 from lrl.algorithms.losses import LossStats, build_normalizer, lightningrl_loss
 from lrl.algorithms.rollout_mismatch import mismatch_metrics, tis_weights
 from lrl.models import BlockDiffusionLM, load_checkpoint
@@ -104,6 +105,9 @@ class LightningRLModule(PlannerTraining, LightningModule):
             log-probs to the per-token loss; ``joint`` uses one ratio per step whose log-prob is Σ decisions +
             Σ tokens of the step, with this loss's clip, KL and reductions over steps (needs a planner head and
             the trajectory estimator; one packed forward per micro-batch instead of two).
+        reference_offload: keep the frozen reference on the CPU between its passes (on a GPU it then costs device
+            memory only during the reference log-prob pass). The reference is held in the compute dtype (bf16 under
+            ``bf16-mixed`` / ``bf16-true``), never as a second float32 copy.
     """
 
     def __init__(
@@ -147,6 +151,7 @@ class LightningRLModule(PlannerTraining, LightningModule):
         freeze_backbone: bool = False,
         eval_planner_thresholds: list[float] = (),
         planner_ratio: Literal["separate", "joint"] = "separate",
+        reference_offload: bool = True,
     ):
         super().__init__()
         for name, value in (
@@ -205,8 +210,11 @@ class LightningRLModule(PlannerTraining, LightningModule):
         if hp.gradient_checkpointing:
             self.policy.model.gradient_checkpointing_enable()
         if hp.kl_beta > 0:
-            ref = copy.deepcopy(self.policy).eval()
+            ref = copy.deepcopy(self.policy).eval()  # on the CPU here: the policy reaches the device later
             ref.requires_grad_(False)
+            dtype = self._compute_dtype()
+            if dtype is not None:  # its passes run in this dtype anyway (autocast): no float32 copy (issue 28)
+                ref.to(dtype)
             self._ref = [ref]
         self._maybe_shard()
 
@@ -244,6 +252,15 @@ class LightningRLModule(PlannerTraining, LightningModule):
         total = int(self.all_gather(torch.tensor(local, device=self.device)).max())
         self.padded_forwards += total - local
         return total
+
+    def _compute_dtype(self) -> torch.dtype | None:
+        """The dtype the trainer's precision computes in (None: the parameters' own)."""
+        precision = str(getattr(self._trainer, "precision", "") if self._trainer is not None else "")
+        if precision.startswith("bf16"):
+            return torch.bfloat16
+        if precision.startswith("16"):
+            return torch.float16
+        return None
 
     @property
     def rollout_block_size(self) -> int:
@@ -288,11 +305,18 @@ class LightningRLModule(PlannerTraining, LightningModule):
             self.trainer.should_stop = True
 
     # ------------------------------------------------------------------ log-probs
-    def _logprobs(self, lm: BlockDiffusionLM, batch: RolloutBatch, rows: list[int], with_entropy: bool = False):
+    def _logprobs(self, lm: BlockDiffusionLM, batch: RolloutBatch, rows: list[int], with_entropy: bool = False,
+                  stats: dict | None = None, backward=None, loss_fn=None, sync=None):
+        """Log-probs of the responses ``rows`` (`response_logprobs`); with ``backward`` and ``loss_fn``, their loss
+        backpropagated forward by forward instead (`backward_logprobs`, ``sync``: its ``sync_backwards``)."""
         hp = self.hparams
         sp = batch.sampling
         sampled = sp is not None and not sp.greedy  # greedy (or unknown) rollouts: the plain log-softmax
-        return response_logprobs(
+        if backward is not None:
+            fn, extra = backward_logprobs, {"backward": backward, "loss_fn": loss_fn, "sync_backwards": sync}
+        else:
+            fn, extra = response_logprobs, {"sync_forwards": self._forward_sync_for(lm)}
+        return fn(
             lm,
             [batch.prompt_ids[i] for i in rows],
             [batch.response_ids[i] for i in rows],
@@ -303,12 +327,13 @@ class LightningRLModule(PlannerTraining, LightningModule):
             max_copies=hp.max_copies,
             rows_per_forward=hp.rows_per_forward,
             with_entropy=with_entropy,
-            sync_forwards=self._forward_sync_for(lm),
             tail_ids=[batch.tail_ids[i] for i in rows],
             tail_step_maps=[batch.tail_step_maps[i] for i in rows],
             temperature=sp.temperature if sampled else 1.0,
             top_k=sp.top_k if sampled else 0,
             top_p=sp.top_p if sampled else 1.0,
+            stats=stats,
+            **extra,
         )
 
     @torch.no_grad()
@@ -320,14 +345,18 @@ class LightningRLModule(PlannerTraining, LightningModule):
         n, mbs = len(batch), self.hparams.micro_batch_size
         was_training = lm.training
         lm.eval()
-        with gathered(lm):  # sharded policy: full weights once, then no per-forward collectives
+        # a sharded policy runs through its wrapper, one unit gathered at a time (never the whole float32 model);
+        # the planner's per-step path calls submodules directly and needs the full weights
+        through_wrapper = is_sharded(lm) and not per_step
+        with contextlib.nullcontext() if through_wrapper else gathered(lm):
+            target = lm if through_wrapper else unwrap(lm)
             for s in range(0, n, mbs):
                 rows = list(range(s, min(n, s + mbs)))
                 if per_step:
-                    dec, tok, steps = self._step_logprobs(unwrap(lm), batch, rows)
+                    dec, tok, steps = self._step_logprobs(target, batch, rows)
                     out.extend((dec + tok).split(steps))
                 else:
-                    logp, _ = self._logprobs(unwrap(lm), batch, rows)
+                    logp, _ = self._logprobs(target, batch, rows)
                     out.extend(logp.split([len(batch.response_ids[i]) for i in rows]))
         lm.train(was_training)
         return out
@@ -359,6 +388,8 @@ class LightningRLModule(PlannerTraining, LightningModule):
         ref_model = self.reference
         use_ref = n and ref_model is not None and hp.kl_beta > 0
         ref = self._frozen_logprobs(ref_model, batch, joint) if use_ref else None
+        if use_ref and hp.reference_offload and ref_model.device.type != "cpu":
+            ref_model.to("cpu")  # device memory only during its pass (docs/memory.md)
         if hp.nll_correct == "verifier" or not n:
             correct = batch.correct if batch.correct is not None else torch.zeros(n, dtype=torch.bool)
         else:
@@ -369,6 +400,7 @@ class LightningRLModule(PlannerTraining, LightningModule):
             raise ValueError(f"model.tis_cap={hp.tis_cap} needs the rollout's sampling log-probs, but the rollout "
                              "generator returned none (RolloutBatch.sampling_logprobs is None)")
         mismatch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (old, rollout) log-probs of the same tokens
+        forward_stats: dict = {}  # positions run through the decoder by the training forwards of this step
         plan_sum = 0.0
         total_stats: LossStats | None = None
         grad_norms: list[float] = []
@@ -394,44 +426,41 @@ class LightningRLModule(PlannerTraining, LightningModule):
                 opt.zero_grad(set_to_none=True)
                 mb_stats = None
                 for m in range(n_micro):
-                    if m >= len(micro):  # this rank has fewer micro-batches: a zero-loss pass keeps DDP/FSDP in step
-                        self.manual_backward(self._zero_loss())
+                    if m >= len(micro):  # this rank has fewer micro-batches: zero-loss passes keep DDP/FSDP in step
+                        if joint or hp.freeze_backbone:
+                            self.manual_backward(self._zero_loss())
+                        else:  # as many passes as the ranks' chunked backward runs (`backward_logprobs`)
+                            if hp.estimator == "masked_states":  # its no-grad pass first
+                                with torch.no_grad():
+                                    for _ in range(self._sync_forwards(0)):
+                                        self._zero_loss(sync=False)
+                            for _ in range(self._sync_forwards(0) + int(plan_on)):
+                                self.manual_backward(self._zero_loss(sync=False))
                         continue
                     local = micro[m]
                     rows = [mb[i] for i in local]
                     ent = None
                     if joint:  # dUltra, one ratio per step: decisions + tokens (module_planner)
                         out = self._joint_loss(batch, rows, local, adv, norm, old, ref, correct)
-                    else:
-                        lengths = torch.tensor([len(batch.response_ids[i]) for i in rows])
-                        logp, ent = self._logprobs(self.policy, batch, rows, with_entropy=epoch == 0)
-                        dev = logp.device
-                        # single step: the detached current log-probs ARE the old ones (no separate pass)
-                        old_logp = logp.detach() if old is None else torch.cat([old[i] for i in rows]).to(dev)
-                        roll = None
-                        if rollout_lp is not None:
-                            roll = torch.tensor([x for i in rows for x in rollout_lp[i]], dtype=torch.float32,
-                                                device=dev)
-                            if epoch == 0:
-                                mismatch.append((old_logp.float().cpu(), roll.cpu()))
-                        out = lightningrl_loss(
-                            logp,
-                            old_logp,
-                            torch.repeat_interleave(adv[rows], lengths).to(dev),
-                            torch.repeat_interleave(torch.tensor(local), lengths).to(dev),
-                            norm,
-                            ref_logp=torch.cat([ref[i] for i in rows]).to(dev) if ref is not None else None,
-                            correct_tokens=torch.repeat_interleave(correct[rows], lengths).to(dev),
-                            eps_low=hp.eps_low,
-                            eps_high=hp.eps_high,
-                            kl_beta=hp.kl_beta if ref is not None else 0.0,
-                            kl_estimator=hp.kl_estimator,
-                            nll_weight=hp.nll_weight,
-                            policy_reduction=hp.policy_reduction,
-                            kl_reduction=hp.kl_reduction,
-                            nll_reduction=hp.nll_reduction,
-                            is_weights=tis_weights(old_logp, roll, hp.tis_cap) if hp.tis_cap is not None else None,
-                        )
+                    elif not hp.freeze_backbone:  # forward and backward per rows_per_forward rows
+                        acc = self._chunked_backward(batch, rows, local, adv, norm, old, ref, correct, rollout_lp,
+                                                     epoch == 0, world, mismatch, forward_stats)
+                        mb_stats = acc["stats"] if mb_stats is None else mb_stats + acc["stats"]
+                        entropy_sum += acc["entropy_sum"]
+                        entropy_count += acc["entropy_count"]
+                        if plan_on:  # dUltra, separate: the decisions' PPO term beside the tokens'
+                            plan_loss = self._planner_loss(batch, rows, adv, single_step, len(mb))
+                            plan_sum += float(plan_loss.detach())
+                            self.manual_backward(plan_loss * world)
+                        continue
+                    else:  # planner-only RL: the token loss is logged, only the planner term trains
+                        logp, ent = self._logprobs(self.policy, batch, rows, with_entropy=epoch == 0,
+                                                   stats=forward_stats)
+                        inputs = self._token_inputs(batch, rows, local, adv, old, ref, correct, rollout_lp,
+                                                    logp.detach(), logp.device)
+                        if epoch == 0 and inputs["roll"] is not None:
+                            mismatch.append((inputs["old"].float().cpu(), inputs["roll"].cpu()))
+                        out = self._token_loss(logp, inputs, norm)
                     if ent is not None:
                         entropy_sum += float(ent.sum())
                         entropy_count += ent.numel()
@@ -466,6 +495,7 @@ class LightningRLModule(PlannerTraining, LightningModule):
                     n_opt += 1
                 if mb_stats is not None:
                     total_stats = mb_stats if total_stats is None else total_stats + mb_stats
+        opt.zero_grad(set_to_none=True)  # gradients hold no memory during rollouts and evaluation
         self.rl_step += 1
         if hp.max_rl_steps is not None and self.rl_step >= hp.max_rl_steps:
             self.trainer.should_stop = True
@@ -473,18 +503,98 @@ class LightningRLModule(PlannerTraining, LightningModule):
         if grad_norms:
             extra["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
         extra.update(mismatch_metrics(mismatch, hp.tis_cap))
+        if forward_stats.get("forward_tokens") and n:
+            sp_bs = unwrap(self.policy).bd.block_size
+            full = [len(batch.prompt_ids[i]) + len(batch.response_ids[i]) + len(batch.tail_ids[i]) for i in range(n)]
+            single = single_pass_tokens([len(p) for p in batch.prompt_ids], full, sp_bs) * hp.ppo_epochs
+            extra["train/forward_tokens"] = float(forward_stats["forward_tokens"])
+            extra["train/forward_tokens_vs_single_pass"] = forward_stats["forward_tokens"] / max(single, 1)
         if plan_on and not joint:
             extra["loss/planner"] = plan_sum / max(n_opt, 1)
         self._log_step(
             batch, total_stats, entropy_sum / max(entropy_count, 1), time.perf_counter() - t0, max(n_opt, 1), extra
         )
 
-    def _zero_loss(self) -> torch.Tensor:
-        """A loss of exactly 0 that still runs a forward/backward through the policy (gradient-sync hooks fire)."""
+    def _zero_loss(self, sync: bool = True) -> torch.Tensor:
+        """A loss of exactly 0 that still runs a forward/backward through the policy (gradient-sync hooks fire);
+        ``sync``: match the other ranks' forward count first (a collective under FSDP)."""
         pad = self.tokenizer.pad_token_id
         logp, _ = response_logprobs(self.policy, [[pad]], [[pad]], [[1]], estimator="single_pass", pad_id=pad,
-                                    sync_forwards=self._forward_sync_for(self.policy))
+                                    sync_forwards=self._forward_sync_for(self.policy) if sync else None)
         return logp.sum() * 0.0
+
+    def _token_inputs(self, batch, rows, local, adv, old, ref, correct, rollout_lp, current, dev) -> dict:
+        """Per-token inputs of the loss for the responses ``rows`` (flat, response-major). ``current``: the
+        detached current log-probs, the old ones when there is no separate old pass (a single optimizer step)."""
+        lengths = torch.tensor([len(batch.response_ids[i]) for i in rows])
+        old_logp = current if old is None else torch.cat([old[i] for i in rows]).to(dev)
+        roll = None
+        if rollout_lp is not None:
+            roll = torch.tensor([x for i in rows for x in rollout_lp[i]], dtype=torch.float32, device=dev)
+        return {
+            "old": old_logp,
+            "adv": torch.repeat_interleave(adv[rows], lengths).to(dev),
+            "seq": torch.repeat_interleave(torch.tensor(local), lengths).to(dev),
+            "ref": torch.cat([ref[i] for i in rows]).to(dev) if ref is not None else None,
+            "correct": torch.repeat_interleave(correct[rows], lengths).to(dev),
+            "roll": roll,
+        }
+
+    def _token_loss(self, logp, inputs: dict, norm, index: torch.Tensor | None = None):
+        """`lightningrl_loss` of the tokens ``index`` (all when None) of `_token_inputs`' responses: a sum over
+        tokens with the minibatch's global normalisers, so parts over disjoint token sets add up to the whole."""
+        hp = self.hparams
+
+        def pick(t):
+            return t if t is None or index is None else t[index]
+
+        old_logp, roll = pick(inputs["old"]), pick(inputs["roll"])
+        return lightningrl_loss(
+            logp,
+            old_logp,
+            pick(inputs["adv"]),
+            pick(inputs["seq"]),
+            norm,
+            ref_logp=pick(inputs["ref"]),
+            correct_tokens=pick(inputs["correct"]),
+            eps_low=hp.eps_low,
+            eps_high=hp.eps_high,
+            kl_beta=hp.kl_beta if inputs["ref"] is not None else 0.0,
+            kl_estimator=hp.kl_estimator,
+            nll_weight=hp.nll_weight,
+            policy_reduction=hp.policy_reduction,
+            kl_reduction=hp.kl_reduction,
+            nll_reduction=hp.nll_reduction,
+            is_weights=tis_weights(old_logp, roll, hp.tis_cap) if hp.tis_cap is not None else None,
+        )
+
+    def _chunked_backward(self, batch, rows, local, adv, norm, old, ref, correct, rollout_lp, first_epoch, world,
+                          mismatch, forward_stats) -> dict:
+        """One micro-batch's loss, forward and backward per ``rows_per_forward`` packed rows (`backward_logprobs`):
+        training memory is one forward's activations, whatever the micro-batch size (issue 28)."""
+        dev = self.policy.device if not is_sharded(self.policy) else self.device
+        n_tok = sum(len(batch.response_ids[i]) for i in rows)
+        # single optimizer step (old is None): the old log-probs are the current ones, filled in chunk by chunk
+        inputs = self._token_inputs(batch, rows, local, adv, old, ref, correct, rollout_lp,
+                                    torch.zeros(n_tok, device=dev), dev)
+        acc = {"stats": None, "entropy_sum": 0.0, "entropy_count": 0}
+
+        def loss_fn(logp, index, ent):
+            if old is None:
+                inputs["old"][index] = logp.detach().to(inputs["old"].dtype)
+            out = self._token_loss(logp, inputs, norm, index)
+            if first_epoch and inputs["roll"] is not None:
+                mismatch.append((inputs["old"][index].float().cpu(), inputs["roll"][index].cpu()))
+            acc["stats"] = out.stats if acc["stats"] is None else acc["stats"] + out.stats
+            if ent is not None:
+                acc["entropy_sum"] += float(ent.sum())
+                acc["entropy_count"] += ent.numel()
+            return out.loss, out.nonfinite
+
+        self._logprobs(self.policy, batch, rows, with_entropy=first_epoch, stats=forward_stats,
+                       backward=lambda loss: self.manual_backward(loss * world), loss_fn=loss_fn,
+                       sync=self._sync_forwards if world > 1 else None)
+        return acc
 
     def _log_step(
         self,

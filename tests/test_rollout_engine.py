@@ -9,10 +9,10 @@ import dataclasses
 
 import pytest
 import torch
+from decode_reference import reference_decode  # noqa: E402  (tests/ is on sys.path)
 
 from lrl.models import build_tiny_model
-from lrl.rollout import NativeEngine, SamplingParams, sample_tokens, select_unmask
-from decode_reference import reference_decode  # noqa: E402  (tests/ is on sys.path)
+from lrl.rollout import NativeEngine, SamplingParams
 
 PROMPTS = ["Q: 12+7=?\nA: ", "hi", "The quick brown fox", "abcdefgh", "x=3; y=x*x; print(y)"]
 # The random tiny model is nearly uniform over ~100 tokens: greedy confidences sit around 0.01-0.03, so thresholds

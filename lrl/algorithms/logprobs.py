@@ -52,7 +52,7 @@ class PackedRows:
 
     input_ids (B, L) clean prompt+response, right-padded; lengths (B,); noisy (B, K, L) bool masked positions of
     each noisy copy; targets (B, K, L) bool ⊆ noisy, the positions scored in that copy; sample (B,) index of the
-    response each row belongs to.
+    response each row belongs to; copies (B,) noisy copies used by each row (the rest of K is padding).
     """
 
     input_ids: torch.Tensor
@@ -60,6 +60,15 @@ class PackedRows:
     noisy: torch.Tensor
     targets: torch.Tensor
     sample: torch.Tensor
+    copies: torch.Tensor | None = None
+
+    def chunk(self, sl: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, noisy, targets, lengths) of rows ``sl``, cut to those rows' longest row and copy count:
+        rows are sorted by shape, so a forward over a chunk does not pad to the micro-batch's longest row."""
+        lengths = self.lengths[sl]
+        length = int(lengths.max()) if lengths.numel() else 0
+        k = int(self.copies[sl].max()) if self.copies is not None and lengths.numel() else self.noisy.shape[1]
+        return (self.input_ids[sl, :length], self.noisy[sl, :k, :length], self.targets[sl, :k, :length], lengths)
 
 
 def trajectory_rounds(
@@ -149,7 +158,87 @@ def pack_samples(
         noisy=noisy.to(device),
         targets=targets.to(device),
         sample=torch.tensor([j for j, _, _ in rows], device=device),
+        copies=torch.tensor([len(c) for _, _, c in rows], device=device),
     )
+
+
+def forward_tokens(lengths: torch.Tensor, noisy: torch.Tensor, block_size: int) -> int:
+    """Positions one training forward runs through the decoder: rows × (copies × window + clean length), the
+    shapes `BlockDiffusionLM.diffusion_hidden` builds (window: whole blocks from the block-aligned first masked
+    position to the longest row's end). lengths (B,), noisy (B, K, L) bool."""
+    if not lengths.numel():
+        return 0
+    masked = noisy.any(dim=1)
+    first = torch.where(masked.any(dim=1), masked.long().argmax(dim=1), lengths)
+    starts = torch.minimum(first, lengths) // block_size * block_size
+    width = int(((lengths - starts).max() + block_size - 1) // block_size * block_size)
+    return int(lengths.numel() * (noisy.shape[1] * width + noisy.shape[2]))
+
+
+def single_pass_tokens(prompt_lens: list[int], full_lens: list[int], block_size: int) -> int:
+    """Positions the single-pass estimator would run for these rows without padding: Σ (window + length), the
+    window covering whole blocks from the block holding the first response token to the row's end."""
+    total = 0
+    for p, n in zip(prompt_lens, full_lens):
+        start = p // block_size * block_size
+        total += n + -(-(n - start) // block_size) * block_size
+    return total
+
+
+def _resolve_block_size(lm, estimator: Estimator, block_size: int | None) -> int:
+    if estimator == "single_pass":
+        return lm.bd.block_size
+    if block_size is None:
+        raise ValueError(f"the {estimator} estimator needs block_size = the rollout block size")
+    return block_size
+
+
+class _Chunks:
+    """The packed rows of one call and their forwards, ``rows_per_forward`` rows at a time."""
+
+    def __init__(self, lm, prompt_ids, response_ids, step_maps, *, estimator, bs, pad_id, max_copies,
+                 rows_per_forward, tail_ids, tail_step_maps, temperature, top_k, top_p, stats):
+        self.lm, self.bs, self.rows_per_forward, self.stats = lm, bs, rows_per_forward, stats
+        self.packed = pack_samples(prompt_ids, response_ids, step_maps, estimator=estimator, block_size=bs,
+                                   pad_id=pad_id, max_copies=max_copies, device=lm.device, tail_ids=tail_ids,
+                                   tail_step_maps=tail_step_maps)
+        lens = [len(r) for r in response_ids]
+        self.expected = sum(lens)
+        dev = self.packed.input_ids.device
+        self.offset = torch.tensor([0, *lens[:-1]], device=dev).cumsum(0)  # first flat index of each response
+        self.prompt_len = torch.tensor([len(p) for p in prompt_ids], device=dev)
+        self.head_kw = {"temperature": temperature, "support": sampling_support(top_k, top_p)}
+        n = self.packed.input_ids.shape[0]
+        self.slices = [slice(s, s + rows_per_forward) for s in range(0, n, rows_per_forward)]
+
+    def forward(self, sl: slice, with_entropy: bool):
+        """(log-probs, entropies or None, flat response-token index) of the targets of rows ``sl``."""
+        ids, noisy, targets, lengths = self.packed.chunk(sl)
+        b_idx, _, l_idx = targets.nonzero(as_tuple=True)
+        # chunked over targets, recomputed in backward: memory does not grow with targets × vocabulary
+        head = partial(_head_logprobs, tokens=ids[b_idx, l_idx], with_entropy=with_entropy, **self.head_kw)
+        lp, ent = self.lm(ids, noisy, lengths, block_size=self.bs, select=targets, head=head)
+        if self.stats is not None:
+            self.stats["forward_tokens"] = self.stats.get("forward_tokens", 0) + forward_tokens(lengths, noisy,
+                                                                                                self.bs)
+        sample = self.packed.sample[sl][b_idx]
+        return lp, ent, self.offset[sample] + l_idx - self.prompt_len[sample]
+
+    def padding_pass(self) -> torch.Tensor:
+        """A forward of the first row whose output × 0 keeps a rank's collectives in step with the others."""
+        p = self.packed
+        return self.lm(p.input_ids[:1], p.noisy[:1], p.lengths[:1], block_size=self.bs).sum() * 0.0
+
+    def check(self, count: int) -> None:
+        if count != self.expected:
+            raise RuntimeError(f"log-prob count {count} != response tokens {self.expected} (bad step map?)")
+
+
+def _mean_per_token(values: torch.Tensor, index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean of ``values`` per flat token index, count per index): masked_states' one value per token."""
+    count = torch.zeros(size, device=values.device).index_add_(0, index, torch.ones_like(values))
+    total = torch.zeros(size, dtype=values.dtype, device=values.device).index_add_(0, index, values)
+    return total / count.clamp(min=1), count
 
 
 def response_logprobs(
@@ -170,8 +259,12 @@ def response_logprobs(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    stats: dict | None = None,
 ):
     """Log-prob of every response token under ``lm`` (grad flows if enabled by the caller).
+
+    With gradients enabled, every forward's activations stay alive until the caller's backward: for training
+    use `backward_logprobs`, which runs the backward per forward.
 
     Args:
         lm: the policy or reference model.
@@ -190,62 +283,116 @@ def response_logprobs(
             step ids (`RolloutBatch.tail_ids`); replayed, never scored. None: no tails.
         temperature, top_k, top_p: the rollout's sampling distribution (see `sampling_support`); greedy rollouts
             pass 1, 0, 1.
+        stats: if given, ``stats["forward_tokens"]`` is increased by the positions the forwards ran.
     Returns:
         logp (T,) with T = Σ response lengths, response-major; and entropy (T,) or None.
     """
-    if estimator == "single_pass":
-        bs = lm.bd.block_size
-    else:
-        if block_size is None:
-            raise ValueError(f"the {estimator} estimator needs block_size = the rollout block size")
-        bs = block_size
-    packed = pack_samples(
-        prompt_ids,
-        response_ids,
-        step_maps,
-        estimator=estimator,
-        block_size=bs,
-        pad_id=pad_id,
-        max_copies=max_copies,
-        device=lm.device,
-        tail_ids=tail_ids,
-        tail_step_maps=tail_step_maps,
-    )
-    vals, ents, keys = [], [], []
-    n = packed.input_ids.shape[0]
+    bs = _resolve_block_size(lm, estimator, block_size)
+    chunks = _Chunks(lm, prompt_ids, response_ids, step_maps, estimator=estimator, bs=bs, pad_id=pad_id,
+                     max_copies=max_copies, rows_per_forward=rows_per_forward, tail_ids=tail_ids,
+                     tail_step_maps=tail_step_maps, temperature=temperature, top_k=top_k, top_p=top_p, stats=stats)
     padding = None  # the extra passes' outputs × 0, added to the result so their backward runs too
     if sync_forwards is not None:
-        local = -(-n // rows_per_forward)
+        local = len(chunks.slices)
         for _ in range(sync_forwards(local) - local):
-            out = lm(packed.input_ids[:1], packed.noisy[:1], packed.lengths[:1], block_size=bs).sum() * 0.0
+            out = chunks.padding_pass()
             padding = out if padding is None else padding + out
-    for s in range(0, n, rows_per_forward):
-        sl = slice(s, s + rows_per_forward)
-        b_idx, _, l_idx = packed.targets[sl].nonzero(as_tuple=True)
-        tok = packed.input_ids[sl][b_idx, l_idx]
-        # chunked over targets, recomputed in backward: memory does not grow with targets × vocabulary
-        head = partial(_head_logprobs, tokens=tok, temperature=temperature, with_entropy=with_entropy,
-                       support=sampling_support(top_k, top_p))
-        lp, ent = lm(packed.input_ids[sl], packed.noisy[sl], packed.lengths[sl], block_size=bs,
-                     select=packed.targets[sl], head=head)
+    vals, ents, index = [], [], []
+    for sl in chunks.slices:
+        lp, ent, idx = chunks.forward(sl, with_entropy)
         vals.append(lp)
-        if with_entropy:
-            ents.append(ent)
-        keys.append(packed.sample[sl][b_idx] * (1 << 32) + l_idx)
-    logp, key = torch.cat(vals), torch.cat(keys)
+        ents.append(ent)
+        index.append(idx)
+    logp, idx = torch.cat(vals), torch.cat(index)
     ent = torch.cat(ents) if with_entropy else None
     if estimator == "masked_states":  # one value per token: the mean over the states it was masked in
-        key, inverse = torch.unique(key, return_inverse=True)  # sorted
-        count = torch.zeros(key.numel(), device=logp.device).index_add_(0, inverse, torch.ones_like(logp))
-        logp = torch.zeros(key.numel(), dtype=logp.dtype, device=logp.device).index_add_(0, inverse, logp) / count
-        if ent is not None:
-            ent = torch.zeros(key.numel(), dtype=ent.dtype, device=ent.device).index_add_(0, inverse, ent) / count
-    order = torch.argsort(key)
-    expected = sum(len(r) for r in response_ids)
-    if logp.numel() != expected:
-        raise RuntimeError(f"log-prob count {logp.numel()} != response tokens {expected} (bad step map?)")
-    logp = logp[order] if padding is None else logp[order] + padding
-    return logp, (ent[order] if ent is not None else None)
+        chunks.check(int(idx.unique().numel()))
+        logp, _ = _mean_per_token(logp, idx, chunks.expected)
+        ent = _mean_per_token(ent, idx, chunks.expected)[0] if ent is not None else None
+    else:
+        chunks.check(logp.numel())
+        order = torch.argsort(idx)
+        logp, ent = logp[order], (ent[order] if ent is not None else None)
+    return (logp if padding is None else logp + padding), ent
+
+
+def backward_logprobs(
+    lm: BlockDiffusionLM,
+    prompt_ids,
+    response_ids,
+    step_maps,
+    *,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, bool]],
+    backward: Callable[[torch.Tensor], None],
+    estimator: Estimator,
+    block_size: int | None = None,
+    pad_id: int = 0,
+    max_copies: int = 8,
+    rows_per_forward: int = 8,
+    with_entropy: bool = False,
+    sync_backwards: Callable[[int], int] | None = None,
+    tail_ids: list[list[int]] | None = None,
+    tail_step_maps: list[list[int]] | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    stats: dict | None = None,
+) -> None:
+    """Forward and backward per ``rows_per_forward`` rows: at most one forward's activations are alive (issue 28).
+
+    The loss must be a sum over tokens (as `lrl.algorithms.losses.lightningrl_loss` is, its normalisers global):
+    ``loss_fn(logp, index, entropy)`` gets the log-probs of some tokens (``index`` (T_c,) long, their flat
+    response-major positions, as in `response_logprobs`' output) and returns (that part of the loss, skip); the
+    part is passed to ``backward`` unless ``skip`` (e.g. non-finite), then a zero keeps the backward count. The
+    gradients equal those of ``backward(loss_fn(all logp))`` (tests/test_chunked_backward.py).
+
+    * ``trajectory`` / ``single_pass``: each token is scored in exactly one forward, so each forward's tokens are
+      a complete part of the loss.
+    * ``masked_states``: a token's log-prob is the mean over states that may lie in different forwards, so a
+      no-grad pass computes every token's log-prob first, ``loss_fn`` is called once on all of them to get
+      ∂L/∂logp, and each forward then backpropagates Σ ∂L/∂logp_token · logp_state / count_token (one extra
+      no-grad forward per row).
+
+    ``sync_backwards`` maps this rank's number of forward+backward passes to the number to run (several ranks:
+    every backward is a collective under DDP and FSDP); the extra passes backpropagate a zero.
+    Other arguments: as `response_logprobs`.
+    """
+    bs = _resolve_block_size(lm, estimator, block_size)
+    kw = {"estimator": estimator, "pad_id": pad_id, "max_copies": max_copies, "rows_per_forward": rows_per_forward,
+          "tail_ids": tail_ids, "tail_step_maps": tail_step_maps, "temperature": temperature, "top_k": top_k,
+          "top_p": top_p}
+    grad_token = count = None
+    if estimator == "masked_states":
+        with torch.no_grad():
+            full, ent = response_logprobs(lm, prompt_ids, response_ids, step_maps, block_size=bs,
+                                          with_entropy=with_entropy, sync_forwards=sync_backwards, stats=stats, **kw)
+        leaf = full.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss, skip = loss_fn(leaf, torch.arange(leaf.numel(), device=leaf.device), ent)
+            grad_token = torch.zeros_like(leaf) if skip else torch.autograd.grad(loss, leaf)[0]
+    chunks = _Chunks(lm, prompt_ids, response_ids, step_maps, bs=bs, stats=stats, **kw)
+    if grad_token is not None:
+        # states per token, counted without a forward (targets of the packed rows)
+        b_idx, _, l_idx = chunks.packed.targets.nonzero(as_tuple=True)
+        sample = chunks.packed.sample[b_idx]
+        idx = chunks.offset[sample] + l_idx - chunks.prompt_len[sample]
+        count = torch.zeros(chunks.expected, device=idx.device).index_add_(0, idx, torch.ones(idx.numel(),
+                                                                                               device=idx.device))
+    local = len(chunks.slices)
+    extra = sync_backwards(local) - local if sync_backwards is not None else 0
+    seen = 0
+    for sl in chunks.slices:
+        lp, ent, idx = chunks.forward(sl, with_entropy and grad_token is None)
+        seen += lp.numel()
+        if grad_token is None:
+            part, skip = loss_fn(lp, idx, ent)
+        else:
+            part, skip = (lp * (grad_token[idx] / count[idx]).to(lp.dtype)).sum(), False
+        backward(lp.sum() * 0.0 if skip else part)
+    for _ in range(extra):
+        backward(chunks.padding_pass())
+    if grad_token is None:
+        chunks.check(seen)
 
 
 def _head_logprobs(states, head, *, tokens, temperature, with_entropy, support=None):

@@ -137,3 +137,24 @@ def submodule_prefix(root: nn.Module, target: nn.Module) -> str:
             parts = [p for p in name.split(".") if p not in _WRAPPER_SEGMENTS]
             return ".".join(parts) + "." if parts else ""
     raise ValueError(f"submodule_prefix: {type(target).__name__} is not inside {type(root).__name__}")
+
+
+def cast_copy(lm: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A frozen copy of a `BlockDiffusionLM` in ``dtype`` on its device, built without a full-precision copy: the
+    network is created on the meta device, materialised empty in ``dtype`` and filled tensor by tensor (buffers
+    included, e.g. RoPE's non-persistent ``inv_freq``), so the extra memory is the ``dtype`` copy alone."""
+    import copy
+
+    hf = lm.model
+    with torch.device("meta"):
+        skeleton = type(hf)._from_config(hf.config, dtype=dtype)
+    skeleton.to_empty(device=lm.device)
+    with torch.no_grad():
+        src = dict(hf.named_parameters())
+        src.update(dict(hf.named_buffers()))
+        for name, t in [*skeleton.named_parameters(), *skeleton.named_buffers()]:
+            t.copy_(src[name])
+    planner = copy.deepcopy(lm.planner).to(dtype) if getattr(lm, "planner", None) is not None else None
+    out = type(lm)(skeleton, lm.bd, identity=lm.identity, attention=lm.attention,
+                   decode_attention=lm.decode_attention, planner=planner)
+    return out.eval().requires_grad_(False)
