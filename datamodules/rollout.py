@@ -460,8 +460,10 @@ class RolloutDataModule(LightningDataModule):
             lm = module.policy  # the engine reads the policy's own weights: no copy at all (issue 28)
         else:
             lm = cast_copy(module.policy, dtype)  # the copy the config asks for, built tensor by tensor
+        own_copy = lm is not module.policy and lm.device.type == "cuda"  # offloaded while the policy trains
         return NativeEngine(lm, module.tokenizer, max_rows=cfg.max_rows, progress=cfg.progress,
-                            cuda_graphs=cfg.cuda_graphs, kv_cache_gb=cfg.kv_cache_gb, transient_gb=cfg.transient_gb)
+                            cuda_graphs=cfg.cuda_graphs, kv_cache_gb=cfg.kv_cache_gb, transient_gb=cfg.transient_gb,
+                            offload_weights=own_copy and cfg.release_after_rollout)
 
     def get_generator(self) -> RolloutGenerator:
         if self.generator is None:

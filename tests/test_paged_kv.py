@@ -228,3 +228,19 @@ def test_serve_takes_the_kv_budget_and_refuses_a_bad_one(tiny_checkpoint):
     for flag in ("--kv-cache-gb", "--transient-gb"):
         with pytest.raises(SystemExit, match=f"{flag} must be > 0, got 0.0"):
             build_app(parse(["--model", str(tiny_checkpoint), "--device", "cpu", flag, "0"]))
+
+
+def test_offloaded_weight_copy_takes_updates_and_decodes_the_same(tiny_tokenizer):
+    """``offload_weights``: release, a weight update while released, and the next generate compose (on this CPU-only
+    box the move itself is to the device it is already on; tests/test_gpu_graphs.py-style GPU runs cover CUDA)."""
+    import copy
+
+    lm = build_tiny_model(tiny_tokenizer, block_size=4, seed=0).eval()
+    eng = NativeEngine(copy.deepcopy(lm), tiny_tokenizer, offload_weights=True)
+    sp = SamplingParams(block_size=4, greedy=True, threshold=0.9, max_new_tokens=12)
+    before = eng.generate(PROMPTS[:2], sp)
+    eng.release_memory()
+    assert eng.lm.device.type == "cpu"
+    eng.update_weights({k: v for k, v in lm.model.state_dict().items()}, version=3)
+    again = eng.generate(PROMPTS[:2], sp)
+    assert again.response_ids == before.response_ids and again.weight_version == 3

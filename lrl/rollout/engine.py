@@ -88,12 +88,15 @@ class NativeEngine(RolloutGenerator):
             scripted stops in benchmarks); see `LogitsProcessor`.
         record_tokens: also record the KV slots held per iteration (`RolloutStats.tokens_held`; one more host
             sync per iteration).
+        offload_weights: the engine holds its own weight copy (not the policy's tensors): `release_memory` moves
+            it to the CPU for the training phase and the next `generate` brings it back (weight updates work on
+            either side).
     """
 
     def __init__(self, lm: BlockDiffusionLM, tokenizer, *, max_rows: int = 512, progress: bool = False,
                  cuda_graphs: bool = False, kv_cache_gb: float | None = None, transient_gb: float = 2.0,
                  continuous: bool = True, logits_processor: LogitsProcessor | None = None,
-                 record_tokens: bool = False):
+                 record_tokens: bool = False, offload_weights: bool = False):
         if max_rows < 1:
             raise ValueError(f"max_rows must be >= 1, got {max_rows}")
         if kv_cache_gb is not None and not kv_cache_gb > 0:
@@ -106,6 +109,7 @@ class NativeEngine(RolloutGenerator):
         self.max_rows, self.progress, self.cuda_graphs = max_rows, progress, cuda_graphs
         self.kv_cache_gb, self.transient_gb, self.continuous = kv_cache_gb, transient_gb, continuous
         self.logits_processor, self.record_tokens = logits_processor, record_tokens
+        self.offload_weights, self._device = offload_weights, lm.device
         self.weight_version = 0
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.stats: RolloutStats | None = None  # of the last generate call
@@ -158,10 +162,18 @@ class NativeEngine(RolloutGenerator):
                 "rollout/prefills": float(s.prefills)}
 
     def release_memory(self) -> None:
-        """Free the page pool and CUDA graphs kept between calls, and the allocator's cached blocks."""
+        """Free the page pool and CUDA graphs kept between calls, and the allocator's cached blocks; with
+        ``offload_weights``, move the engine's weight copy to the CPU until the next `generate`."""
         self._graphs = None
-        if self.lm.device.type == "cuda":
+        if self.offload_weights and self.lm.device.type != "cpu":
+            self.lm.to("cpu")
+        if self._device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def resume_memory(self) -> None:
+        """Bring an offloaded weight copy back to its device (also done by `generate`)."""
+        if self.lm.device != self._device:
+            self.lm.to(self._device)
 
     release = release_memory  # the name of earlier versions
 
@@ -225,6 +237,7 @@ class NativeEngine(RolloutGenerator):
         sp.validate()
         if len(prompts) == 0:
             raise ValueError("generate() needs at least one prompt")
+        self.resume_memory()
         ids = self.encode(prompts)
         limit = self.lm.max_length
         for i, p in enumerate(ids):
