@@ -155,8 +155,8 @@ def _run_help(fn) -> str:
 def lrl_options(sub: str) -> frozenset[str]:
     from lrl.cli import cli_main, main
 
-    if sub == "serve":
-        return frozenset(_help_options(_run_help(lambda: main(["serve", "--help"]))))
+    if sub in ("serve", "plan"):  # argparse subcommands of `lrl`, not LightningCLI ones
+        return frozenset(_help_options(_run_help(lambda: main([sub, "--help"]))))
     return frozenset(_help_options(_run_help(lambda: cli_main([sub, "--help"]))))
 
 
@@ -242,8 +242,8 @@ def flag_problem(prog: str, flag: str) -> str | None:
     if prog.startswith("scripts/"):
         return None if name in script_options(prog) else f"{prog} has no {name}"
     sub = prog.split()[1]
-    if sub == "serve":
-        return None if name in lrl_options("serve") else f"lrl serve has no {name}"
+    if sub in ("serve", "plan"):
+        return None if name in lrl_options(sub) else f"lrl {sub} has no {name}"
     if "." in name:
         return None if config_key_exists(name[2:]) else f"lrl {sub}: {name} is not a config key"
     return None if name in lrl_options(sub) else f"lrl {sub} has no {name}"
