@@ -18,8 +18,10 @@ def _fit_fsdp(ckpt, out: Path, steps: int, *extra: str, pareto: bool = False) ->
         "save_last: true, every_n_train_steps: 1}}",
     ]
     if pareto:
+        # no start evaluation: the step-2 checkpoint is then on the frontier alone and kept, whatever two RL steps
+        # at lr 1e-2 did to its accuracy (a dominated one would be pruned)
         callbacks.insert(2, f"{{class_path: callbacks.ParetoFrontierCheckpoint, init_args: {{every_n_steps: 2, "
-                            f"eval_size: 2, dirpath: {out}/pareto}}}}")
+                            f"eval_size: 2, evaluate_at_start: false, dirpath: {out}/pareto}}}}")
     run_two_rank_fit(
         ckpt,
         out,

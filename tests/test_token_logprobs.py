@@ -42,7 +42,8 @@ def test_values_and_gradients_equal_the_plain_path(chunk_size, temperature, bias
                               with_entropy=True)
     grads = torch.autograd.grad((got * coeff).sum(), params)
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(ent, ref_ent, rtol=1e-6, atol=1e-6)
+    # entropy ~1 nat summed over 11 logits in float32: chunking reorders the sums (seen: 3.8e-6 on this box)
+    torch.testing.assert_close(ent, ref_ent, rtol=1e-5, atol=1e-5)
     for a, r in zip(grads, ref_grads):
         torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
 
