@@ -126,7 +126,7 @@ def test_engine_decodes_the_same_through_static_forwards(peaky_checkpoint):
     again = engine.generate(prompts[:3], sp)  # fewer rows: the kept cache, no new buffers
     assert again.response_ids == eager.response_ids[:6]
     assert engine._graphs.cache.key_pools[0].data_ptr() == buffers
-    engine.release()
+    engine.release_memory()
     assert engine._graphs is None
 
 

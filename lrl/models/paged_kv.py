@@ -209,11 +209,10 @@ class PagedKVCache:
         (a CUDA-graph forward) gathers all rows in one piece.
         """
         chunks = None
-        if starts is not None and self.gather_tokens is not None:
-            t = self._slots.shape[1]
-            need = (starts + t).tolist()
-            if len(need) * max(need) > self.gather_tokens:
-                chunks = _plan_chunks(need, self.gather_tokens, self.device)
+        # the bound kv_len is the longest row's need: only a forward past the budget reads the rows' lengths
+        if starts is not None and self.gather_tokens is not None and starts.numel() * self._kv_len > self.gather_tokens:
+            need = (starts + self._slots.shape[1]).tolist()
+            chunks = _plan_chunks(need, self.gather_tokens, self.device)
         return PagedMask(inner, self._read_pages, self._kv_len, chunks)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):

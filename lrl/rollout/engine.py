@@ -175,8 +175,6 @@ class NativeEngine(RolloutGenerator):
         if self.lm.device != self._device:
             self.lm.to(self._device)
 
-    release = release_memory  # the name of earlier versions
-
     def encode(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
         out = []
         for i, p in enumerate(prompts):
@@ -318,11 +316,9 @@ class NativeEngine(RolloutGenerator):
         g = sp.samples_per_prompt
         req = torch.tensor([i * g + j for i, s in take for j in s], dtype=torch.long, device=dev)
         added = torch.arange(st.n, st.n + req.numel(), device=dev)
-        cache.open_block(added, cache.lengths[added] // bsz)
-        out.restart(req, self.pad_id)
-        new_rows = _LiveRows.start(req, adm, cache.lengths[added], out, bsz, lm.bd.mask_token_id)
-        new_rows.adm = torch.arange(adm, adm + req.numel(), device=dev)
-        st.extend(new_rows)
+        cache.open_block(added, cache.lengths[added] // bsz)  # (preempted rows' outputs were reset then)
+        st.extend(_LiveRows.start(req, torch.arange(adm, adm + req.numel(), device=dev), cache.lengths[added], out,
+                                  bsz, lm.bd.mask_token_id))
         return req.numel()
 
     @staticmethod

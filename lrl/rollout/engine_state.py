@@ -110,16 +110,17 @@ class _LiveRows:
         return cls(z, z, z, z, z, zb, zb.bool(), zb, zb.float(), z, z, z.bool())
 
     @classmethod
-    def start(cls, rows: torch.Tensor, adm: int, lengths: torch.Tensor, out: _Outputs, bsz: int,
+    def start(cls, rows: torch.Tensor, adm: torch.Tensor, lengths: torch.Tensor, out: _Outputs, bsz: int,
               mask_id: int) -> _LiveRows:
-        """Open the first block of request rows ``rows`` at their cache ``lengths`` (it may hold the prompt tail)."""
+        """Open the first block of request rows ``rows`` (admission numbers ``adm``) at their cache ``lengths``
+        (the block may hold the prompt tail)."""
         dev = out.tokens.device
         pos = lengths[:, None] + torch.arange(bsz, device=dev)
         plen, end = out.plen[rows], out.end[rows]
         masked = (pos >= plen[:, None]) & (pos < end[:, None])
         cur = torch.where(masked, mask_id, out.tokens[rows].gather(1, pos))
         zeros = torch.zeros(rows.numel(), dtype=torch.long, device=dev)
-        return cls(rows, torch.full_like(zeros, adm), plen.clone(), lengths.clone(), end.clone(), cur, masked,
+        return cls(rows, adm, plen.clone(), lengths.clone(), end.clone(), cur, masked,
                    torch.zeros_like(cur), torch.zeros(cur.shape, device=dev), zeros, zeros.clone(), zeros.bool())
 
     @property
