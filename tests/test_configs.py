@@ -14,7 +14,8 @@ EXPERIMENTS = sorted(p for p in (ROOT / "configs").glob("*.yaml"))
 PIECES = {
     d: sorted((ROOT / "configs" / d).glob("*.yaml")) for d in ("model", "data", "trainer", "algorithm", "rollout")
 }
-SFT_PIECES = sorted((ROOT / "configs" / "sft").glob("*.yaml"))
+# recipes of committed bases, and those of past experiments kept beside their page (docs/experiments/recipes/)
+SFT_PIECES = sorted([*(ROOT / "configs" / "sft").glob("*.yaml"), *(ROOT / "docs" / "experiments" / "recipes").glob("*.yaml")])
 
 
 def _stack(config: Path) -> list[Path]:
