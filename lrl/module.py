@@ -14,37 +14,25 @@ datamodule's cursor in a checkpoint is exact).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import time
+from dataclasses import asdict
 from typing import Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import FSDPStrategy
 
-from lrl.algorithms.logprobs import backward_logprobs, response_logprobs, single_pass_tokens
-from lrl.algorithms.losses import LossStats, build_normalizer, lightningrl_loss
-from lrl.algorithms.rollout_mismatch import mismatch_metrics, tis_weights
+from lrl.algorithms.losses import LossConfig
 from lrl.models import BlockDiffusionLM, load_checkpoint
-from lrl.models.sharding import (
-    clip_grad_norm,
-    full_state_dict,
-    gathered,
-    is_sharded,
-    submodule_prefix,
-    unwrap,
-    wrap_fsdp,
-)
+from lrl.models.sharding import full_state_dict, gathered, is_sharded, submodule_prefix, unwrap, wrap_fsdp
 from lrl.module_planner import PlannerTraining
+from lrl.module_step import NonFiniteLossError, RLStep
 from lrl.rollout.types import RolloutBatch
 
-
-class NonFiniteLossError(RuntimeError):
-    """Raised after too many optimizer steps were skipped for a NaN/inf loss."""
+__all__ = ["LightningRLModule", "NonFiniteLossError"]
 
 
-class LightningRLModule(PlannerTraining, LightningModule):
+class LightningRLModule(RLStep, PlannerTraining, LightningModule):
     """Policy (+ frozen reference) and the LightningRL/GRPO update.
 
     Args:
@@ -62,16 +50,9 @@ class LightningRLModule(PlannerTraining, LightningModule):
         reset_optimizer_each_step: re-create optimizer moments and restart warmup at every RL step (reproduces the
             released code, spec §4.5; off in the paper profile).
         max_grad_norm: gradient clipping norm (0 disables).
-        eps_low: PPO clip ε.
-        eps_high: upper clip ε_high for non-negative advantages.
-        kl_beta: β of the KL penalty against the frozen reference (0: no reference model is loaded).
-        kl_estimator: ``k1``, ``k2`` or ``k3``.
-        nll_weight: μ of the NLL term on correct responses.
-        nll_correct: which responses count as correct for the NLL: ``verifier`` (paper) or ``reward_nonneg``
-            (released code's ``reward >= 0`` proxy, spec §3.6).
-        policy_reduction: ``sequence`` or ``token``.
-        kl_reduction: ``sequence`` or ``token``.
-        nll_reduction: ``sequence`` or ``token``.
+        loss: the loss knobs (`lrl.algorithms.losses.LossConfig`): clip ε / ε_high, KL β and estimator, NLL μ and
+            which responses it trains on, the three reductions, TIS cap; set as ``loss: {kl_beta: 0.0, ...}``,
+            keys left out keep their defaults (the paper's).
         ppo_epochs: passes over each rollout batch.
         minibatches: optimizer steps per pass (the batch is split into this many minibatches of whole groups'
             responses in rollout order).
@@ -82,11 +63,6 @@ class LightningRLModule(PlannerTraining, LightningModule):
         gradient_checkpointing: trade compute for memory in the decoder.
         attention: training attention: ``sdpa`` (dense boolean mask, any device) or ``flex`` (block-sparse
             flex_attention BlockMask on CUDA; CPU falls back to sdpa because flex has no CPU backward).
-        tis_cap: truncated importance sampling (verl's TIS): weight each token's policy term by
-            min(π_old/π_rollout, tis_cap), π_rollout being the engine's recorded sampling probability. Off (None) by
-            default: the native engine samples from the training distribution (mismatch ≈ 0). Turn it on (2.0 is
-            verl's usual cap) when ``rollout/logprob_abs_diff/mean`` is well above 0, e.g. SGLang rollouts in
-            bf16 on another GPU. Trajectory estimator only.
         max_skipped_steps: stop with an error after this many optimizer steps skipped for a non-finite loss.
         max_rl_steps: stop after this many RL steps (rollout batches). Lightning's ``trainer.max_steps`` counts
             optimizer steps, which is ``minibatches × ppo_epochs`` per RL step and 0 for a step whose groups were
@@ -124,15 +100,7 @@ class LightningRLModule(PlannerTraining, LightningModule):
         warmup_steps: int = 10,
         reset_optimizer_each_step: bool = False,
         max_grad_norm: float = 1.0,
-        eps_low: float = 0.2,
-        eps_high: float = 0.2,
-        kl_beta: float = 0.01,
-        kl_estimator: Literal["k1", "k2", "k3"] = "k3",
-        nll_weight: float = 0.1,
-        nll_correct: Literal["verifier", "reward_nonneg"] = "verifier",
-        policy_reduction: Literal["sequence", "token"] = "sequence",
-        kl_reduction: Literal["sequence", "token"] = "token",
-        nll_reduction: Literal["sequence", "token"] = "token",
+        loss: LossConfig = LossConfig(),
         ppo_epochs: int = 1,
         minibatches: int = 1,
         micro_batch_size: int = 16,
@@ -140,7 +108,6 @@ class LightningRLModule(PlannerTraining, LightningModule):
         rows_per_forward: int = 8,
         gradient_checkpointing: bool = False,
         attention: Literal["sdpa", "flex"] = "sdpa",
-        tis_cap: float | None = None,
         max_skipped_steps: int = 3,
         max_rl_steps: int | None = None,
         eval_thresholds: list[float] = (0.95, 0.9, 0.8, 0.7, 0.5),
@@ -164,17 +131,13 @@ class LightningRLModule(PlannerTraining, LightningModule):
         ):
             if value <= 0:
                 raise ValueError(f"model.{name} must be > 0, got {value}")
-        if eps_low < 0 or eps_high < 0 or eps_low >= 1:
-            raise ValueError(f"model.eps_low must be in [0, 1) and eps_high >= 0, got {eps_low}, {eps_high}")
-        if kl_beta < 0 or nll_weight < 0:
-            raise ValueError(f"model.kl_beta and model.nll_weight must be >= 0, got {kl_beta}, {nll_weight}")
         if block_size is not None and block_size <= 0:
             raise ValueError(f"block_size must be > 0, got {block_size}")
-        if tis_cap is not None and tis_cap <= 0:
-            raise ValueError(f"model.tis_cap must be > 0 (or null: off), got {tis_cap}")
-        if tis_cap is not None and estimator != "trajectory":  # π_old must be scored in the sampling state
-            raise ValueError(f"model.tis_cap needs model.estimator=trajectory (got {estimator!r}): only it scores "
-                             "each token in the state that sampled it, like the rollout's log-probs")
+        # a checkpoint's saved hyperparameters hold the group as a mapping (plain values: see below)
+        loss = loss if isinstance(loss, LossConfig) else LossConfig(**loss)
+        if loss.tis_cap is not None and estimator != "trajectory":  # π_old must be scored in the sampling state
+            raise ValueError(f"model.loss.tis_cap needs model.estimator=trajectory (got {estimator!r}): only it "
+                             "scores each token in the state that sampled it, like the rollout's log-probs")
         bad = [t for t in eval_thresholds if not 0.0 <= t <= 1.0]
         if bad or not eval_thresholds:
             raise ValueError(
@@ -188,6 +151,8 @@ class LightningRLModule(PlannerTraining, LightningModule):
             raise ValueError(f"model.eval_max_new_tokens and model.max_rl_steps must be >= 1, got "
                              f"{eval_max_new_tokens}, {max_rl_steps}")
         self.save_hyperparameters()
+        self.hparams["loss"] = asdict(loss)  # plain values in checkpoints and hparams.yaml
+        self.loss_config = loss
         self.automatic_optimization = False
         self.policy: BlockDiffusionLM | None = None
         self.tokenizer = None
@@ -209,7 +174,7 @@ class LightningRLModule(PlannerTraining, LightningModule):
         self.policy.train()  # from_pretrained returns eval mode; Lightning warns when fit starts with eval modules
         if hp.gradient_checkpointing:
             self.policy.model.gradient_checkpointing_enable()
-        if hp.kl_beta > 0:
+        if self.loss_config.kl_beta > 0:
             ref = copy.deepcopy(self.policy).eval()  # on the CPU here: the policy reaches the device later
             ref.requires_grad_(False)
             dtype = self._compute_dtype()
@@ -303,332 +268,6 @@ class LightningRLModule(PlannerTraining, LightningModule):
             rank_zero_info(f"lrl: the run is already at RL step {self.rl_step} of model.max_rl_steps={max_steps}; "
                            "nothing to train (raise model.init_args.max_rl_steps to continue)")
             self.trainer.should_stop = True
-
-    # ------------------------------------------------------------------ log-probs
-    def _logprobs(self, lm: BlockDiffusionLM, batch: RolloutBatch, rows: list[int], with_entropy: bool = False,
-                  stats: dict | None = None, backward=None, loss_fn=None, sync=None):
-        """Log-probs of the responses ``rows`` (`response_logprobs`); with ``backward`` and ``loss_fn``, their loss
-        backpropagated forward by forward instead (`backward_logprobs`, ``sync``: its ``sync_backwards``)."""
-        hp = self.hparams
-        sp = batch.sampling
-        sampled = sp is not None and not sp.greedy  # greedy (or unknown) rollouts: the plain log-softmax
-        if backward is not None:
-            fn, extra = backward_logprobs, {"backward": backward, "loss_fn": loss_fn, "sync_backwards": sync}
-        else:
-            fn, extra = response_logprobs, {"sync_forwards": self._forward_sync_for(lm)}
-        return fn(
-            lm,
-            [batch.prompt_ids[i] for i in rows],
-            [batch.response_ids[i] for i in rows],
-            [batch.step_maps[i] for i in rows],
-            estimator=hp.estimator,
-            block_size=self.rollout_block_size,
-            pad_id=self.tokenizer.pad_token_id,
-            max_copies=hp.max_copies,
-            rows_per_forward=hp.rows_per_forward,
-            with_entropy=with_entropy,
-            tail_ids=[batch.tail_ids[i] for i in rows],
-            tail_step_maps=[batch.tail_step_maps[i] for i in rows],
-            temperature=sp.temperature if sampled else 1.0,
-            top_k=sp.top_k if sampled else 0,
-            top_p=sp.top_p if sampled else 1.0,
-            stats=stats,
-            **extra,
-        )
-
-    @torch.no_grad()
-    def _frozen_logprobs(self, lm: BlockDiffusionLM, batch: RolloutBatch, per_step: bool = False
-                         ) -> list[torch.Tensor]:
-        """Per-response log-prob tensors of a frozen model (old or reference), computed micro-batch-wise: one per
-        token, or with ``per_step`` one per denoising step (decisions + tokens: the joint planner objective)."""
-        out = []
-        n, mbs = len(batch), self.hparams.micro_batch_size
-        was_training = lm.training
-        lm.eval()
-        # a sharded policy runs through its wrapper, one unit gathered at a time (never the whole float32 model);
-        # the planner's per-step path calls submodules directly and needs the full weights
-        through_wrapper = is_sharded(lm) and not per_step
-        with contextlib.nullcontext() if through_wrapper else gathered(lm):
-            target = lm if through_wrapper else unwrap(lm)
-            for s in range(0, n, mbs):
-                rows = list(range(s, min(n, s + mbs)))
-                if per_step:
-                    dec, tok, steps = self._step_logprobs(target, batch, rows)
-                    out.extend((dec + tok).split(steps))
-                else:
-                    logp, _ = self._logprobs(target, batch, rows)
-                    out.extend(logp.split([len(batch.response_ids[i]) for i in rows]))
-        lm.train(was_training)
-        return out
-
-    # ------------------------------------------------------------------ the step
-    def training_step(self, dataloader_iter):
-        batch, _, _ = next(dataloader_iter)  # Lightning yields (batch, batch_idx, dataloader_idx)
-        self.last_batch = batch  # for callbacks (the hook's `batch` argument is the iterator in this mode)
-        hp = self.hparams
-        if len(batch) and batch.advantages is None:
-            raise ValueError("training batch has no advantages: the datamodule must compute rewards first")
-        t0 = time.perf_counter()
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
-        if hp.reset_optimizer_each_step:  # released code: a new optimizer and warmup every RL step (spec §4.5)
-            opt.optimizer.state.clear()
-            sched.last_epoch = 0
-            for group, lr in zip(opt.optimizer.param_groups, sched.base_lrs):
-                group["lr"] = lr * sched.lr_lambdas[0](0)
-        self.policy.train()
-        n = len(batch)
-        # with a single optimizer step the policy has not moved when each micro-batch runs, so the rollout-policy
-        # log-probs are exactly the current ones (detached): no separate no-grad pass
-        single_step = hp.ppo_epochs == 1 and hp.minibatches == 1
-        world = self.trainer.world_size if self.trainer is not None else 1
-        plan_on = self._check_planner_batch(batch, world)
-        joint = plan_on and self.joint_ratio  # steps, not tokens, are the loss's units
-        old = self._frozen_logprobs(self.policy, batch, joint) if n and not single_step else None
-        ref_model = self.reference
-        use_ref = n and ref_model is not None and hp.kl_beta > 0
-        ref = self._frozen_logprobs(ref_model, batch, joint) if use_ref else None
-        if use_ref and hp.reference_offload and ref_model.device.type != "cpu":
-            ref_model.to("cpu")  # device memory only during its pass (docs/memory.md)
-        if hp.nll_correct == "verifier" or not n:
-            correct = batch.correct if batch.correct is not None else torch.zeros(n, dtype=torch.bool)
-        else:
-            correct = batch.rewards["total"] >= 0
-        adv = batch.advantages.float() if n else torch.zeros(0)
-        rollout_lp = batch.sampling_logprobs
-        if hp.tis_cap is not None and n and rollout_lp is None:
-            raise ValueError(f"model.tis_cap={hp.tis_cap} needs the rollout's sampling log-probs, but the rollout "
-                             "generator returned none (RolloutBatch.sampling_logprobs is None)")
-        mismatch: list[tuple[torch.Tensor, torch.Tensor]] = []  # (old, rollout) log-probs of the same tokens
-        forward_stats: dict = {}  # positions run through the decoder by the training forwards of this step
-        plan_sum = 0.0
-        total_stats: LossStats | None = None
-        grad_norms: list[float] = []
-        entropy_sum, entropy_count = 0.0, 0
-        gen = torch.Generator().manual_seed(int(self.rl_step))
-        n_opt = 0
-        for epoch in range(hp.ppo_epochs):
-            order = torch.arange(n) if epoch == 0 else torch.randperm(n, generator=gen)
-            # exactly `minibatches` chunks on every rank (some may be empty) so collectives stay in lockstep
-            for mb_tensor in torch.tensor_split(order, hp.minibatches):
-                mb = mb_tensor.tolist()
-                seq_tokens = torch.tensor([self._num_steps(batch, i) if joint else len(batch.response_ids[i])
-                                           for i in mb], dtype=torch.long)
-                norm = build_normalizer(seq_tokens, correct[mb] if mb else torch.zeros(0, dtype=torch.bool))
-                micro = [
-                    list(range(i, min(len(mb), i + hp.micro_batch_size)))
-                    for i in range(0, len(mb), hp.micro_batch_size)
-                ]
-                n_micro = len(micro)
-                if world > 1:
-                    norm = norm.all_reduced()
-                    n_micro = int(self.all_gather(torch.tensor(n_micro, device=self.device)).max())
-                opt.zero_grad(set_to_none=True)
-                mb_stats = None
-                for m in range(n_micro):
-                    if m >= len(micro):  # this rank has fewer micro-batches: zero-loss passes keep DDP/FSDP in step
-                        if joint or hp.freeze_backbone:
-                            self.manual_backward(self._zero_loss())
-                        else:  # as many passes as the ranks' chunked backward runs (`backward_logprobs`)
-                            if hp.estimator == "masked_states":  # its no-grad pass first
-                                with torch.no_grad():
-                                    for _ in range(self._sync_forwards(0)):
-                                        self._zero_loss(sync=False)
-                            for _ in range(self._sync_forwards(0) + int(plan_on)):
-                                self.manual_backward(self._zero_loss(sync=False))
-                        continue
-                    local = micro[m]
-                    rows = [mb[i] for i in local]
-                    ent = None
-                    if joint:  # dUltra, one ratio per step: decisions + tokens (module_planner)
-                        out = self._joint_loss(batch, rows, local, adv, norm, old, ref, correct)
-                    elif not hp.freeze_backbone:  # forward and backward per rows_per_forward rows
-                        acc = self._chunked_backward(batch, rows, local, adv, norm, old, ref, correct, rollout_lp,
-                                                     epoch == 0, world, mismatch, forward_stats)
-                        mb_stats = acc["stats"] if mb_stats is None else mb_stats + acc["stats"]
-                        entropy_sum += acc["entropy_sum"]
-                        entropy_count += acc["entropy_count"]
-                        if plan_on:  # dUltra, separate: the decisions' PPO term beside the tokens'
-                            plan_loss = self._planner_loss(batch, rows, adv, single_step, len(mb))
-                            plan_sum += float(plan_loss.detach())
-                            self.manual_backward(plan_loss * world)
-                        continue
-                    else:  # planner-only RL: the token loss is logged, only the planner term trains
-                        logp, ent = self._logprobs(self.policy, batch, rows, with_entropy=epoch == 0,
-                                                   stats=forward_stats)
-                        inputs = self._token_inputs(batch, rows, local, adv, old, ref, correct, rollout_lp,
-                                                    logp.detach(), logp.device)
-                        if epoch == 0 and inputs["roll"] is not None:
-                            mismatch.append((inputs["old"].float().cpu(), inputs["roll"].cpu()))
-                        out = self._token_loss(logp, inputs, norm)
-                    if ent is not None:
-                        entropy_sum += float(ent.sum())
-                        entropy_count += ent.numel()
-                    mb_stats = out.stats if mb_stats is None else mb_stats + out.stats
-                    loss = out.loss
-                    if plan_on and not joint:  # dUltra, separate: the decisions' PPO term beside the tokens'
-                        plan_loss = self._planner_loss(batch, rows, adv, single_step, len(mb))
-                        plan_sum += float(plan_loss.detach())
-                        loss = plan_loss if hp.freeze_backbone else loss + plan_loss
-                    # DDP averages gradients over ranks; contributions are already globally normalised.
-                    self.manual_backward(loss * world if not out.nonfinite else self._zero_loss())
-                bad = torch.tensor(float(mb_stats is not None and bool(mb_stats.nonfinite > 0)), device=self.device)
-                if world > 1:
-                    bad = self.all_gather(bad).max()
-                if norm.num_tokens == 0:  # nothing to learn anywhere: no step (AdamW would still move weights)
-                    opt.zero_grad(set_to_none=True)
-                elif bool(bad > 0):
-                    opt.zero_grad(set_to_none=True)
-                    self.skipped_steps += 1
-                    if self.skipped_steps > hp.max_skipped_steps:
-                        raise NonFiniteLossError(
-                            f"{self.skipped_steps} optimizer steps had a non-finite loss "
-                            f"(model.max_skipped_steps={hp.max_skipped_steps}); lower the learning rate or check "
-                            "the rollouts"
-                        )
-                else:
-                    if hp.max_grad_norm > 0:
-                        grad_norm = clip_grad_norm(self.policy, hp.max_grad_norm)
-                        grad_norms.append(float(grad_norm))
-                    opt.step()
-                    sched.step()
-                    n_opt += 1
-                if mb_stats is not None:
-                    total_stats = mb_stats if total_stats is None else total_stats + mb_stats
-        opt.zero_grad(set_to_none=True)  # gradients hold no memory during rollouts and evaluation
-        self.rl_step += 1
-        if hp.max_rl_steps is not None and self.rl_step >= hp.max_rl_steps:
-            self.trainer.should_stop = True
-        extra = {"train/skipped_steps": float(self.skipped_steps), "train/optimizer_steps": float(n_opt)}
-        if grad_norms:
-            extra["train/grad_norm"] = sum(grad_norms) / len(grad_norms)
-        extra.update(mismatch_metrics(mismatch, hp.tis_cap))
-        if forward_stats.get("forward_tokens") and n:
-            sp_bs = unwrap(self.policy).bd.block_size
-            full = [len(batch.prompt_ids[i]) + len(batch.response_ids[i]) + len(batch.tail_ids[i]) for i in range(n)]
-            single = single_pass_tokens([len(p) for p in batch.prompt_ids], full, sp_bs) * hp.ppo_epochs
-            extra["train/forward_tokens"] = float(forward_stats["forward_tokens"])
-            extra["train/forward_tokens_vs_single_pass"] = forward_stats["forward_tokens"] / max(single, 1)
-        if plan_on and not joint:
-            extra["loss/planner"] = plan_sum / max(n_opt, 1)
-        self._log_step(
-            batch, total_stats, entropy_sum / max(entropy_count, 1), time.perf_counter() - t0, max(n_opt, 1), extra
-        )
-
-    def _zero_loss(self, sync: bool = True) -> torch.Tensor:
-        """A loss of exactly 0 that still runs a forward/backward through the policy (gradient-sync hooks fire);
-        ``sync``: match the other ranks' forward count first (a collective under FSDP)."""
-        pad = self.tokenizer.pad_token_id
-        logp, _ = response_logprobs(self.policy, [[pad]], [[pad]], [[1]], estimator="single_pass", pad_id=pad,
-                                    sync_forwards=self._forward_sync_for(self.policy) if sync else None)
-        return logp.sum() * 0.0
-
-    def _token_inputs(self, batch, rows, local, adv, old, ref, correct, rollout_lp, current, dev) -> dict:
-        """Per-token inputs of the loss for the responses ``rows`` (flat, response-major). ``current``: the
-        detached current log-probs, the old ones when there is no separate old pass (a single optimizer step)."""
-        lengths = torch.tensor([len(batch.response_ids[i]) for i in rows])
-        old_logp = current if old is None else torch.cat([old[i] for i in rows]).to(dev)
-        roll = None
-        if rollout_lp is not None:
-            roll = torch.tensor([x for i in rows for x in rollout_lp[i]], dtype=torch.float32, device=dev)
-        return {
-            "old": old_logp,
-            "adv": torch.repeat_interleave(adv[rows], lengths).to(dev),
-            "seq": torch.repeat_interleave(torch.tensor(local), lengths).to(dev),
-            "ref": torch.cat([ref[i] for i in rows]).to(dev) if ref is not None else None,
-            "correct": torch.repeat_interleave(correct[rows], lengths).to(dev),
-            "roll": roll,
-        }
-
-    def _token_loss(self, logp, inputs: dict, norm, index: torch.Tensor | None = None):
-        """`lightningrl_loss` of the tokens ``index`` (all when None) of `_token_inputs`' responses: a sum over
-        tokens with the minibatch's global normalisers, so parts over disjoint token sets add up to the whole."""
-        hp = self.hparams
-
-        def pick(t):
-            return t if t is None or index is None else t[index]
-
-        old_logp, roll = pick(inputs["old"]), pick(inputs["roll"])
-        return lightningrl_loss(
-            logp,
-            old_logp,
-            pick(inputs["adv"]),
-            pick(inputs["seq"]),
-            norm,
-            ref_logp=pick(inputs["ref"]),
-            correct_tokens=pick(inputs["correct"]),
-            eps_low=hp.eps_low,
-            eps_high=hp.eps_high,
-            kl_beta=hp.kl_beta if inputs["ref"] is not None else 0.0,
-            kl_estimator=hp.kl_estimator,
-            nll_weight=hp.nll_weight,
-            policy_reduction=hp.policy_reduction,
-            kl_reduction=hp.kl_reduction,
-            nll_reduction=hp.nll_reduction,
-            is_weights=tis_weights(old_logp, roll, hp.tis_cap) if hp.tis_cap is not None else None,
-        )
-
-    def _chunked_backward(self, batch, rows, local, adv, norm, old, ref, correct, rollout_lp, first_epoch, world,
-                          mismatch, forward_stats) -> dict:
-        """One micro-batch's loss, forward and backward per ``rows_per_forward`` packed rows (`backward_logprobs`):
-        training memory is one forward's activations, whatever the micro-batch size (issue 28)."""
-        dev = self.policy.device if not is_sharded(self.policy) else self.device
-        n_tok = sum(len(batch.response_ids[i]) for i in rows)
-        # single optimizer step (old is None): the old log-probs are the current ones, filled in chunk by chunk
-        inputs = self._token_inputs(batch, rows, local, adv, old, ref, correct, rollout_lp,
-                                    torch.zeros(n_tok, device=dev), dev)
-        acc = {"stats": None, "entropy_sum": 0.0, "entropy_count": 0}
-
-        def loss_fn(logp, index, ent):
-            if old is None:
-                inputs["old"][index] = logp.detach().to(inputs["old"].dtype)
-            out = self._token_loss(logp, inputs, norm, index)
-            if first_epoch and inputs["roll"] is not None:
-                mismatch.append((inputs["old"][index].float().cpu(), inputs["roll"][index].cpu()))
-            acc["stats"] = out.stats if acc["stats"] is None else acc["stats"] + out.stats
-            if ent is not None:
-                acc["entropy_sum"] += float(ent.sum())
-                acc["entropy_count"] += ent.numel()
-            return out.loss, out.nonfinite
-
-        self._logprobs(self.policy, batch, rows, with_entropy=first_epoch, stats=forward_stats,
-                       backward=lambda loss: self.manual_backward(loss * world), loss_fn=loss_fn,
-                       sync=self._sync_forwards if world > 1 else None)
-        return acc
-
-    def _log_step(
-        self,
-        batch: RolloutBatch,
-        stats: LossStats | None,
-        entropy: float,
-        train_s: float,
-        n_opt: int,
-        extra: dict[str, float],
-    ) -> None:
-        metrics = {**(stats.metrics() if stats is not None else {}), **extra}
-        if not len(batch):  # every group was filtered out, even after refills
-            metrics["filter/empty_step"] = 1.0
-            metrics.update({k: float(v) for k, v in batch.stats.items()})
-            self.log_dict(metrics, on_step=True, batch_size=1)
-            return
-        # stats are sums over minibatches and epochs; report per optimizer step
-        for k in ("loss/policy", "loss/kl", "loss/nll"):
-            metrics[k] = metrics.get(k, 0.0) / n_opt
-        metrics["loss/total"] = metrics["loss/policy"] + metrics["loss/kl"] + metrics["loss/nll"]
-        metrics["entropy"] = entropy
-        metrics["timing/train_s"] = train_s
-        metrics["lr"] = self.lr_schedulers().get_last_lr()[0]
-        metrics["rl_step"] = float(self.rl_step)
-        tpf = batch.tpf
-        metrics["tpf/mean"] = float(tpf.mean())
-        metrics["tpf/batch"] = batch.batch_tpf
-        metrics["completions/mean_length"] = float(batch.response_lengths.float().mean())
-        metrics["completions/clipped_ratio"] = float(batch.truncated.float().mean())
-        if batch.accuracy is not None:
-            metrics["reward/accuracy/mean"] = float(batch.accuracy.float().mean())
-        for k, v in batch.stats.items():
-            metrics[k] = float(v)
-        self.log_dict(metrics, on_step=True, on_epoch=False, batch_size=len(batch))
 
     # ------------------------------------------------------------------ evaluation
     def validation_step(self, batch, batch_idx: int = 0):

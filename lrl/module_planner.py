@@ -1,7 +1,8 @@
 """dUltra's side of `LightningRLModule` (spec §8.3): the planner head's setup, its optimizer group, and the two
 ways its decisions enter the update (``model.planner_ratio``, `lrl.algorithms.planner_objective`).
 
-A mixin: it reads the module's ``hparams``, ``policy``, ``tokenizer`` and ``rollout_block_size``.
+A mixin: it reads the module's ``hparams``, ``loss_config``, ``policy``, ``tokenizer`` and ``rollout_block_size``,
+and the step's ``_loss_for`` (`lrl.module_step`).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ class PlannerTraining:
         if self.joint_ratio and hp.estimator != "trajectory":
             raise ValueError("model.planner_ratio=joint replays the step maps: it needs model.estimator=trajectory, "
                              f"got {hp.estimator}")
-        if self.joint_ratio and hp.tis_cap is not None:
-            raise ValueError("model.tis_cap is not supported with model.planner_ratio=joint (set it to null)")
+        if self.joint_ratio and self.loss_config.tis_cap is not None:
+            raise ValueError("model.loss.tis_cap is not supported with model.planner_ratio=joint (set it to null)")
         if hp.freeze_backbone:
             self.policy.model.requires_grad_(False)
 
@@ -91,30 +92,25 @@ class PlannerTraining:
         """``separate``: `planner_policy_loss` of these responses: new decision log-probs from the training forward,
         old ones the rollout's records (the rollout ran with the current weights; one optimizer step: the detached
         new ones)."""
-        hp = self.hparams
         dec, _, steps = self._step_logprobs(self.policy, batch, rows)
         if single_step:
             old = dec.detach()
         else:
             old = torch.tensor([x for i in rows for x in batch.planner_logprobs[i]], device=dec.device)
-        return planner_policy_loss(dec, old, adv[rows], steps, eps_low=hp.eps_low, eps_high=hp.eps_high,
-                                   num_responses=num_responses)
+        return planner_policy_loss(dec, old, adv[rows], steps, eps_low=self.loss_config.eps_low,
+                                   eps_high=self.loss_config.eps_high, num_responses=num_responses)
 
     def _joint_loss(self, batch: RolloutBatch, rows: list[int], local: list[int], adv: torch.Tensor,
                     norm: LossNormalizer, old: list[torch.Tensor] | None, ref: list[torch.Tensor] | None,
                     correct: torch.Tensor) -> LossOutput:
         """``joint``: `joint_step_loss` of these responses (``local``: their indices in the minibatch); ``old`` /
         ``ref``: per-response step log-probs of the whole batch (None: single optimizer step / no KL)."""
-        hp = self.hparams
         dec, tok, steps = self._step_logprobs(self.policy, batch, rows)
         dev = dec.device
         counts = torch.tensor(steps)
         step_lp = (dec + tok).detach() if old is None else torch.cat([old[i] for i in rows]).to(dev)
         return joint_step_loss(
             dec, tok, step_lp, torch.repeat_interleave(adv[rows], counts).to(dev),
-            torch.repeat_interleave(torch.tensor(local), counts).to(dev), norm,
+            torch.repeat_interleave(torch.tensor(local), counts).to(dev), norm, self._loss_for(ref is not None),
             ref_step_logp=torch.cat([ref[i] for i in rows]).to(dev) if ref is not None else None,
-            correct_steps=torch.repeat_interleave(correct[rows], counts).to(dev),
-            eps_low=hp.eps_low, eps_high=hp.eps_high, kl_beta=hp.kl_beta if ref is not None else 0.0,
-            kl_estimator=hp.kl_estimator, nll_weight=hp.nll_weight, policy_reduction=hp.policy_reduction,
-            kl_reduction=hp.kl_reduction, nll_reduction=hp.nll_reduction)
+            correct_steps=torch.repeat_interleave(correct[rows], counts).to(dev))

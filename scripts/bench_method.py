@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 # method name → extra `lrl fit` arguments on top of configs/quickstart.yaml
 METHODS: dict[str, list[str]] = {
     "GRPO(traj)": [
-        "--model.init_args.nll_weight=0.0", "--data.init_args.tpf_coefficient=0.0",
+        "--model.init_args.loss.nll_weight=0.0", "--data.init_args.tpf_coefficient=0.0",
         "--data.init_args.tpf_reward=none", "--data.init_args.advantage=prompt_group",
         "--trainer.callbacks.init_args.tpf_range_threshold=null",
     ],
@@ -53,9 +53,9 @@ ABLATIONS: dict[str, list[str]] = {
         "--model.init_args.estimator=masked_states", "--data.init_args.tpf_reward=none",
         "--data.init_args.tpf_coefficient=0.0",
     ],
-    "LightningRL, no NLL": ["--model.init_args.nll_weight=0.0"],
+    "LightningRL, no NLL": ["--model.init_args.loss.nll_weight=0.0"],
     # the TPF reward's own effect without the NLL term's sharpening (compare with "LightningRL, no NLL")
-    "LightningRL, no NLL, no TPF reward": ["--model.init_args.nll_weight=0.0", "--data.init_args.tpf_reward=none",
+    "LightningRL, no NLL, no TPF reward": ["--model.init_args.loss.nll_weight=0.0", "--data.init_args.tpf_reward=none",
                                            "--data.init_args.tpf_coefficient=0.0"],
     "LightningRL, joint norm.": ["--data.init_args.joint_normalization=true"],
     "LightningRL, no TPF filter": ["--trainer.callbacks.init_args.tpf_range_threshold=null"],

@@ -74,7 +74,7 @@ class _Clock:
 def rl_step(policy, engine, tokenizer, args, clock: _Clock, opt) -> dict:
     from lrl.algorithms.advantages import compute_advantages
     from lrl.algorithms.logprobs import response_logprobs
-    from lrl.algorithms.losses import build_normalizer, lightningrl_loss
+    from lrl.algorithms.losses import LossConfig, build_normalizer, lightningrl_loss
     from lrl.rewards.math import score_math
     from lrl.rollout import SamplingParams
 
@@ -117,7 +117,7 @@ def rl_step(policy, engine, tokenizer, args, clock: _Clock, opt) -> dict:
             out = lightningrl_loss(
                 logp, old_lp, torch.repeat_interleave(adv[idx], lengths[idx]).to(dev),
                 torch.repeat_interleave(torch.arange(len(rows)), lengths[idx]).to(dev), norm,
-                correct_tokens=torch.repeat_interleave(correct[idx], lengths[idx]).to(dev), kl_beta=0.0,
+                LossConfig(kl_beta=0.0), correct_tokens=torch.repeat_interleave(correct[idx], lengths[idx]).to(dev),
             )
             out.loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)

@@ -39,8 +39,8 @@ def export_policy(ckpt: str | Path, out: str | Path, base: str | None = None) ->
         source = io.BytesIO()
         torch.save(state, source)
         source.seek(0)
-    # a frozen reference is not needed to export: kl_beta=0 skips loading it
-    module = LightningRLModule.load_from_checkpoint(source, map_location="cpu", kl_beta=0.0)
+    # a frozen reference is not needed to export: kl_beta=0 skips loading it (the rest of the loss group is unused)
+    module = LightningRLModule.load_from_checkpoint(source, map_location="cpu", loss={"kl_beta": 0.0})
     save_checkpoint(module.policy, out, tokenizer=module.tokenizer)  # atomic: a temp sibling swapped in
     return out
 

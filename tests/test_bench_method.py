@@ -29,7 +29,7 @@ def test_benchmark_method_instantiates(method, tiny_checkpoint, tmp_path, monkey
                       "LightningRL, masked-states, no TPF reward": "masked_states"}
     assert hp.estimator == want_estimator.get(method, "trajectory")
     no_nll = ("GRPO(traj)", "LightningRL, no NLL", "LightningRL, no NLL, no TPF reward")
-    assert (hp.nll_weight == 0.0) == (method in no_nll)
+    assert (hp.loss["nll_weight"] == 0.0) == (method in no_nll)
     no_tpf = ("GRPO(traj)", "LightningRL, no TPF reward", "LightningRL, masked-states, no TPF reward",
               "LightningRL, no NLL, no TPF reward")
     assert (data.tpf_reward == "none") == (method in no_tpf)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from lrl.algorithms.logprobs import backward_logprobs, response_logprobs
-from lrl.algorithms.losses import build_normalizer, lightningrl_loss
+from lrl.algorithms.losses import LossConfig, build_normalizer, lightningrl_loss
 from lrl.rollout import NativeEngine, SamplingParams
 
 
@@ -47,7 +47,8 @@ def _loss(logp, x, index=None):
         return t if index is None else t[index]
 
     return lightningrl_loss(logp, pick(x["old"]), pick(x["adv"]), pick(x["seq"]), x["norm"],
-                            ref_logp=pick(x["ref"]), correct_tokens=pick(x["correct"]), kl_beta=0.05, nll_weight=0.1)
+                            LossConfig(kl_beta=0.05, nll_weight=0.1), ref_logp=pick(x["ref"]),
+                            correct_tokens=pick(x["correct"]))
 
 
 def _grads(lm):

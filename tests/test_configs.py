@@ -68,7 +68,7 @@ def _resolved(tiny_checkpoint, configs) -> dict:
 # when each was a full copy of lightningrl.yaml; every other resolved value must be the paper profile's.
 PROFILE_CHANGES = {
     "grpo_traj.yaml": {
-        "model.init_args.nll_weight": 0.0,
+        "model.init_args.loss.nll_weight": 0.0,
         "data.init_args.tpf_reward": "none",
         "data.init_args.tpf_coefficient": 0.0,
         "data.init_args.advantage": "prompt_group",
@@ -79,7 +79,7 @@ PROFILE_CHANGES = {
     },
     "lightningrl_released.yaml": {
         "model.init_args.estimator": "single_pass",
-        "model.init_args.nll_correct": "reward_nonneg",
+        "model.init_args.loss.nll_correct": "reward_nonneg",
         "model.init_args.reset_optimizer_each_step": True,
         "data.init_args.acc_reward": "z_score",
         "data.init_args.eos_policy": "keep_final_block",
@@ -177,6 +177,12 @@ def test_merged_config_overrides_in_order(tmp_path):
     merged = merged_config([str(tmp_path / "d.yaml"), str(tmp_path / "e.yaml")])
     assert merged["data"] == {"init_args": {"task_kwargs": {"styles": {"b": 1}}, "seed": 1}}
     assert merged["trainer"] == {"logger": {"class_path": "L", "init_args": {"name": "x", "version": "w"}}}
+    # a typed group (a dataclass argument, e.g. the loss knobs) merges key by key, as jsonargparse merges it
+    (tmp_path / "f.yaml").write_text("model:\n  class_path: lrl.module.LightningRLModule\n"
+                                     "  init_args: {loss: {kl_beta: 0.0, nll_weight: 0.5}, planner_head: {a: 1}}\n")
+    (tmp_path / "g.yaml").write_text("model:\n  init_args: {loss: {nll_weight: 0.0}, planner_head: {b: 2}}\n")
+    merged = merged_config([str(tmp_path / "f.yaml"), str(tmp_path / "g.yaml")])["model"]["init_args"]
+    assert merged == {"loss": {"kl_beta": 0.0, "nll_weight": 0.0}, "planner_head": {"b": 2}}
     (tmp_path / "c.yaml").write_text("- 1\n")
     with pytest.raises(ValueError, match="c.yaml: a config must be a YAML mapping"):
         merged_config([str(tmp_path / "c.yaml")])

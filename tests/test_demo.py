@@ -134,7 +134,7 @@ def test_bench_train_args(monkeypatch, tmp_path):
     args = seen[0]
     assert args[:5] == ["fit", "--config", "a.yaml", "--config", "b.yaml"]
     assert "--seed_everything=3" in args and "--model.init_args.max_rl_steps=7" in args
-    assert "--model.init_args.lr=1e-5" in args and "--model.init_args.nll_weight=0.0" in args
+    assert "--model.init_args.lr=1e-5" in args and "--model.init_args.loss.nll_weight=0.0" in args
     callbacks = next(a for a in args if a.startswith("--trainer.callbacks="))
     assert "tpf_range_threshold: null" in callbacks
     assert not any(a.startswith("--trainer.callbacks.init_args") for a in args)

@@ -29,7 +29,7 @@ def test_base_override_loads_a_run_whose_recorded_base_moved(tmp_path, tiny_chec
     from lrl.models import load_checkpoint
     from lrl.module import LightningRLModule
 
-    module = LightningRLModule(checkpoint=str(tiny_checkpoint), kl_beta=0.0)
+    module = LightningRLModule(checkpoint=str(tiny_checkpoint), loss={"kl_beta": 0.0})
     module.configure_model()
     with torch.no_grad():
         module.policy.model.lm_head.weight.add_(0.5)  # the "trained" policy differs from its base

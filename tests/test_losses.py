@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lrl.algorithms.losses import (
+    LossConfig,
     LossNormalizer,
     LossStats,
     build_normalizer,
@@ -170,10 +171,8 @@ def test_nll_only_on_correct_tokens() -> None:
             torch.zeros(3, dtype=DT),
             seq_index,
             norm,
+            LossConfig(kl_beta=0.0, nll_weight=0.1, nll_reduction=reduction),
             correct_tokens=correct,
-            kl_beta=0.0,
-            nll_weight=0.1,
-            nll_reduction=reduction,
         )
         torch.testing.assert_close(out.loss, t(expected)[0])
         torch.testing.assert_close(out.stats.nll, t(expected)[0])
@@ -192,8 +191,8 @@ def test_nll_zero_without_correct() -> None:
         t(0.0, 0.0),
         torch.tensor([0, 0]),
         norm,
+        LossConfig(kl_beta=0.0),
         correct_tokens=torch.tensor([False, False]),
-        kl_beta=0.0,
     )
     assert float(out.stats.nll) == 0.0
     assert float(out.loss.detach()) == 0.0
@@ -213,11 +212,9 @@ def test_full_loss_hand_computed() -> None:
         t(1.0, -1.0, -1.0),
         seq_index,
         norm,
+        LossConfig(kl_beta=0.01, kl_estimator="k1", nll_weight=0.1),
         ref_logp=torch.zeros(3, dtype=DT),
         correct_tokens=torch.tensor([True, False, False]),
-        kl_beta=0.01,
-        kl_estimator="k1",
-        nll_weight=0.1,
     )
     # surr = [min(1.5, 1.2) = 1.2, min(−0.5, −0.8) = −0.8, −1.0]
     # L_pol ("sequence") = −(1.2/1 + (−0.8 − 1.0)/2) / 2 = −(1.2 − 0.9)/2 = −0.15
@@ -242,7 +239,8 @@ def test_full_loss_hand_computed() -> None:
 def test_nonfinite_is_flagged_not_zeroed() -> None:
     norm = build_normalizer(torch.tensor([1]), torch.tensor([False]))
     out = lightningrl_loss(
-        t(float("nan")), t(0.0), t(1.0), torch.tensor([0]), norm, kl_beta=0.0, correct_tokens=torch.tensor([False])
+        t(float("nan")), t(0.0), t(1.0), torch.tensor([0]), norm, LossConfig(kl_beta=0.0),
+        correct_tokens=torch.tensor([False]),
     )
     assert out.nonfinite
     assert math.isnan(float(out.loss))
@@ -283,7 +281,7 @@ def _minibatch(seed: int = 0) -> dict[str, torch.Tensor]:
 def test_micro_batches_sum_to_full_batch(policy_red: str, kl_red: str, nll_red: str, estimator: str) -> None:
     mb = _minibatch()
     norm = build_normalizer(mb["lengths"], mb["correct_seq"])
-    kwargs = dict(
+    config = LossConfig(
         eps_low=0.2,
         eps_high=0.28,
         kl_beta=0.05,
@@ -301,9 +299,9 @@ def test_micro_batches_sum_to_full_batch(policy_red: str, kl_red: str, nll_red: 
             mb["advantages"][token_mask],
             mb["seq_index"][token_mask],
             norm,
+            config,
             ref_logp=mb["ref_logp"][token_mask],
             correct_tokens=mb["correct_seq"][mb["seq_index"]][token_mask],
-            **kwargs,
         )
 
     # full minibatch at once
@@ -341,9 +339,7 @@ def test_token_and_sequence_policy_differ() -> None:
             mb["advantages"],
             mb["seq_index"],
             norm,
-            kl_beta=0.0,
-            nll_weight=0.0,
-            policy_reduction=mode,
+            LossConfig(kl_beta=0.0, nll_weight=0.0, policy_reduction=mode),
         ).loss
         for mode in ("token", "sequence")
     ]
@@ -382,3 +378,18 @@ def test_low_precision_inputs_computed_in_float32() -> None:
     assert out.loss.dtype == torch.float32
     out.loss.backward()
     assert logp.grad is not None and logp.grad.dtype == torch.bfloat16
+
+
+def test_loss_config_refuses_bad_knobs_naming_the_key() -> None:
+    """The group checks its own ranges, naming the key as a config writes it (`lrl.cli_errors` adds init_args)."""
+    for kwargs, key in [({"eps_low": 1.0}, "model.loss.eps_low"), ({"eps_high": -0.1}, "model.loss.eps_high"),
+                        ({"kl_beta": -0.01}, "model.loss.kl_beta"), ({"nll_weight": -1.0}, "model.loss.nll_weight"),
+                        ({"tis_cap": 0.0}, "model.loss.tis_cap"), ({"kl_estimator": "k4"}, "model.loss.kl_estimator"),
+                        ({"nll_reduction": "mean"}, "model.loss.nll_reduction"),
+                        ({"nll_correct": "all"}, "model.loss.nll_correct")]:
+        with pytest.raises(ValueError, match=key):
+            LossConfig(**kwargs)
+    # the paper's knobs are the defaults (spec §9)
+    assert LossConfig() == LossConfig(eps_low=0.2, eps_high=0.2, kl_beta=0.01, kl_estimator="k3", nll_weight=0.1,
+                                      nll_correct="verifier", policy_reduction="sequence", kl_reduction="token",
+                                      nll_reduction="token", tis_cap=None)

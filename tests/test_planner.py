@@ -315,7 +315,7 @@ def test_joint_step_loss_hand_numbers():
     """One ratio per step on decisions + tokens (spec §8.3, planner_ratio=joint), clip/KL/NLL by hand."""
     from math import log
 
-    from lrl.algorithms.losses import build_normalizer
+    from lrl.algorithms.losses import LossConfig, build_normalizer
     from lrl.algorithms.planner_objective import joint_step_loss
 
     # response 0: 2 steps, A = +1, correct; response 1: 1 step, A = −2; ε = 0.2
@@ -326,8 +326,8 @@ def test_joint_step_loss_hand_numbers():
     adv, seq = torch.tensor([1.0, 1.0, -2.0]), torch.tensor([0, 0, 1])
     norm = build_normalizer(torch.tensor([2, 1]), torch.tensor([True, False]))
     correct = torch.tensor([True, True, False])
-    kw = dict(ref_step_logp=ref, correct_steps=correct, kl_beta=0.1, nll_weight=0.5)
-    out = joint_step_loss(dec, tok, old, adv, seq, norm, **kw)
+    kw = dict(ref_step_logp=ref, correct_steps=correct)
+    out = joint_step_loss(dec, tok, old, adv, seq, norm, LossConfig(kl_beta=0.1, nll_weight=0.5), **kw)
     # sequence mean of −surr: response 0 mean(−1.2, −1.0) = −1.1, response 1 −min(0.5·−2, 0.8·−2) = 1.6
     policy = (-1.1 + 1.6) / 2
     kl = 0.1 * (1 - log(2)) / 3  # token (= step) mean over the 3 steps
@@ -335,17 +335,18 @@ def test_joint_step_loss_hand_numbers():
     assert out.loss.item() == pytest.approx(policy + kl + nll, abs=1e-6)
     assert out.stats.policy.item() == pytest.approx(policy, abs=1e-6)
     assert out.stats.nll.item() == pytest.approx(nll, abs=1e-6)
-    tok_red = joint_step_loss(dec, tok, old, adv, seq, norm, policy_reduction="token", **kw)
+    tok_red = joint_step_loss(dec, tok, old, adv, seq, norm,
+                              LossConfig(kl_beta=0.1, nll_weight=0.5, policy_reduction="token"), **kw)
     assert tok_red.stats.policy.item() == pytest.approx(-(1.2 + 1.0 - 1.6) / 3, abs=1e-6)
     with pytest.raises(ValueError, match="correct_steps"):
-        joint_step_loss(dec, tok, old, adv, seq, norm, nll_weight=0.5, kl_beta=0.0)
+        joint_step_loss(dec, tok, old, adv, seq, norm, LossConfig(nll_weight=0.5, kl_beta=0.0))
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_joint_step_loss_direction(sign):
     """A gradient step on the joint loss raises the probability of a step's recorded decisions (and of its
     tokens) when the advantage is positive, and lowers it when negative."""
-    from lrl.algorithms.losses import build_normalizer
+    from lrl.algorithms.losses import LossConfig, build_normalizer
     from lrl.algorithms.planner_objective import joint_step_loss
 
     z = torch.tensor([[0.3, -0.2, 0.1, 0.0]], requires_grad=True)  # planner logits of one block
@@ -361,7 +362,7 @@ def test_joint_step_loss_direction(sign):
     opt = torch.optim.SGD([z, w], lr=0.1)
     dec, tok = step_parts()
     joint_step_loss(dec, tok, (dec + tok).detach(), torch.tensor([sign]), torch.tensor([0]), norm,
-                    kl_beta=0.0, nll_weight=0.0).loss.backward()
+                    LossConfig(kl_beta=0.0, nll_weight=0.0)).loss.backward()
     opt.step()
     dec1, tok1 = (x.detach() for x in step_parts())
     assert sign * float(dec1 - dec0) > 1e-4 and sign * float(tok1 - tok0) > 1e-4

@@ -7,12 +7,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from lrl.algorithms.losses import LossConfig
 from lrl.module import LightningRLModule
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)])
 def test_reference_is_held_in_the_compute_dtype(tiny_checkpoint, precision, dtype):
-    module = LightningRLModule(str(tiny_checkpoint), kl_beta=0.01)
+    module = LightningRLModule(str(tiny_checkpoint), loss=LossConfig(kl_beta=0.01))
     module._trainer = SimpleNamespace(precision=precision, strategy=None)
     module.configure_model()
     ref = module._ref[0]
@@ -24,7 +25,7 @@ def test_reference_is_held_in_the_compute_dtype(tiny_checkpoint, precision, dtyp
 
 
 def test_no_reference_without_kl(tiny_checkpoint):
-    module = LightningRLModule(str(tiny_checkpoint), kl_beta=0.0)
+    module = LightningRLModule(str(tiny_checkpoint), loss=LossConfig(kl_beta=0.0))
     module._trainer = SimpleNamespace(precision="bf16-mixed", strategy=None)
     module.configure_model()
     assert module.reference is None

@@ -65,9 +65,16 @@ PROFILES = {
 }
 
 
+LOSS_KEYS = ("eps_low", "eps_high", "kl_beta", "kl_estimator", "nll_weight", "nll_correct", "policy_reduction",
+             "kl_reduction", "nll_reduction", "tis_cap")
+
+
 def _loss_kwargs(kw: dict) -> dict:
-    """Profile knobs as `LightningRLModule` takes them."""
-    return dict(kw)
+    """Profile knobs as `LightningRLModule` takes them: the loss knobs as one group (``model.init_args.loss``)."""
+    from lrl.algorithms.losses import LossConfig
+
+    loss = {k: kw.pop(k) for k in LOSS_KEYS if k in kw}
+    return {**kw, "loss": LossConfig(**loss)}
 
 
 def _one_step(checkpoint, profile: str) -> dict[str, float]:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lrl.algorithms.logprobs import response_logprobs, sampling_support, trajectory_rounds
+from lrl.algorithms.losses import LossConfig
 from lrl.algorithms.token_logprobs import token_logprobs
 from lrl.rollout import NativeEngine, SamplingParams
 from lrl.rollout.unmasking import sample_tokens
@@ -26,7 +27,8 @@ STOP_IDS = tuple(range(40, 52))
 def module(tiny_checkpoint):
     from lrl.module import LightningRLModule
 
-    m = LightningRLModule(str(tiny_checkpoint), kl_beta=0.0, micro_batch_size=4, max_copies=3, rows_per_forward=2)
+    m = LightningRLModule(str(tiny_checkpoint), loss=LossConfig(kl_beta=0.0), micro_batch_size=4, max_copies=3,
+                          rows_per_forward=2)
     m.configure_model()
     return m
 
@@ -142,9 +144,9 @@ def _fit_one_step(checkpoint, batch, **model_kw):
 
     from lrl.module import LightningRLModule
 
-    kw = dict(kl_beta=0.0, nll_weight=0.0, lr=1e-3, warmup_steps=0, max_grad_norm=0.0, micro_batch_size=4,
-              max_rl_steps=1)
-    module = LightningRLModule(str(checkpoint), block_size=batch.sampling.block_size, **{**kw, **model_kw})
+    kw = dict(lr=1e-3, warmup_steps=0, max_grad_norm=0.0, micro_batch_size=4, max_rl_steps=1)
+    loss = LossConfig(kl_beta=0.0, nll_weight=0.0, tis_cap=model_kw.pop("tis_cap", None))
+    module = LightningRLModule(str(checkpoint), block_size=batch.sampling.block_size, loss=loss, **{**kw, **model_kw})
     trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                       limit_val_batches=0)
@@ -187,7 +189,7 @@ def test_update_raises_positive_and_lowers_negative_advantage_logprobs(module, t
 def test_mismatch_metrics_and_tis_against_a_shifted_rollout_engine(module, tiny_checkpoint):
     """A rollout engine whose log-probs are 0.5 nats above training's (as if sampled elsewhere): the old-log-prob
     pass (2 minibatches) reports the gap, and TIS weights every token by min(e^-0.5, C) = e^-0.5."""
-    from lrl.module import mismatch_metrics, tis_weights
+    from lrl.algorithms.rollout_mismatch import mismatch_metrics, tis_weights
 
     batch = _fixed_batch(module)
     batch.sampling_logprobs = [[x + 0.5 for x in lp] for lp in batch.sampling_logprobs]
@@ -215,12 +217,12 @@ def test_mismatch_metrics_and_tis_against_a_shifted_rollout_engine(module, tiny_
 def test_tis_needs_sampling_logprobs(module, tiny_checkpoint):
     from lrl.module import LightningRLModule
 
-    with pytest.raises(ValueError, match="model.tis_cap must be > 0"):
-        LightningRLModule(str(tiny_checkpoint), tis_cap=0.0)
+    with pytest.raises(ValueError, match="model.loss.tis_cap must be > 0"):
+        LightningRLModule(str(tiny_checkpoint), loss=LossConfig(tis_cap=0.0))
     for estimator in ("single_pass", "masked_states"):  # they score tokens outside the state that sampled them
-        with pytest.raises(ValueError, match="model.tis_cap needs model.estimator=trajectory"):
-            LightningRLModule(str(tiny_checkpoint), tis_cap=2.0, estimator=estimator)
+        with pytest.raises(ValueError, match="model.loss.tis_cap needs model.estimator=trajectory"):
+            LightningRLModule(str(tiny_checkpoint), loss=LossConfig(tis_cap=2.0), estimator=estimator)
     batch = _fixed_batch(module)
     batch.sampling_logprobs = None
-    with pytest.raises(ValueError, match="model.tis_cap"):
+    with pytest.raises(ValueError, match="model.loss.tis_cap"):
         _fit_one_step(tiny_checkpoint, batch, tis_cap=2.0)

@@ -27,9 +27,11 @@ from torch import Tensor
 
 Reduction = Literal["token", "sequence"]
 KLEstimator = Literal["k1", "k2", "k3"]
+NLLCorrect = Literal["verifier", "reward_nonneg"]
 
 _REDUCTIONS = ("token", "sequence")
 _KL_ESTIMATORS = ("k1", "k2", "k3")
+_NLL_CORRECT = ("verifier", "reward_nonneg")
 # Bound on |log ratio| before exponentiating, as upstream: exp(10) ≈ 2.2e4 stays finite in fp16/bf16 arithmetic.
 _LOG_RATIO_CLAMP = 10.0
 
@@ -319,30 +321,78 @@ class LossOutput:
         return bool(self.stats.nonfinite > 0)
 
 
+@dataclass(frozen=True)
+class LossConfig:
+    """The knobs of the LightningRL loss L = L_pol + β·L_KL + μ·L_NLL (spec §4.3, §3.6, §9), ``model.init_args.loss``
+    in a config. Defaults are the paper's: ε = ε_high = 0.2, k3 with β = 0.01, μ = 0.1 on verifier-correct
+    responses, "Seq-Tok-Tok" reductions, no TIS. `lightningrl_loss` and `joint_step_loss` take the group whole;
+    ``nll_correct`` and ``tis_cap`` say how the trainer builds their per-token ``correct_tokens`` / ``is_weights``.
+
+    Args:
+        eps_low: PPO clip ε: the ratio is clipped to [1 − ε, 1 + ε] (to 1 + ε_high above for A >= 0), in [0, 1).
+        eps_high: upper clip ε_high for non-negative advantages (DAPO's clip-higher), >= 0.
+        kl_beta: β of the KL penalty against the frozen reference (0: no reference model is loaded).
+        kl_estimator: ``k1``, ``k2`` or ``k3`` (Schulman's unbiased, non-negative estimator).
+        nll_weight: μ of the NLL term on correct responses (0: off).
+        nll_correct: which responses count as correct for the NLL: ``verifier`` (paper) or ``reward_nonneg``
+            (released code's ``reward >= 0`` proxy, spec §3.6).
+        policy_reduction: ``sequence`` (mean over responses of their token means) or ``token`` (mean over tokens)
+            for L_pol.
+        kl_reduction: ``sequence`` or ``token`` for L_KL.
+        nll_reduction: ``sequence`` or ``token`` for L_NLL (over correct responses / their tokens).
+        tis_cap: truncated importance sampling (verl's TIS): weight each token's policy term by
+            min(π_old/π_rollout, tis_cap), π_rollout being the engine's recorded sampling probability. Off (None) by
+            default: the native engine samples from the training distribution (mismatch ≈ 0). Turn it on (2.0 is
+            verl's usual cap) when ``rollout/logprob_abs_diff/mean`` is well above 0, e.g. SGLang rollouts in
+            bf16 on another GPU. Trajectory estimator only.
+    """
+
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    kl_beta: float = 0.01
+    kl_estimator: KLEstimator = "k3"
+    nll_weight: float = 0.1
+    nll_correct: NLLCorrect = "verifier"
+    policy_reduction: Reduction = "sequence"
+    kl_reduction: Reduction = "token"
+    nll_reduction: Reduction = "token"
+    tis_cap: float | None = None
+
+    def __post_init__(self) -> None:
+        # messages name the key as a config writes it (lrl.cli_errors adds the ``init_args``)
+        if not 0 <= self.eps_low < 1 or self.eps_high < 0:
+            raise ValueError(f"model.loss.eps_low must be in [0, 1) and model.loss.eps_high >= 0, got "
+                             f"{self.eps_low}, {self.eps_high}")
+        for name in ("kl_beta", "nll_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.loss.{name} must be >= 0, got {getattr(self, name)}")
+        if self.tis_cap is not None and self.tis_cap <= 0:
+            raise ValueError(f"model.loss.tis_cap must be > 0 (or null: off), got {self.tis_cap}")
+        for name, allowed in (("kl_estimator", _KL_ESTIMATORS), ("nll_correct", _NLL_CORRECT),
+                              ("policy_reduction", _REDUCTIONS), ("kl_reduction", _REDUCTIONS),
+                              ("nll_reduction", _REDUCTIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.loss.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+
 def lightningrl_loss(
     logp: Tensor,
     old_logp: Tensor,
     advantages: Tensor,
     seq_index: Tensor,
     norm: LossNormalizer,
+    config: LossConfig = LossConfig(),
     *,
     ref_logp: Tensor | None = None,
     correct_tokens: Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    kl_beta: float = 0.01,
-    kl_estimator: KLEstimator = "k3",
-    nll_weight: float = 0.1,
-    policy_reduction: Reduction = "sequence",
-    kl_reduction: Reduction = "token",
-    nll_reduction: Reduction = "token",
     is_weights: Tensor | None = None,
 ) -> LossOutput:
     """One micro-batch's share of the LightningRL loss L = L_pol + β·L_KL + μ·L_NLL (spec §4.3, §3.6, §9).
 
     L_pol = −reduce(surr), L_KL = reduce(KL), L_NLL = reduce(−ℓ over tokens of verifier-correct responses) with
-    the correct-only counts of ``norm`` (0 when the minibatch has no correct response). Defaults are the paper's
-    "Seq-Tok-Tok" reductions, ε = ε_high = 0.2, k3 with β = 0.01, μ = 0.1.
+    the correct-only counts of ``norm`` (0 when the minibatch has no correct response); ε, β, μ, the KL estimator
+    and the three reductions come from ``config`` (`LossConfig`: the paper's "Seq-Tok-Tok", ε = ε_high = 0.2, k3
+    with β = 0.01, μ = 0.1 by default).
 
     Unlike upstream, a non-finite policy term is *not* replaced by 0: ``stats.nonfinite`` flags it and the trainer
     skips the optimizer step, so a diverging run is visible instead of silently training on the other terms.
@@ -353,55 +403,47 @@ def lightningrl_loss(
         advantages: ``(T,)`` sequence advantage per token.
         seq_index: ``(T,)`` long, minibatch index of each token's sequence.
         norm: Global minibatch counts from :func:`build_normalizer` (all-reduced by the caller).
-        ref_logp: ``(T,)`` reference log-probs; required when ``kl_beta > 0``, else only logged if given.
-        correct_tokens: ``(T,)`` bool, token belongs to a verifier-correct response; required when
-            ``nll_weight > 0``.
-        eps_low: ε of the clip.
-        eps_high: ε_high, upper clip for non-negative advantages.
-        kl_beta: β, weight of the KL term.
-        kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"``.
-        nll_weight: μ, weight of the NLL term on correct responses.
-        policy_reduction: ``"token"`` or ``"sequence"`` for L_pol.
-        kl_reduction: ``"token"`` or ``"sequence"`` for L_KL.
-        nll_reduction: ``"token"`` or ``"sequence"`` for L_NLL (over correct tokens / correct sequences).
+        config: the loss knobs (`LossConfig`).
+        ref_logp: ``(T,)`` reference log-probs; required when ``config.kl_beta > 0``, else only logged if given.
+        correct_tokens: ``(T,)`` bool, token belongs to a correct response (``config.nll_correct``); required when
+            ``config.nll_weight > 0``.
         is_weights: ``(T,)`` detached per-token weights of the policy term, e.g. truncated importance sampling
-            min(π_old/π_rollout, C) when rollouts came from another engine (verl's TIS); None = 1.
+            min(π_old/π_rollout, ``config.tis_cap``) when rollouts came from another engine (verl's TIS); None = 1.
 
     Returns:
         :class:`LossOutput` with the differentiable ``loss`` and detached ``stats``.
     """
+    c = config
     _check_same_shape(logp=logp, old_logp=old_logp, advantages=advantages, seq_index=seq_index)
     if logp.dim() != 1:
         raise ValueError(f"lightningrl_loss: per-token inputs must be flat (T,), got shape {tuple(logp.shape)}")
-    if kl_beta < 0 or nll_weight < 0:
-        raise ValueError(f"lightningrl_loss: kl_beta and nll_weight must be >= 0, got {kl_beta}, {nll_weight}")
-    if kl_beta > 0 and ref_logp is None:
-        raise ValueError(f"lightningrl_loss: kl_beta={kl_beta} > 0 needs ref_logp")
-    if nll_weight > 0 and correct_tokens is None:
-        raise ValueError(f"lightningrl_loss: nll_weight={nll_weight} > 0 needs correct_tokens")
+    if c.kl_beta > 0 and ref_logp is None:
+        raise ValueError(f"lightningrl_loss: kl_beta={c.kl_beta} > 0 needs ref_logp")
+    if c.nll_weight > 0 and correct_tokens is None:
+        raise ValueError(f"lightningrl_loss: nll_weight={c.nll_weight} > 0 needs correct_tokens")
 
-    surr, ratio, clipped_low, clipped_high = policy_surrogate(logp, old_logp, advantages, eps_low, eps_high)
+    surr, ratio, clipped_low, clipped_high = policy_surrogate(logp, old_logp, advantages, c.eps_low, c.eps_high)
     if is_weights is not None:
         _check_same_shape(logp=logp, is_weights=is_weights)
         surr = surr * is_weights.detach().to(surr.dtype)
-    policy = -reduce(surr, seq_index, policy_reduction, norm)
+    policy = -reduce(surr, seq_index, c.policy_reduction, norm)
 
     zero = logp.sum() * 0.0  # keeps every term in the graph, so each micro-batch backpropagates into the model
     kl_term = zero
     kl_sum = torch.zeros((), dtype=torch.float64, device=logp.device)
     if ref_logp is not None:
-        kl_tokens = kl_penalty(logp, ref_logp, kl_estimator)
+        kl_tokens = kl_penalty(logp, ref_logp, c.kl_estimator)
         kl_sum = kl_tokens.detach().double().sum()
-        if kl_beta > 0:
-            kl_term = kl_beta * reduce(kl_tokens, seq_index, kl_reduction, norm)
+        if c.kl_beta > 0:
+            kl_term = c.kl_beta * reduce(kl_tokens, seq_index, c.kl_reduction, norm)
 
     nll_term = zero
-    if nll_weight > 0:
+    if c.nll_weight > 0:
         _check_same_shape(logp=logp, correct_tokens=correct_tokens)
         correct = correct_tokens.to(device=logp.device, dtype=torch.bool)
         nll_norm = norm.for_correct()
         # 0 when the whole minibatch has no correct response (spec §3.6); reduce() returns 0 for empty input.
-        nll_term = nll_weight * reduce(-logp[correct], seq_index[correct], nll_reduction, nll_norm)
+        nll_term = c.nll_weight * reduce(-logp[correct], seq_index[correct], c.nll_reduction, nll_norm)
 
     loss = policy + kl_term + nll_term
     stats = LossStats(

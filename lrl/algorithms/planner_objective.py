@@ -17,7 +17,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
-from lrl.algorithms.losses import KLEstimator, LossNormalizer, LossOutput, Reduction, lightningrl_loss, reduce
+from lrl.algorithms.losses import LossConfig, LossNormalizer, LossOutput, lightningrl_loss, reduce
 
 
 def planner_policy_loss(
@@ -63,17 +63,10 @@ def joint_step_loss(
     advantages: Tensor,
     seq_index: Tensor,
     norm: LossNormalizer,
+    config: LossConfig = LossConfig(),
     *,
     ref_step_logp: Tensor | None = None,
     correct_steps: Tensor | None = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.2,
-    kl_beta: float = 0.01,
-    kl_estimator: KLEstimator = "k3",
-    nll_weight: float = 0.1,
-    policy_reduction: Reduction = "sequence",
-    kl_reduction: Reduction = "token",
-    nll_reduction: Reduction = "token",
 ) -> LossOutput:
     """One micro-batch's share of the joint dUltra loss: one PPO ratio per step (spec §8.3, ``joint``).
 
@@ -90,10 +83,9 @@ def joint_step_loss(
         advantages: (U,) each step's response advantage.
         seq_index: (U,) long, minibatch index of each step's response (into ``norm.seq_num_tokens``).
         norm: `build_normalizer` over steps (``seq_num_tokens`` = steps per response), all-reduced by the caller.
-        ref_step_logp: (U,) the reference's ℓ_s; required when ``kl_beta > 0``.
-        correct_steps: (U,) bool, the step's response is verifier-correct; required when ``nll_weight > 0``.
-        eps_low, eps_high, kl_beta, kl_estimator, nll_weight, policy_reduction, kl_reduction, nll_reduction: as in
-            `lightningrl_loss`.
+        config: the loss knobs (`LossConfig`), as in `lightningrl_loss`; its ``tis_cap`` is not supported here.
+        ref_step_logp: (U,) the reference's ℓ_s; required when ``config.kl_beta > 0``.
+        correct_steps: (U,) bool, the step's response is correct; required when ``config.nll_weight > 0``.
     Returns:
         `LossOutput`; its stats count steps where `lightningrl_loss` counts tokens.
     """
@@ -101,16 +93,17 @@ def joint_step_loss(
         raise ValueError(f"joint_step_loss: decision_logp {tuple(decision_logp.shape)} and token_logp "
                          f"{tuple(token_logp.shape)} must both be (U,) over the same steps")
     step = decision_logp + token_logp
-    out = lightningrl_loss(step, old_step_logp, advantages, seq_index, norm, ref_logp=ref_step_logp,
-                           eps_low=eps_low, eps_high=eps_high, kl_beta=kl_beta, kl_estimator=kl_estimator,
-                           nll_weight=0.0, policy_reduction=policy_reduction, kl_reduction=kl_reduction)
-    if nll_weight <= 0:
+    # the tokens' NLL only (the decisions are no language-model likelihood): added below, not by lightningrl_loss
+    out = lightningrl_loss(step, old_step_logp, advantages, seq_index, norm, replace(config, nll_weight=0.0),
+                           ref_logp=ref_step_logp)
+    if config.nll_weight <= 0:
         return out
     if correct_steps is None or correct_steps.shape != step.shape:
-        raise ValueError(f"joint_step_loss: nll_weight={nll_weight} > 0 needs correct_steps of shape "
+        raise ValueError(f"joint_step_loss: nll_weight={config.nll_weight} > 0 needs correct_steps of shape "
                          f"{tuple(step.shape)}")
     correct = correct_steps.to(device=step.device, dtype=torch.bool)
-    nll = nll_weight * reduce(-token_logp[correct], seq_index[correct], nll_reduction, norm.for_correct())
+    nll = config.nll_weight * reduce(-token_logp[correct], seq_index[correct], config.nll_reduction,
+                                     norm.for_correct())
     loss = out.loss + nll
     stats = replace(out.stats, nll=nll.detach().double(),
                     nonfinite=torch.maximum(out.stats.nonfinite, (~torch.isfinite(loss.detach())).double()))

@@ -130,6 +130,7 @@ def build_plan(config: dict, *, world_size: int | None = None, device_gb: float 
         shape: the shape itself (tests).
     """
     from datamodules.rollout import RolloutBackend, RolloutDataModule
+    from lrl.algorithms.losses import LossConfig
     from lrl.module import LightningRLModule
 
     model_sec = config.get("model") or {}
@@ -206,15 +207,17 @@ def build_plan(config: dict, *, world_size: int | None = None, device_gb: float 
     nograd = C.inference_activation_bytes(shape, chunk_rows, row, compute_bytes=cb, residual_bytes=residual_b,
                                           sdpa_mask=sdpa_mask)
     knob_rows = "model.init_args.rows_per_forward"
-    if not single_step or float(m["kl_beta"]) > 0:
+    # the loss group: defaults for the keys a config leaves out, as the CLI fills them
+    kl_beta = m["loss"].kl_beta if isinstance(m["loss"], LossConfig) else LossConfig(**m["loss"]).kl_beta
+    if not single_step or kl_beta > 0:
         rows.append(Row("no-grad forward activations", "logprob passes", nograd, knob_rows,
                         f"{chunk_rows} rows × {row.positions:,} positions"))
         if fsdp:
             rows.append(Row("FSDP unit gathers (forward)", "logprob passes", fsdp_fwd, "",
                             "outer unit + one decoder layer"))
-    if float(m["kl_beta"]) > 0 and not lora:
+    if kl_beta > 0 and not lora:
         ref_b = DTYPE_BYTES.get(str(m.get("reference_dtype") or ""), cb)
-        rows.append(Row("reference weights", "logprob passes", P * ref_b, "model.init_args.kl_beta or lora",
+        rows.append(Row("reference weights", "logprob passes", P * ref_b, "model.init_args.loss.kl_beta or lora",
                         f"{ref_b} B/param, on the device for its pass only (CPU between passes)"))
     rows.append(Row("gradients", "training", trainable * pb // grad_shard, "trainer.strategy (FSDP) or lora",
                     f"{trainable / 1e9:.3f} B × {pb} B" + (f" / {grad_shard}" if grad_shard > 1 else "")))
