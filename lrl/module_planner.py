@@ -76,16 +76,13 @@ class PlannerTraining:
 
     def _step_logprobs(self, lm, batch: RolloutBatch, rows: list[int]):
         """`planner_step_logprobs` of these responses under the rollout's token distribution."""
-        hp = self.hparams
-        sp = batch.sampling
-        sampled = sp is not None and not sp.greedy
+        sc = self._scoring(batch)  # the step's packing knobs and the rollout's token distribution
         return planner_step_logprobs(
             lm, [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows],
-            [batch.step_maps[i] for i in rows], block_size=self.rollout_block_size,
-            pad_id=self.tokenizer.pad_token_id, max_copies=hp.max_copies, rows_per_forward=hp.rows_per_forward,
+            [batch.step_maps[i] for i in rows], block_size=sc.block_size, pad_id=sc.pad_id,
+            max_copies=sc.max_copies, rows_per_forward=sc.rows_per_forward,
             tail_ids=[batch.tail_ids[i] for i in rows], tail_step_maps=[batch.tail_step_maps[i] for i in rows],
-            temperature=sp.temperature if sampled else 1.0, top_k=sp.top_k if sampled else 0,
-            top_p=sp.top_p if sampled else 1.0)
+            temperature=sc.temperature, top_k=sc.top_k, top_p=sc.top_p)
 
     def _planner_loss(self, batch: RolloutBatch, rows: list[int], adv: torch.Tensor, single_step: bool,
                       num_responses: int) -> torch.Tensor:

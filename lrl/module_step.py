@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from lrl.algorithms.logprobs import backward_logprobs, response_logprobs, single_pass_tokens
+from lrl.algorithms.logprobs import Scoring, backward_logprobs, response_logprobs, single_pass_tokens
 from lrl.algorithms.losses import LossConfig, LossNormalizer, LossStats, build_normalizer, lightningrl_loss
 from lrl.algorithms.rollout_mismatch import mismatch_metrics, tis_weights
 from lrl.models import BlockDiffusionLM
@@ -249,7 +249,7 @@ class RLStep:
         """A loss of exactly 0 that still runs a forward/backward through the policy (gradient-sync hooks fire);
         ``sync``: match the other ranks' forward count first (a collective under FSDP)."""
         pad = self.tokenizer.pad_token_id
-        logp, _ = response_logprobs(self.policy, [[pad]], [[pad]], [[1]], estimator="single_pass", pad_id=pad,
+        logp, _ = response_logprobs(self.policy, [[pad]], [[pad]], [[1]], Scoring("single_pass", pad_id=pad),
                                     sync_forwards=self._forward_sync_for(self.policy) if sync else None)
         return logp.sum() * 0.0
 
@@ -317,20 +317,23 @@ class RLStep:
                   stats: dict | None = None, backward=None, loss_fn=None, sync=None):
         """Log-probs of the responses ``rows`` (`response_logprobs`); with ``backward`` and ``loss_fn``, their loss
         backpropagated forward by forward instead (`backward_logprobs`, ``sync``: its ``sync_backwards``)."""
-        hp = self.hparams
-        sp = batch.sampling
-        sampled = sp is not None and not sp.greedy  # greedy (or unknown) rollouts: the plain log-softmax
         if backward is not None:
             fn, extra = backward_logprobs, {"backward": backward, "loss_fn": loss_fn, "sync_backwards": sync}
         else:
             fn, extra = response_logprobs, {"sync_forwards": self._forward_sync_for(lm)}
         return fn(lm, [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows],
-                  [batch.step_maps[i] for i in rows], estimator=hp.estimator, block_size=self.rollout_block_size,
-                  pad_id=self.tokenizer.pad_token_id, max_copies=hp.max_copies, rows_per_forward=hp.rows_per_forward,
-                  with_entropy=with_entropy, tail_ids=[batch.tail_ids[i] for i in rows],
-                  tail_step_maps=[batch.tail_step_maps[i] for i in rows],
-                  temperature=sp.temperature if sampled else 1.0, top_k=sp.top_k if sampled else 0,
-                  top_p=sp.top_p if sampled else 1.0, stats=stats, **extra)
+                  [batch.step_maps[i] for i in rows], self._scoring(batch), tail_ids=[batch.tail_ids[i] for i in rows],
+                  tail_step_maps=[batch.tail_step_maps[i] for i in rows], with_entropy=with_entropy, stats=stats,
+                  **extra)
+
+    def _scoring(self, batch: RolloutBatch) -> Scoring:
+        """The module's estimator and packing knobs with the rollout's token distribution."""
+        hp, sp = self.hparams, batch.sampling
+        sampled = sp is not None and not sp.greedy  # greedy (or unknown) rollouts: the plain log-softmax
+        return Scoring(estimator=hp.estimator, block_size=self.rollout_block_size, pad_id=self.tokenizer.pad_token_id,
+                       max_copies=hp.max_copies, rows_per_forward=hp.rows_per_forward,
+                       temperature=sp.temperature if sampled else 1.0, top_k=sp.top_k if sampled else 0,
+                       top_p=sp.top_p if sampled else 1.0)
 
     @torch.no_grad()
     def _frozen_logprobs(self, lm: BlockDiffusionLM, batch: RolloutBatch, per_step: bool = False

@@ -43,7 +43,7 @@ def _build(args):
 
 def measure(args) -> dict:
     """One (method, response length) measurement in this process."""
-    from lrl.algorithms.logprobs import response_logprobs
+    from lrl.algorithms.logprobs import Scoring, response_logprobs
 
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -63,7 +63,7 @@ def measure(args) -> dict:
         return logits.gather(-1, tok[:, None]).squeeze(-1) - lse
 
     def chunked():
-        return response_logprobs(lm, [prompt], [response], [steps], estimator="single_pass", rows_per_forward=1)[0]
+        return response_logprobs(lm, [prompt], [response], [steps], Scoring("single_pass", rows_per_forward=1))[0]
 
     fn = plain if args.method == "plain" else chunked
 

@@ -73,7 +73,7 @@ class _Clock:
 
 def rl_step(policy, engine, tokenizer, args, clock: _Clock, opt) -> dict:
     from lrl.algorithms.advantages import compute_advantages
-    from lrl.algorithms.logprobs import response_logprobs
+    from lrl.algorithms.logprobs import Scoring, response_logprobs
     from lrl.algorithms.losses import LossConfig, build_normalizer, lightningrl_loss
     from lrl.rewards.math import score_math
     from lrl.rollout import SamplingParams
@@ -96,10 +96,10 @@ def rl_step(policy, engine, tokenizer, args, clock: _Clock, opt) -> dict:
     def logprobs(rows):
         return response_logprobs(
             policy, [batch.prompt_ids[i] for i in rows], [batch.response_ids[i] for i in rows],
-            [batch.step_maps[i] for i in rows], estimator="trajectory", block_size=bs, pad_id=tokenizer.pad_token_id,
-            max_copies=args.max_copies, rows_per_forward=args.rows_per_forward,
+            [batch.step_maps[i] for i in rows],
+            Scoring("trajectory", block_size=bs, pad_id=tokenizer.pad_token_id, max_copies=args.max_copies,
+                    rows_per_forward=args.rows_per_forward, temperature=sp.temperature),
             tail_ids=[batch.tail_ids[i] for i in rows], tail_step_maps=[batch.tail_step_maps[i] for i in rows],
-            temperature=sp.temperature,
         )[0]
 
     with clock("old_logprobs"), torch.no_grad():

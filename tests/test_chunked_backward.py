@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from lrl.algorithms.logprobs import backward_logprobs, response_logprobs
+from lrl.algorithms.logprobs import Scoring, backward_logprobs, response_logprobs
 from lrl.algorithms.losses import LossConfig, build_normalizer, lightningrl_loss
 from lrl.rollout import NativeEngine, SamplingParams
 
@@ -60,8 +60,8 @@ def _grads(lm):
 def test_chunked_backward_equals_one_backward(tiny_lm, tiny_tokenizer, batch, estimator, rows_per_forward):
     lm = copy.deepcopy(tiny_lm).train()
     x = _loss_inputs(batch)
-    kw = dict(estimator=estimator, block_size=8, pad_id=tiny_tokenizer.pad_token_id, max_copies=2,
-              rows_per_forward=rows_per_forward)
+    kw = dict(scoring=Scoring(estimator, block_size=8, pad_id=tiny_tokenizer.pad_token_id, max_copies=2,
+                              rows_per_forward=rows_per_forward))
     args = (batch.prompt_ids, batch.response_ids, batch.step_maps)
 
     lm.zero_grad(set_to_none=True)
@@ -100,8 +100,8 @@ def test_chunked_backward_pads_to_the_synced_count(tiny_lm, tiny_tokenizer, batc
     """Extra passes requested by ``sync_backwards`` backpropagate exactly zero."""
     lm = copy.deepcopy(tiny_lm).train()
     x = _loss_inputs(batch)
-    kw = dict(estimator="trajectory", block_size=8, pad_id=tiny_tokenizer.pad_token_id, max_copies=2,
-              rows_per_forward=2)
+    kw = dict(scoring=Scoring("trajectory", block_size=8, pad_id=tiny_tokenizer.pad_token_id, max_copies=2,
+                              rows_per_forward=2))
     args = (batch.prompt_ids, batch.response_ids, batch.step_maps)
     calls = []
 
@@ -122,11 +122,11 @@ def test_chunked_backward_pads_to_the_synced_count(tiny_lm, tiny_tokenizer, batc
 def test_chunked_forward_drops_padding_to_the_micro_batch_longest_row(tiny_lm, tiny_tokenizer, batch):
     """Rows are cut to their chunk's longest row, so rows_per_forward=1 runs fewer positions than one forward
     over all rows padded to the longest (the count is the decoder's sequence length × rows)."""
-    kw = dict(estimator="trajectory", block_size=8, pad_id=tiny_tokenizer.pad_token_id, max_copies=2)
+    kw = dict(block_size=8, pad_id=tiny_tokenizer.pad_token_id, max_copies=2)
     args = (batch.prompt_ids, batch.response_ids, batch.step_maps)
     one, many = {}, {}
     with torch.no_grad():
-        a, _ = response_logprobs(tiny_lm, *args, rows_per_forward=1, stats=one, **kw)
-        b, _ = response_logprobs(tiny_lm, *args, rows_per_forward=64, stats=many, **kw)
+        a, _ = response_logprobs(tiny_lm, *args, Scoring("trajectory", rows_per_forward=1, **kw), stats=one)
+        b, _ = response_logprobs(tiny_lm, *args, Scoring("trajectory", rows_per_forward=64, **kw), stats=many)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert one["forward_tokens"] < many["forward_tokens"]

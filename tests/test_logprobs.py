@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrl.algorithms.logprobs import response_logprobs, trajectory_rounds
+from lrl.algorithms.logprobs import Scoring, response_logprobs, trajectory_rounds
 from lrl.rollout import NativeEngine, SamplingParams
 
 
@@ -51,9 +51,9 @@ def test_masked_states_estimator_matches_slow_computation(tiny_lm, tiny_tokenize
     kw = dict(block_size=bs, pad_id=tiny_tokenizer.pad_token_id, max_copies=3, rows_per_forward=2)
     with torch.no_grad():
         fast, ent = response_logprobs(tiny_lm, batch.prompt_ids, batch.response_ids, batch.step_maps,
-                                      estimator="masked_states", with_entropy=True, **kw)
+                                      Scoring("masked_states", **kw), with_entropy=True)
         traj, _ = response_logprobs(tiny_lm, batch.prompt_ids, batch.response_ids, batch.step_maps,
-                                    estimator="trajectory", **kw)
+                                    Scoring("trajectory", **kw))
     slow = torch.cat([_slow_masked_states(tiny_lm, p, r, s, bs)
                       for p, r, s in zip(batch.prompt_ids, batch.response_ids, batch.step_maps)])
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
@@ -107,11 +107,7 @@ def test_trajectory_estimator_matches_per_step_slow_computation(tiny_lm, tiny_to
             batch.prompt_ids,
             batch.response_ids,
             batch.step_maps,
-            estimator="trajectory",
-            block_size=bs,
-            pad_id=tiny_tokenizer.pad_token_id,
-            max_copies=3,
-            rows_per_forward=2,
+            Scoring("trajectory", block_size=bs, pad_id=tiny_tokenizer.pad_token_id, max_copies=3, rows_per_forward=2),
         )
     slow = torch.cat(
         [
@@ -132,8 +128,7 @@ def test_single_pass_estimator_matches_per_block_slow_computation(tiny_lm, tiny_
             batch.prompt_ids,
             batch.response_ids,
             batch.step_maps,
-            estimator="single_pass",
-            pad_id=tiny_tokenizer.pad_token_id,
+            Scoring("single_pass", pad_id=tiny_tokenizer.pad_token_id),
         )
     slow = []
     for p, r in zip(batch.prompt_ids, batch.response_ids):
@@ -158,9 +153,7 @@ def test_logprobs_have_gradients_and_entropy(tiny_lm, tiny_tokenizer):
         batch.prompt_ids[:1],
         batch.response_ids[:1],
         batch.step_maps[:1],
-        estimator="trajectory",
-        block_size=4,
-        pad_id=tiny_tokenizer.pad_token_id,
+        Scoring("trajectory", block_size=4, pad_id=tiny_tokenizer.pad_token_id),
         with_entropy=True,
     )
     assert logp.requires_grad and (logp <= 0).all()
@@ -172,17 +165,17 @@ def test_logprobs_have_gradients_and_entropy(tiny_lm, tiny_tokenizer):
 
 def test_unknown_estimator_and_missing_block_size(tiny_lm):
     with pytest.raises(ValueError, match="unknown log-prob estimator"):
-        response_logprobs(tiny_lm, [[5, 6]], [[7]], [[1]], estimator="nope", block_size=4)
+        response_logprobs(tiny_lm, [[5, 6]], [[7]], [[1]], Scoring("nope", block_size=4))
     with pytest.raises(ValueError, match="block_size"):
-        response_logprobs(tiny_lm, [[5, 6]], [[7]], [[1]], estimator="trajectory")
+        response_logprobs(tiny_lm, [[5, 6]], [[7]], [[1]], Scoring("trajectory"))
 
 
 def test_sync_forwards_pads_passes_without_changing_values_or_gradients(tiny_lm, tiny_tokenizer):
     """FSDP lockstep: extra dummy forwards (a rank with fewer passes than another) leave log-probs, entropies and
     gradients unchanged, and really run (counted through a forward hook)."""
     batch = _rollout(tiny_lm, tiny_tokenizer, 4)
-    kw = dict(estimator="trajectory", block_size=4, pad_id=tiny_tokenizer.pad_token_id, max_copies=1,
-              rows_per_forward=2, with_entropy=True)
+    kw = dict(scoring=Scoring("trajectory", block_size=4, pad_id=tiny_tokenizer.pad_token_id, max_copies=1,
+                              rows_per_forward=2), with_entropy=True)
     args = (batch.prompt_ids, batch.response_ids, batch.step_maps)
     calls = []
     hook = tiny_lm.register_forward_hook(lambda *a: calls.append(1))
@@ -212,17 +205,17 @@ def test_masked_states_nll_step_raises_first_state_confidence_of_late_tokens(tin
 
     bs = tiny_lm.bd.block_size  # single_pass scores the first state of each block at the model's block size
     batch = _rollout(tiny_lm, tiny_tokenizer, bs)
-    kw = dict(pad_id=tiny_tokenizer.pad_token_id)
+    pad = tiny_tokenizer.pad_token_id
     args = (batch.prompt_ids, batch.response_ids, batch.step_maps)
 
     def first_state(lm):
         with torch.no_grad():
-            return response_logprobs(lm, *args, estimator="single_pass", **kw)[0].sum()
+            return response_logprobs(lm, *args, Scoring("single_pass", pad_id=pad))[0].sum()
 
     for sign in (1.0, -1.0):
         lm = copy.deepcopy(tiny_lm)
         before = first_state(lm)
-        logp, _ = response_logprobs(lm, *args, estimator="masked_states", block_size=bs, **kw)
+        logp, _ = response_logprobs(lm, *args, Scoring("masked_states", block_size=bs, pad_id=pad))
         (-sign * logp.sum()).backward()
         with torch.no_grad():
             for prm in lm.parameters():

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lrl.algorithms.logprobs import backward_logprobs, pack_samples, response_logprobs
+from lrl.algorithms.logprobs import Scoring, backward_logprobs, pack_samples, response_logprobs
 from lrl.cli import merged_config
 from lrl.models.block_lm import BlockDiffusionLM
 from lrl.models.config import BlockDiffusionConfig
@@ -77,7 +77,7 @@ def _measure(case, checkpointing):
     hidden, inter, layers, heads, kv_heads, head_dim, vocab, n, response, est, spb, copies, rpf = case
     lm = _model(hidden, inter, layers, heads, kv_heads, head_dim, vocab, checkpointing)
     prompts, responses, step_maps = _rollouts(n, 32, response, spb, vocab)
-    kw = dict(estimator=est, block_size=BLOCK, pad_id=0, max_copies=copies, rows_per_forward=rpf)
+    kw = dict(scoring=Scoring(est, block_size=BLOCK, pad_id=0, max_copies=copies, rows_per_forward=rpf))
 
     def train_step():
         backward_logprobs(lm, prompts, responses, step_maps, loss_fn=lambda lp, i, e: (lp.sum(), False),
@@ -122,8 +122,7 @@ def test_checkpointing_keeps_one_layer_input_per_layer():
         lm = _model(256, 768, layers, 4, 2, 64, 1000, checkpointing=True)
         prompts, responses, step_maps = _rollouts(1, 32, 256, 4, 1000)
         with LiveTensorBytes() as mode:
-            logp, _ = response_logprobs(lm, prompts, responses, step_maps, estimator="single_pass",
-                                        block_size=BLOCK)
+            logp, _ = response_logprobs(lm, prompts, responses, step_maps, Scoring("single_pass", block_size=BLOCK))
             peaks.append(mode.current)
         del logp
     positions = (32 + 256) + 256  # clean row + one window of whole blocks

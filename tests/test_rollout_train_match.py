@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrl.algorithms.logprobs import response_logprobs, sampling_support, trajectory_rounds
+from lrl.algorithms.logprobs import Scoring, response_logprobs, sampling_support, trajectory_rounds
 from lrl.algorithms.losses import LossConfig
 from lrl.algorithms.token_logprobs import token_logprobs
 from lrl.rollout import NativeEngine, SamplingParams
@@ -91,11 +91,12 @@ def test_without_tail_or_temperature_the_logprobs_differ(module):
     module.hparams.estimator = "trajectory"
     batch, bsz = _rollout(module, estimator="trajectory", temperature=0.7, top_k=0, top_p=1.0, eos_policy="truncate")
     engine = torch.tensor([x for lp in batch.sampling_logprobs for x in lp])
-    kw = dict(estimator="trajectory", block_size=bsz, pad_id=module.tokenizer.pad_token_id)
+    kw = dict(block_size=bsz, pad_id=module.tokenizer.pad_token_id)
     args = (module.policy, batch.prompt_ids, batch.response_ids, batch.step_maps)
     with torch.no_grad():
-        no_temp, _ = response_logprobs(*args, **kw, tail_ids=batch.tail_ids, tail_step_maps=batch.tail_step_maps)
-        no_tail, _ = response_logprobs(*args, **kw, temperature=0.7)
+        no_temp, _ = response_logprobs(*args, Scoring("trajectory", **kw), tail_ids=batch.tail_ids,
+                                       tail_step_maps=batch.tail_step_maps)
+        no_tail, _ = response_logprobs(*args, Scoring("trajectory", temperature=0.7, **kw))
     assert (no_temp - engine).abs().max() > 0.05
     assert (no_tail - engine).abs().max() > 1e-3
 
@@ -164,9 +165,10 @@ def _fixed_batch(module):
 
 def _per_response_logp(lm, batch):
     with torch.no_grad():
-        lp, _ = response_logprobs(lm, batch.prompt_ids, batch.response_ids, batch.step_maps, estimator="trajectory",
-                                  block_size=batch.sampling.block_size, tail_ids=batch.tail_ids,
-                                  tail_step_maps=batch.tail_step_maps, temperature=batch.sampling.temperature)
+        lp, _ = response_logprobs(lm, batch.prompt_ids, batch.response_ids, batch.step_maps,
+                                  Scoring("trajectory", block_size=batch.sampling.block_size,
+                                          temperature=batch.sampling.temperature),
+                                  tail_ids=batch.tail_ids, tail_step_maps=batch.tail_step_maps)
     return torch.stack([x.sum() for x in lp.split([len(r) for r in batch.response_ids])])
 
 

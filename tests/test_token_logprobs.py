@@ -87,15 +87,14 @@ def test_bad_arguments():
 @pytest.mark.parametrize("estimator", ["trajectory", "single_pass"])
 def test_response_logprobs_gradients_equal_the_plain_logits_path(tiny_checkpoint, estimator):
     """`response_logprobs` (chunked head inside the model's forward) against log-softmax over full logits."""
-    from lrl.algorithms.logprobs import pack_samples, response_logprobs
+    from lrl.algorithms.logprobs import Scoring, pack_samples, response_logprobs
     from lrl.models import load_checkpoint
 
     lm, _ = load_checkpoint(tiny_checkpoint)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     responses = [[20, 21, 22, 23, 24], [30, 31, 32]]
     steps = [[1, 1, 2, 3, 3], [1, 2, 2]]
-    got, ent = response_logprobs(lm, prompts, responses, steps, estimator=estimator, block_size=4,
-                                 with_entropy=True)
+    got, ent = response_logprobs(lm, prompts, responses, steps, Scoring(estimator, block_size=4), with_entropy=True)
     coeff = torch.linspace(-1.0, 1.0, got.numel())
     g_new = torch.autograd.grad((got * coeff).sum(), list(lm.parameters()))
 

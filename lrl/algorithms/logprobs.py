@@ -185,31 +185,56 @@ def single_pass_tokens(prompt_lens: list[int], full_lens: list[int], block_size:
     return total
 
 
-def _resolve_block_size(lm, estimator: Estimator, block_size: int | None) -> int:
-    if estimator == "single_pass":
-        return lm.bd.block_size
-    if block_size is None:
-        raise ValueError(f"the {estimator} estimator needs block_size = the rollout block size")
-    return block_size
+@dataclass(frozen=True)
+class Scoring:
+    """How `response_logprobs` and `backward_logprobs` score responses: the estimator, the packing, and the
+    rollout's token distribution (module docstring).
+
+    Args:
+        estimator: ``trajectory``, ``single_pass`` or ``masked_states``.
+        block_size: attention block size: the rollout block size, required by ``trajectory`` and
+            ``masked_states``; ``single_pass`` uses the model's configured block size.
+        pad_id: padding id of the packed rows.
+        max_copies: noisy copies packed per row (trajectory rounds per forward).
+        rows_per_forward: rows per forward pass (memory knob).
+        temperature: the rollout's temperature (greedy rollouts: 1).
+        top_k: the rollout's top-k (0: off; see `sampling_support`).
+        top_p: the rollout's top-p (1: off).
+    """
+
+    estimator: Estimator
+    block_size: int | None = None
+    pad_id: int = 0
+    max_copies: int = 8
+    rows_per_forward: int = 8
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def resolved_block_size(self, lm) -> int:
+        if self.estimator == "single_pass":
+            return lm.bd.block_size
+        if self.block_size is None:
+            raise ValueError(f"the {self.estimator} estimator needs block_size = the rollout block size")
+        return self.block_size
 
 
 class _Chunks:
     """The packed rows of one call and their forwards, ``rows_per_forward`` rows at a time."""
 
-    def __init__(self, lm, prompt_ids, response_ids, step_maps, *, estimator, bs, pad_id, max_copies,
-                 rows_per_forward, tail_ids, tail_step_maps, temperature, top_k, top_p, stats):
-        self.lm, self.bs, self.rows_per_forward, self.stats = lm, bs, rows_per_forward, stats
-        self.packed = pack_samples(prompt_ids, response_ids, step_maps, estimator=estimator, block_size=bs,
-                                   pad_id=pad_id, max_copies=max_copies, device=lm.device, tail_ids=tail_ids,
+    def __init__(self, lm, prompt_ids, response_ids, step_maps, sc: Scoring, *, tail_ids, tail_step_maps, stats):
+        self.lm, self.bs, self.rows_per_forward, self.stats = lm, sc.resolved_block_size(lm), sc.rows_per_forward, stats
+        self.packed = pack_samples(prompt_ids, response_ids, step_maps, estimator=sc.estimator, block_size=self.bs,
+                                   pad_id=sc.pad_id, max_copies=sc.max_copies, device=lm.device, tail_ids=tail_ids,
                                    tail_step_maps=tail_step_maps)
         lens = [len(r) for r in response_ids]
         self.expected = sum(lens)
         dev = self.packed.input_ids.device
         self.offset = torch.tensor([0, *lens[:-1]], device=dev).cumsum(0)  # first flat index of each response
         self.prompt_len = torch.tensor([len(p) for p in prompt_ids], device=dev)
-        self.head_kw = {"temperature": temperature, "support": sampling_support(top_k, top_p)}
+        self.head_kw = {"temperature": sc.temperature, "support": sampling_support(sc.top_k, sc.top_p)}
         n = self.packed.input_ids.shape[0]
-        self.slices = [slice(s, s + rows_per_forward) for s in range(0, n, rows_per_forward)]
+        self.slices = [slice(s, s + sc.rows_per_forward) for s in range(0, n, sc.rows_per_forward)]
 
     def forward(self, sl: slice, with_entropy: bool):
         """(log-probs, entropies or None, flat response-token index) of the targets of rows ``sl``."""
@@ -241,26 +266,10 @@ def _mean_per_token(values: torch.Tensor, index: torch.Tensor, size: int) -> tup
     return total / count.clamp(min=1), count
 
 
-def response_logprobs(
-    lm: BlockDiffusionLM,
-    prompt_ids,
-    response_ids,
-    step_maps,
-    *,
-    estimator: Estimator,
-    block_size: int | None = None,
-    pad_id: int = 0,
-    max_copies: int = 8,
-    rows_per_forward: int = 8,
-    with_entropy: bool = False,
-    sync_forwards: Callable[[int], int] | None = None,
-    tail_ids: list[list[int]] | None = None,
-    tail_step_maps: list[list[int]] | None = None,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    stats: dict | None = None,
-):
+def response_logprobs(lm: BlockDiffusionLM, prompt_ids, response_ids, step_maps, scoring: Scoring, *,
+                      tail_ids: list[list[int]] | None = None, tail_step_maps: list[list[int]] | None = None,
+                      with_entropy: bool = False, sync_forwards: Callable[[int], int] | None = None,
+                      stats: dict | None = None):
     """Log-prob of every response token under ``lm`` (grad flows if enabled by the caller).
 
     With gradients enabled, every forward's activations stay alive until the caller's backward: for training
@@ -269,28 +278,19 @@ def response_logprobs(
     Args:
         lm: the policy or reference model.
         prompt_ids, response_ids, step_maps: per response (as in `RolloutBatch`).
-        estimator: ``trajectory``, ``single_pass`` or ``masked_states``.
-        block_size: attention block size; the rollout block size must be passed for ``trajectory`` and
-            ``masked_states``,
-            and the model's configured block size is used for ``single_pass``.
-        max_copies: noisy copies packed per row (trajectory rounds per forward).
-        rows_per_forward: rows per forward pass (memory knob).
+        scoring: estimator, block size, packing and the rollout's sampling distribution (`Scoring`).
+        tail_ids, tail_step_maps: per response, the final block's positions after a mid-block stop and their
+            step ids (`RolloutBatch.tail_ids`); replayed, never scored. None: no tails.
         with_entropy: also return the (detached) entropy of each predicted distribution.
         sync_forwards: maps this rank's number of forward passes to the number to run (FSDP: the maximum over
             ranks, since every forward of a sharded model is a collective); the extra passes rerun the first
             packed row and are added to the result with weight 0, so their backward runs too.
-        tail_ids, tail_step_maps: per response, the final block's positions after a mid-block stop and their
-            step ids (`RolloutBatch.tail_ids`); replayed, never scored. None: no tails.
-        temperature, top_k, top_p: the rollout's sampling distribution (see `sampling_support`); greedy rollouts
-            pass 1, 0, 1.
         stats: if given, ``stats["forward_tokens"]`` is increased by the positions the forwards ran.
     Returns:
         logp (T,) with T = Σ response lengths, response-major; and entropy (T,) or None.
     """
-    bs = _resolve_block_size(lm, estimator, block_size)
-    chunks = _Chunks(lm, prompt_ids, response_ids, step_maps, estimator=estimator, bs=bs, pad_id=pad_id,
-                     max_copies=max_copies, rows_per_forward=rows_per_forward, tail_ids=tail_ids,
-                     tail_step_maps=tail_step_maps, temperature=temperature, top_k=top_k, top_p=top_p, stats=stats)
+    chunks = _Chunks(lm, prompt_ids, response_ids, step_maps, scoring, tail_ids=tail_ids,
+                     tail_step_maps=tail_step_maps, stats=stats)
     padding = None  # the extra passes' outputs × 0, added to the result so their backward runs too
     if sync_forwards is not None:
         local = len(chunks.slices)
@@ -305,7 +305,7 @@ def response_logprobs(
         index.append(idx)
     logp, idx = torch.cat(vals), torch.cat(index)
     ent = torch.cat(ents) if with_entropy else None
-    if estimator == "masked_states":  # one value per token: the mean over the states it was masked in
+    if scoring.estimator == "masked_states":  # one value per token: the mean over the states it was masked in
         chunks.check(int(idx.unique().numel()))
         logp, _ = _mean_per_token(logp, idx, chunks.expected)
         ent = _mean_per_token(ent, idx, chunks.expected)[0] if ent is not None else None
@@ -316,28 +316,14 @@ def response_logprobs(
     return (logp if padding is None else logp + padding), ent
 
 
-def backward_logprobs(
-    lm: BlockDiffusionLM,
-    prompt_ids,
-    response_ids,
-    step_maps,
-    *,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, bool]],
-    backward: Callable[[torch.Tensor], None],
-    estimator: Estimator,
-    block_size: int | None = None,
-    pad_id: int = 0,
-    max_copies: int = 8,
-    rows_per_forward: int = 8,
-    with_entropy: bool = False,
-    sync_backwards: Callable[[int], int] | None = None,
-    tail_ids: list[list[int]] | None = None,
-    tail_step_maps: list[list[int]] | None = None,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    stats: dict | None = None,
-) -> None:
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, bool]]
+
+
+def backward_logprobs(lm: BlockDiffusionLM, prompt_ids, response_ids, step_maps, scoring: Scoring, *,
+                      loss_fn: LossFn, backward: Callable[[torch.Tensor], None],
+                      tail_ids: list[list[int]] | None = None, tail_step_maps: list[list[int]] | None = None,
+                      with_entropy: bool = False, sync_backwards: Callable[[int], int] | None = None,
+                      stats: dict | None = None) -> None:
     """Forward and backward per ``rows_per_forward`` rows: at most one forward's activations are alive (issue 28).
 
     The loss must be a sum over tokens (as `lrl.algorithms.losses.lightningrl_loss` is, its normalisers global):
@@ -357,20 +343,17 @@ def backward_logprobs(
     every backward is a collective under DDP and FSDP); the extra passes backpropagate a zero.
     Other arguments: as `response_logprobs`.
     """
-    bs = _resolve_block_size(lm, estimator, block_size)
-    kw = {"estimator": estimator, "pad_id": pad_id, "max_copies": max_copies, "rows_per_forward": rows_per_forward,
-          "tail_ids": tail_ids, "tail_step_maps": tail_step_maps, "temperature": temperature, "top_k": top_k,
-          "top_p": top_p}
+    tails = {"tail_ids": tail_ids, "tail_step_maps": tail_step_maps}
     grad_token = count = None
-    if estimator == "masked_states":
+    if scoring.estimator == "masked_states":
         with torch.no_grad():
-            full, ent = response_logprobs(lm, prompt_ids, response_ids, step_maps, block_size=bs,
-                                          with_entropy=with_entropy, sync_forwards=sync_backwards, stats=stats, **kw)
+            full, ent = response_logprobs(lm, prompt_ids, response_ids, step_maps, scoring, with_entropy=with_entropy,
+                                          sync_forwards=sync_backwards, stats=stats, **tails)
         leaf = full.detach().requires_grad_(True)
         with torch.enable_grad():
             loss, skip = loss_fn(leaf, torch.arange(leaf.numel(), device=leaf.device), ent)
             grad_token = torch.zeros_like(leaf) if skip else torch.autograd.grad(loss, leaf)[0]
-    chunks = _Chunks(lm, prompt_ids, response_ids, step_maps, bs=bs, stats=stats, **kw)
+    chunks = _Chunks(lm, prompt_ids, response_ids, step_maps, scoring, stats=stats, **tails)
     if grad_token is not None:
         # states per token, counted without a forward (targets of the packed rows)
         b_idx, _, l_idx = chunks.packed.targets.nonzero(as_tuple=True)
