@@ -3,9 +3,11 @@
 One training step consumes one `RolloutBatch` (rewards, filters and advantages already applied by the
 datamodule): it computes old log-probs with the rollout weights (= the current policy: rollouts are on-policy),
 reference log-probs if β > 0, then runs ``ppo_epochs`` × ``minibatches`` optimizer steps of
-L = L_policy + β·KL + μ·NLL (`lrl.algorithms.losses`), each minibatch split into micro-batches whose
-contributions are normalised by the whole minibatch's counts (across ranks), so the reduction never depends on
-the micro-batch size. Manual optimization: several optimizer steps per batch, as in Lightning's PPO template.
+L = L_policy + β·KL + μ·NLL (`lrl.algorithms.losses`, knobs: ``loss``, a `LossConfig`), each minibatch split
+into micro-batches whose contributions are normalised by the whole minibatch's counts (across ranks), so the
+reduction never depends on the micro-batch size. Manual optimization: several optimizer steps per batch, as in
+Lightning's PPO template. The step itself is `lrl.module_step.RLStep`; dUltra's planner terms are
+`lrl.module_planner.PlannerTraining`; this file holds the arguments, the models, the optimizer and evaluation.
 
 The training step pulls its batch itself (``training_step(dataloader_iter)``): Lightning then does not prefetch
 the next batch, so the next rollout starts only after this step's optimizer steps (strictly on-policy, and the

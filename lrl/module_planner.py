@@ -2,7 +2,7 @@
 ways its decisions enter the update (``model.planner_ratio``, `lrl.algorithms.planner_objective`).
 
 A mixin: it reads the module's ``hparams``, ``loss_config``, ``policy``, ``tokenizer`` and ``rollout_block_size``,
-and the step's ``_loss_for`` (`lrl.module_step`).
+and the step's ``_loss_for`` and ``_scoring`` (`lrl.module_step`).
 """
 
 from __future__ import annotations
