@@ -91,11 +91,12 @@ class ParetoFrontierCheckpoint(Callback):
         from lrl.evaluation import write_pareto
         from lrl.evaluation.pareto import plot_pareto
         from lrl.metrics import pareto_frontier
+        from lrl.models import save_checkpoint
 
         out = self._dir(trainer)
         step_dir = out / f"step-{step:06d}"
         write_pareto(result, step_dir, title=f"step {step}")
-        unwrap(pl_module.policy).save_pretrained(step_dir / "model", tokenizer=pl_module.tokenizer, state_dict=weights)
+        save_checkpoint(unwrap(pl_module.policy), step_dir / "model", tokenizer=pl_module.tokenizer, state_dict=weights)
         self.history.append(
             {
                 "step": step,

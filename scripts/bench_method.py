@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from lrl.cli import merged_config
+    from lrl.config_files import merged_config
     from lrl.models import load_checkpoint
     from lrl.tasks import get_task
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     configs = args.config or ["configs/sft_tiny.yaml"]
     checkpoint = args.checkpoint
     if checkpoint is None:
-        from lrl.cli import merged_config
+        from lrl.config_files import merged_config
 
         cfg = merged_config(configs)
         overrides = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in fit_args if "=" in a}
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoint = export_dir or overrides.get("--checkpoint", cfg["checkpoint"])
     task_kwargs = {}
     if configs:
-        from lrl.cli import merged_config
+        from lrl.config_files import merged_config
 
         # the task as the config trains it (styles, problem family), with the default sizes: the RL demo's held-out set
         kw = merged_config(configs).get("data", {}).get("init_args", {}).get("task_kwargs") or {}

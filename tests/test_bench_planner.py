@@ -56,7 +56,8 @@ def test_planner_methods_instantiate(method, tiny_checkpoint, tmp_path, monkeypa
     + its own) build a module and datamodule with the planner settings."""
     from bench_method import PLANNER_CONFIG, PLANNER_METHODS, planner_args
 
-    from lrl.cli import cli_main, merged_config
+    from lrl.cli import cli_main
+    from lrl.config_files import merged_config
 
     monkeypatch.chdir(tmp_path)
     configs = [str(ROOT / "configs" / "quickstart.yaml")]

@@ -151,7 +151,7 @@ def test_every_experiment_composes_with_every_data_piece(experiment, piece, tiny
 @pytest.mark.parametrize("piece", SFT_PIECES, ids=lambda p: f"sft/{p.name}")
 def test_sft_piece_composes(piece, tiny_checkpoint, tmp_path, monkeypatch):
     """An SFT overlay on configs/sft_tiny.yaml instantiates, and its merged view (what scripts read) agrees."""
-    from lrl.cli import merged_config
+    from lrl.config_files import merged_config
 
     monkeypatch.chdir(tmp_path)
     stack = [ROOT / "configs" / "sft_tiny.yaml", piece]
@@ -163,7 +163,7 @@ def test_sft_piece_composes(piece, tiny_checkpoint, tmp_path, monkeypatch):
 
 
 def test_merged_config_overrides_in_order(tmp_path):
-    from lrl.cli import merged_config
+    from lrl.config_files import merged_config
 
     (tmp_path / "a.yaml").write_text("block_size: 8\nmodel:\n  init_args: {lr: 1.0, betas: [1, 2], keep: x}\n")
     (tmp_path / "b.yaml").write_text("block_size: 16\nmodel:\n  init_args: {lr: 2.0, betas: [3]}\n")
@@ -192,7 +192,7 @@ def test_merged_config_reads_the_task_the_cli_builds(tiny_checkpoint, tmp_path, 
     """Scripts (bench_method, build_base) read task arguments with `merged_config`; a model piece that sets the
     task's styles must give them the task the CLI trains on (a deep merge once added the quickstart's `padded` to
     the `sums` piece's styles, so the benchmark evaluated other held-out problems than it trained for)."""
-    from lrl.cli import merged_config
+    from lrl.config_files import merged_config
 
     monkeypatch.chdir(tmp_path)
     for piece in ("styles_pairs_b16.yaml", "styles_ans_b16.yaml"):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from lrl.algorithms.logprobs import Scoring, backward_logprobs, pack_samples, response_logprobs
-from lrl.cli import merged_config
+from lrl.config_files import merged_config
 from lrl.models.block_lm import BlockDiffusionLM
 from lrl.models.config import BlockDiffusionConfig
 from lrl.plan import build_plan, format_plan

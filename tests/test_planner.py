@@ -55,8 +55,8 @@ def test_planner_head_save_load_round_trip(tmp_path, tiny_tokenizer):
 
     plain = Qwen3ForCausalLM.from_pretrained(str(tmp_path / "ck"), local_files_only=True)
     assert torch.equal(plain.lm_head.weight, lm.model.lm_head.weight)
-    # save_pretrained of the loaded model carries the head; dropping it removes file entry and config key
-    loaded.save_pretrained(tmp_path / "again", tokenizer=tiny_tokenizer)
+    # saving the loaded model carries the head; dropping it removes file entry and config key
+    save_checkpoint(loaded, tmp_path / "again", tokenizer=tiny_tokenizer)
     again, _ = load_checkpoint(tmp_path / "again")
     assert torch.equal(again.planner(states, conf), lm.planner(states, conf))
     again.planner = None

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from lrl.models import BlockDiffusionConfig, BlockDiffusionLM, load_checkpoint, load_tokenizer
+from lrl.models import BlockDiffusionConfig, BlockDiffusionLM, load_checkpoint, load_tokenizer, save_checkpoint
 from lrl.models.config import resolve_block_diffusion_config
 from lrl.models.generation import checkpoint_stop_ids
 from lrl.models.loading import read_config
@@ -170,7 +170,7 @@ def test_save_and_reload_keeps_identity_tokenizer_and_template(sdar_like_checkpo
     lm, tok = loaded
     lm = BlockDiffusionLM(lm.model, BlockDiffusionConfig(151669, 8), identity=lm.identity)  # trained at block 8
     out = tmp_path / "saved"
-    lm.save_pretrained(out, tokenizer=tok)
+    save_checkpoint(lm, out, tokenizer=tok)
     cfg = json.loads((out / "config.json").read_text())
     src = json.loads((sdar_like_checkpoint / "config.json").read_text())
     assert cfg["model_type"] == "sdar" and cfg["architectures"] == src["architectures"]

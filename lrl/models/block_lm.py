@@ -44,7 +44,7 @@ class BlockDiffusionLM(nn.Module):
         model: a transformers ``*ForCausalLM`` (``.model`` is the decoder, ``.lm_head`` the output layer).
         bd_config: mask id, block size and logit shift of this checkpoint.
         identity: config.json keys that make the checkpoint a diffusion model for other tools (model_type,
-            architectures, auto_map, …); written back by ``save_pretrained`` (see `lrl.models.loading`).
+            architectures, auto_map, …); written back by `lrl.models.loading.save_checkpoint`.
         attention: ``"sdpa"`` (dense bool mask, works everywhere) or ``"flex"`` (BlockMask, CUDA training).
         decode_attention: attention of the one-block forwards of decoding: ``"dense"`` (the boolean mask),
             ``"lengths"`` (per-row key lengths: SDPA with no mask when all rows read the same keys, else a
@@ -347,8 +347,3 @@ class BlockDiffusionLM(nn.Module):
         if self.bd.logit_shift:
             hidden = torch.cat([torch.zeros_like(hidden[:, :1]), hidden[:, :-1]], dim=1)
         return self.logits(hidden)
-
-    def save_pretrained(self, path, tokenizer=None, **kwargs) -> None:
-        from lrl.models.loading import save_checkpoint
-
-        save_checkpoint(self, path, tokenizer=tokenizer, **kwargs)

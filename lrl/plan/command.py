@@ -27,7 +27,7 @@ def _set(cfg: dict, dotted: str, value) -> None:
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, dict]:
-    from lrl.cli import merged_config
+    from lrl.config_files import merged_config
 
     parser = argparse.ArgumentParser(prog="lrl plan", description="Per-rank memory plan of an `lrl fit` config "
                                      "(components by phase, peak, verdict, checkpoint bytes).")
