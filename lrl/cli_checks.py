@@ -115,11 +115,27 @@ def check_ckpt_path(config, subcommand: str, key: str = "--ckpt_path") -> None:
         return
     ckpt = _load_ckpt(p, key)
     model_cls, model = _section(config, "model")
+    if model_cls.endswith(_RL_MODULE):
+        _check_loss_group(ckpt, path, key)
     if not model_cls.endswith(_RL_MODULE) or not config.get("checkpoint"):
         return
     _check_same_model(ckpt, config["checkpoint"], path, key)
     if subcommand == "fit":
         _check_same_run(ckpt, config, path)
+
+
+def _check_loss_group(ckpt: dict, path, key: str) -> None:
+    """A checkpoint written before the loss knobs became one group holds them at the top of its hyperparameters,
+    which Lightning would pass to the module as unknown arguments: refuse it naming the move."""
+    from dataclasses import fields
+
+    from lrl.algorithms.losses import LossConfig
+
+    flat = sorted(set(ckpt.get("hyper_parameters") or {}) & {f.name for f in fields(LossConfig)})
+    if flat:
+        raise ValueError(f"{key}: {path} was saved before the loss knobs became model.init_args.loss (its "
+                         f"hyperparameters hold {', '.join(flat)} at the top level); move them under "
+                         "hyper_parameters['loss'] as docs/rl_step.md shows, or use the code it was trained with")
 
 
 def _check_same_model(ckpt: dict, base: str, path, key: str) -> None:

@@ -93,6 +93,7 @@ def _lightning_checkpoints(tmp: Path) -> None:
     save("resume_block.ckpt", model={**model_hp, "block_size": 16})
     save("resume_task.ckpt", data={**data_hp, "task": "gsm8k"})
     save("resume_base.ckpt", model={**model_hp, "checkpoint": str(tmp / "another_base")})
+    save("flat_loss.ckpt", model={**model_hp, "kl_beta": 0.01, "nll_weight": 0.1})  # before model.init_args.loss
     torch.save({"weights": 1}, tmp / "not_lightning.ckpt")
     save("good.ckpt")
     raw = (tmp / "good.ckpt").read_bytes()
@@ -225,6 +226,9 @@ CASES_30_CKPT_PATH = [
     ("resume_block_size", ["--ckpt_path=TMP/resume_block.ckpt"], "block_size: resuming"),
     ("resume_task", ["--ckpt_path=TMP/resume_task.ckpt"], "data.init_args.task: resuming"),
     ("resume_base", ["--ckpt_path=TMP/resume_base.ckpt"], "checkpoint: resuming"),
+    ("resume_flat_loss", ["--ckpt_path=TMP/flat_loss.ckpt"], "TMP/flat_loss.ckpt was saved before the loss knobs "
+                                                             "became model.init_args.loss (its hyperparameters hold "
+                                                             "kl_beta, nll_weight at the top level)"),
     ("validate_text", ["VALIDATE", "--ckpt_path=TMP/text.ckpt"], "TMP/text.ckpt is not a Lightning checkpoint"),
     ("validate_other_model", ["VALIDATE", "--ckpt_path=TMP/other_model.ckpt"], "is a checkpoint of another model"),
     ("validate_nan_base", ["VALIDATE", "--checkpoint=TMP/w_nan"], "holds NaN or infinite values"),
