@@ -39,6 +39,7 @@ class StepInputs:
         correct: (N,) bool, the responses the NLL term trains on (``model.init_args.loss.nll_correct``).
         old: per-response old log-probs (per token, or per step under the joint planner ratio); None with a single
             optimizer step (the policy has not moved when each micro-batch runs: the detached current ones).
+        single_step: one optimizer step per RL step (``ppo_epochs`` = ``minibatches`` = 1).
         ref: per-response reference log-probs; None without KL.
         rollout_lp: the engine's sampling log-probs (mismatch metrics and TIS), or None.
         world: ranks.
@@ -50,15 +51,12 @@ class StepInputs:
     adv: torch.Tensor
     correct: torch.Tensor
     old: list[torch.Tensor] | None
+    single_step: bool
     ref: list[torch.Tensor] | None
     rollout_lp: list[list[float]] | None
     world: int
     plan_on: bool
     joint: bool
-
-    @property
-    def single_step(self) -> bool:
-        return self.old is None
 
 
 @dataclass
@@ -137,8 +135,8 @@ class RLStep:
                              "log-probs, but the rollout generator returned none (RolloutBatch.sampling_logprobs "
                              "is None)")
         return StepInputs(batch=batch, adv=batch.advantages.float() if n else torch.zeros(0), correct=correct,
-                          old=old, ref=ref, rollout_lp=batch.sampling_logprobs, world=world, plan_on=plan_on,
-                          joint=joint)
+                          old=old, single_step=single_step, ref=ref, rollout_lp=batch.sampling_logprobs,
+                          world=world, plan_on=plan_on, joint=joint)
 
     def _reference_logprobs(self, batch: RolloutBatch, per_step: bool) -> list[torch.Tensor] | None:
         """The frozen reference's log-probs (None without KL); the reference leaves the device after its pass."""
