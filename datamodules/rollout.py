@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lrl.models import load_checkpoint
 from lrl.models.sharding import cast_copy, is_sharded
+from lrl.rewards.terms import RewardTerm, check_terms, default_terms, reward_names, shape_terms
 from lrl.rollout.base import RolloutGenerator
 from lrl.rollout.types import RolloutBatch, SamplingParams
 
@@ -190,18 +191,12 @@ class RolloutDataModule(LightningDataModule):
         top_k: rollout top-k (0 = off).
         top_p: rollout top-p (1 = off).
         eos_policy: ``truncate`` after the stop token, or ``keep_final_block`` (released engine).
-        acc_reward: ``pm1`` (paper: ±1, unnormalised), ``z_score`` (released config) or ``raw``.
-        tpf_reward: per-group normalisation of the TPF reward: ``z_score``, ``minmax`` or ``none``.
-        tpf_coefficient: weight of the TPF reward (0 = accuracy-only GRPO).
-        step_penalty: dUltra's step-count reward added to the total (`lrl.algorithms.dultra_rewards`):
-            ``linear`` (−forwards / step_penalty_scale), ``sqrt`` (−√forwards / scale) or None (off).
-        step_penalty_scale: its divisor c.
-        step_penalty_norm: its per-group normalisation (``none``, ``z_score``, ``minmax``).
-        distill_teacher: dUltra's distillation reward: a local causal-LM checkpoint (own tokenizer) whose mean
-            log-prob of each completion given the task prompt (`lrl.rewards.distill`) is added to the total;
-            None: off.
-        distill_coefficient: its weight; distill_norm: its per-group normalisation.
-        joint_normalization: sum raw rewards, then normalise once (ablation of the decoupled normalisation).
+        rewards: the reward terms (`lrl.rewards.terms`: ``Accuracy``, ``TPF``, ``PlannerSteps``, ``Distill`` or a
+            user's `RewardTerm` subclass by class path), each normalised per prompt group and weighted; the total
+            is their sum (docs/rewards.md). None: the paper's ``[Accuracy(normalize=pm1), TPF(normalize=z_score)]``.
+        joint_normalization: the ablation of the decoupled normalisation: sum every term's weighted raw value
+            (accuracy under ``pm1`` as 2a − 1), then normalise the sum once per group with this mode
+            (``z_score``, ``minmax``, ``none``); None: each term normalised on its own (the paper).
         truncated_is_wrong: responses that hit ``max_new_tokens`` count as wrong.
         require_worked_steps: a right final answer counts as correct (accuracy reward and NLL) only when the
             task's check of its worked steps holds (``Task.worked_steps_hold``; the synthetic task): a format
@@ -246,16 +241,8 @@ class RolloutDataModule(LightningDataModule):
         top_k: int = 0,
         top_p: float = 1.0,
         eos_policy: Literal["truncate", "keep_final_block"] = "truncate",
-        acc_reward: Literal["pm1", "z_score", "raw"] = "pm1",
-        tpf_reward: Literal["z_score", "minmax", "none"] = "z_score",
-        tpf_coefficient: float = 1.0,
-        step_penalty: Literal["linear", "sqrt"] | None = None,
-        step_penalty_scale: float = 50.0,
-        step_penalty_norm: Literal["z_score", "minmax", "none"] = "none",
-        distill_teacher: str | None = None,
-        distill_coefficient: float = 1.0,
-        distill_norm: Literal["z_score", "minmax", "none"] = "z_score",
-        joint_normalization: bool = False,
+        rewards: list[RewardTerm] | None = None,
+        joint_normalization: Literal["z_score", "minmax", "none"] | None = None,
         truncated_is_wrong: bool = True,
         require_worked_steps: bool = False,
         advantage: Literal["batch", "prompt_group", "prompt_group_center"] = "batch",
@@ -272,8 +259,6 @@ class RolloutDataModule(LightningDataModule):
             raise ValueError(f"data.group_size must be >= 2 for group-normalised rewards, got {group_size}")
         if prompts_per_step < 1:
             raise ValueError(f"data.prompts_per_step must be >= 1, got {prompts_per_step}")
-        if not step_penalty_scale > 0:
-            raise ValueError(f"data.step_penalty_scale must be > 0, got {step_penalty_scale}")
         if block_size is not None and max_new_tokens % block_size != 0:
             raise ValueError(
                 f"data.max_new_tokens={max_new_tokens} must be a multiple of block_size={block_size} "
@@ -292,7 +277,9 @@ class RolloutDataModule(LightningDataModule):
         check_task_args(task, dict(task_kwargs or {}))  # early: a task is built only in setup()
         if eval_seed is not None:
             check_task_args(task, {"eval_seed": eval_seed}, key="data.eval_seed (null for a fixed eval split)")
-        self.save_hyperparameters(ignore=["rollout"])
+        self.reward_terms = list(default_terms() if rewards is None else rewards)
+        check_terms(self.reward_terms)
+        self.save_hyperparameters(ignore=["rollout", "rewards"])  # the config file keeps them; a teacher is no hparam
         self.checkpoint = checkpoint
         self.block_size = block_size
         self.rollout_cfg = rollout or RolloutBackend()
@@ -516,7 +503,7 @@ class RolloutDataModule(LightningDataModule):
     # ------------------------------------------------------------------ one RL step of data
     def score(self, batch: RolloutBatch, records: list[dict]) -> None:
         """Fill accuracy, correct and the shaped rewards of ``batch`` (group i ↔ records[i]), spec §3.1–§3.3."""
-        from lrl.algorithms.reward_shaping import apply_length_penalty, shape_rewards
+        from lrl.algorithms.reward_shaping import apply_length_penalty
 
         hp = self.hparams
         per_row = [records[int(g)] for g in batch.group_index]
@@ -532,33 +519,7 @@ class RolloutDataModule(LightningDataModule):
             correct = apply_length_penalty(correct, batch.truncated, enabled=True)
             acc = torch.where(batch.truncated, torch.zeros_like(acc), acc)
         batch.accuracy, batch.correct = acc, correct
-        batch.rewards = shape_rewards(
-            acc,
-            batch.tpf,
-            batch.group_index,
-            acc_mode=hp.acc_reward,
-            tpf_mode=hp.tpf_reward,
-            tpf_coefficient=hp.tpf_coefficient,
-            joint=hp.joint_normalization,
-        )
-        if hp.step_penalty is not None:
-            from lrl.algorithms.dultra_rewards import step_count_reward
-
-            steps = step_count_reward(batch.num_forwards, batch.group_index, kind=hp.step_penalty,
-                                      scale=hp.step_penalty_scale, mode=hp.step_penalty_norm)
-            batch.rewards["steps"] = steps
-            batch.rewards["total"] = batch.rewards["total"] + steps
-        if hp.distill_teacher is not None:
-            from lrl.algorithms.reward_shaping import group_normalize
-            from lrl.rewards.distill import TeacherScorer
-
-            if getattr(self, "_teacher", None) is None:
-                self._teacher = TeacherScorer(hp.distill_teacher)
-            raw = self._teacher.score([self.task.prompt(r) for r in per_row], batch.texts)
-            batch.rewards["distill_raw"] = raw
-            batch.rewards["distill"] = group_normalize(raw, batch.group_index, hp.distill_norm,
-                                                       hp.distill_coefficient)
-            batch.rewards["total"] = batch.rewards["total"] + batch.rewards["distill"]
+        batch.rewards = shape_terms(self.reward_terms, batch, joint=hp.joint_normalization)
 
     def diagnostics(self, batches: list[RolloutBatch]) -> dict[str, float]:
         """`rollout_diagnostics` of the drawn rollouts (groups renumbered across refill rounds), with the task's
@@ -685,12 +646,7 @@ class RolloutDataModule(LightningDataModule):
 
     def reward_names(self) -> list[str]:
         """The reward components `score` fills, in a fixed order (the same on every rank, empty batches too)."""
-        names = ["acc_raw", "tpf_raw", "acc", "tpf"]
-        if self.hparams.step_penalty is not None:
-            names.append("steps")
-        if self.hparams.distill_teacher is not None:
-            names += ["distill_raw", "distill"]
-        return [*names, "total"]
+        return reward_names(self.reward_terms)
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:

@@ -35,29 +35,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# the paper's reward without its TPF term (logged at weight 0), as `data.init_args.rewards` (docs/rewards.md)
+NO_TPF_REWARD = ("--data.init_args.rewards=[{class_path: lrl.rewards.terms.Accuracy, init_args: {normalize: pm1}}, "
+                 "{class_path: lrl.rewards.terms.TPF, init_args: {weight: 0.0, normalize: none}}]")
+
 # method name → extra `lrl fit` arguments on top of configs/quickstart.yaml
 METHODS: dict[str, list[str]] = {
     "GRPO(traj)": [
-        "--model.init_args.loss.nll_weight=0.0", "--data.init_args.tpf_coefficient=0.0",
-        "--data.init_args.tpf_reward=none", "--data.init_args.advantage=prompt_group",
+        "--model.init_args.loss.nll_weight=0.0", NO_TPF_REWARD, "--data.init_args.advantage=prompt_group",
         "--trainer.callbacks.init_args.tpf_range_threshold=null",
     ],
     "LightningRL": [],
 }
 ABLATIONS: dict[str, list[str]] = {
-    "LightningRL, no TPF reward": ["--data.init_args.tpf_reward=none", "--data.init_args.tpf_coefficient=0.0"],
+    "LightningRL, no TPF reward": [NO_TPF_REWARD],
     "LightningRL, single-pass": ["--model.init_args.estimator=single_pass"],
     "LightningRL, masked-states": ["--model.init_args.estimator=masked_states"],
     # does the TPF reward act once the estimator scores the states where parallelism is decided?
     "LightningRL, masked-states, no TPF reward": [
-        "--model.init_args.estimator=masked_states", "--data.init_args.tpf_reward=none",
-        "--data.init_args.tpf_coefficient=0.0",
+        "--model.init_args.estimator=masked_states", NO_TPF_REWARD,
     ],
     "LightningRL, no NLL": ["--model.init_args.loss.nll_weight=0.0"],
     # the TPF reward's own effect without the NLL term's sharpening (compare with "LightningRL, no NLL")
-    "LightningRL, no NLL, no TPF reward": ["--model.init_args.loss.nll_weight=0.0", "--data.init_args.tpf_reward=none",
-                                           "--data.init_args.tpf_coefficient=0.0"],
-    "LightningRL, joint norm.": ["--data.init_args.joint_normalization=true"],
+    "LightningRL, no NLL, no TPF reward": ["--model.init_args.loss.nll_weight=0.0", NO_TPF_REWARD],
+    "LightningRL, joint norm.": ["--data.init_args.joint_normalization=z_score"],
     "LightningRL, no TPF filter": ["--trainer.callbacks.init_args.tpf_range_threshold=null"],
 }
 
@@ -73,7 +74,7 @@ PLANNER_SELECT = 0.5  # the planner methods' table row: greedy p ≥ 0.5 (Sampli
 PLANNER_BASE = "SFT base + planner (imitation)"  # the imitation-fitted head on the SFT base, before any RL
 # the keys PLANNER_CONFIG adds to the benchmark's configs (the rest of the budget stays the benchmark's own)
 PLANNER_KEYS = {"model": ("planner_head", "planner_lr", "freeze_backbone", "planner_ratio", "eval_planner_thresholds"),
-                "data": ("remasking_strategy", "step_penalty", "step_penalty_scale", "step_penalty_norm")}
+                "data": ("remasking_strategy", "rewards")}
 
 
 def planner_args(config: dict) -> list[str]:

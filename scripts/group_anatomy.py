@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from lrl.algorithms.reward_shaping import group_normalize, shape_rewards  # noqa: E402
+from lrl.algorithms.reward_shaping import accuracy_reward, group_normalize  # noqa: E402
 from lrl.metrics.diagnostics import rollout_diagnostics  # noqa: E402
 
 
@@ -69,7 +69,7 @@ def group_anatomy(texts, tpf, forwards, lengths, correct, styles, group_size: in
     # the reward's own terms: z-scores within each group (0 for a flat group) and ±1 + z(TPF) (spec §3.3)
     z_of = {"tpf": group_normalize(tpf_t, group_index).tolist(),
             "neg_forwards": group_normalize(-torch.tensor(forwards, dtype=torch.float), group_index).tolist()}
-    total = shape_rewards(correct_t, tpf_t, group_index)["total"].tolist()
+    total = (accuracy_reward(correct_t, group_index) + group_normalize(tpf_t, group_index)).tolist()
     z_by_style = {key: defaultdict(list) for key in z_of}
     paired: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     mixed_outcome = wrong_on_top = 0

@@ -357,6 +357,7 @@ def test_require_worked_steps_gates_the_accuracy_reward_not_the_verifier() -> No
     from types import SimpleNamespace
 
     from datamodules.rollout import RolloutDataModule
+    from lrl.rewards.terms import TPF, Accuracy
     from lrl.rollout import RolloutBatch
 
     task = SyntheticArithmetic(num_train=10, num_eval=5, family="sums", styles={"chain": 0.5, "pairs": 0.5})
@@ -369,14 +370,13 @@ def test_require_worked_steps_gates_the_accuracy_reward_not_the_verifier() -> No
     n = len(texts)
 
     def scored(require: bool) -> RolloutBatch:
-        hp = SimpleNamespace(truncated_is_wrong=True, acc_reward="pm1", tpf_reward="none", tpf_coefficient=0.0,
-                             joint_normalization=False, step_penalty=None, distill_teacher=None,
-                             require_worked_steps=require)
+        hp = SimpleNamespace(truncated_is_wrong=True, joint_normalization=None, require_worked_steps=require)
         batch = RolloutBatch(prompt_ids=[[0]] * n, response_ids=[[1] * 8] * n, texts=texts,
                              step_maps=[list(range(1, 9))] * n, num_forwards=torch.full((n,), 4),
                              num_store_passes=torch.zeros(n, dtype=torch.long), finish_reasons=["stop"] * n,
                              group_index=torch.zeros(n, dtype=torch.long))
-        RolloutDataModule.score(SimpleNamespace(task=task, hparams=hp), batch, [record])
+        terms = [Accuracy(), TPF(weight=0.0, normalize="none")]
+        RolloutDataModule.score(SimpleNamespace(task=task, hparams=hp, reward_terms=terms), batch, [record])
         return batch
 
     assert task.score(texts, [record] * n) == [1.0, 1.0, 1.0, 0.0]  # the verifier reads the box only

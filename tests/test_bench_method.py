@@ -24,7 +24,7 @@ def test_benchmark_method_instantiates(method, tiny_checkpoint, tmp_path, monkey
     extra = [a for a in ALL[method] if not a.startswith("--trainer.callbacks.")]
     cli = cli_main(["--config", str(ROOT / "configs" / "quickstart.yaml"), f"--checkpoint={tiny_checkpoint}", *extra,
                     "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
-    hp, data = cli.model.hparams, cli.datamodule.hparams
+    hp = cli.model.hparams
     want_estimator = {"LightningRL, single-pass": "single_pass", "LightningRL, masked-states": "masked_states",
                       "LightningRL, masked-states, no TPF reward": "masked_states"}
     assert hp.estimator == want_estimator.get(method, "trajectory")
@@ -32,4 +32,5 @@ def test_benchmark_method_instantiates(method, tiny_checkpoint, tmp_path, monkey
     assert (hp.loss["nll_weight"] == 0.0) == (method in no_nll)
     no_tpf = ("GRPO(traj)", "LightningRL, no TPF reward", "LightningRL, masked-states, no TPF reward",
               "LightningRL, no NLL, no TPF reward")
-    assert (data.tpf_reward == "none") == (method in no_tpf)
+    tpf = [t for t in cli.datamodule.reward_terms if t.name == "tpf"]
+    assert (tpf[0].weight == 0.0 and tpf[0].normalize == "none") == (method in no_tpf)

@@ -68,6 +68,7 @@ def test_planner_methods_instantiate(method, tiny_checkpoint, tmp_path, monkeypa
                     "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
     hp = cli.model.hparams
     assert cli.datamodule.hparams.remasking_strategy == "planner"
+    assert [t.name for t in cli.datamodule.reward_terms] == ["acc", "tpf", "steps"]  # dUltra's step-count term
     assert hp.planner_head is not None and hp.planner_lr == 1e-3 and list(hp.eval_planner_thresholds)
     assert hp.freeze_backbone == (method != "dUltra")
     assert first in (None, "LightningRL")

@@ -69,8 +69,8 @@ def _resolved(tiny_checkpoint, configs) -> dict:
 PROFILE_CHANGES = {
     "grpo_traj.yaml": {
         "model.init_args.loss.nll_weight": 0.0,
-        "data.init_args.tpf_reward": "none",
-        "data.init_args.tpf_coefficient": 0.0,
+        "data.init_args.rewards[1].init_args.normalize": "none",  # TPF
+        "data.init_args.rewards[1].init_args.weight": 0.0,
         "data.init_args.advantage": "prompt_group",
         "trainer.callbacks[0].init_args.tpf_range_threshold": None,  # TPFAwareFilter: all-wrong groups only
         "trainer.callbacks[4].init_args.dirpath": "outputs/grpo_traj/checkpoints",
@@ -81,7 +81,7 @@ PROFILE_CHANGES = {
         "model.init_args.estimator": "single_pass",
         "model.init_args.loss.nll_correct": "reward_nonneg",
         "model.init_args.reset_optimizer_each_step": True,
-        "data.init_args.acc_reward": "z_score",
+        "data.init_args.rewards[0].init_args.normalize": "z_score",  # Accuracy
         "data.init_args.eos_policy": "keep_final_block",
         "data.init_args.refill": False,
         "data.init_args.max_refill_rounds": 1,

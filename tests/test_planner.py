@@ -398,7 +398,9 @@ def test_two_step_fit_with_dultra_config(peaky_checkpoint, tiny_tokenizer, tmp_p
     if freeze:  # the shipped planner-only overlay (configs/algorithm/planner_only.yaml) freezes the backbone
         args += ["--config", str(root / "configs" / "algorithm" / "planner_only.yaml")]
         build_teacher(tmp_path / "teacher", tiny_tokenizer)
-        args.append(f"--data.init_args.distill_teacher={tmp_path / 'teacher'}")
+        # one more reward term: appended to the config's list (acc, tpf, steps)
+        args.append(f"--data.init_args.rewards+={{class_path: lrl.rewards.terms.Distill, "
+                    f"init_args: {{teacher: {tmp_path / 'teacher'}}}}}")
     cli = cli_main(args)
     module = cli.model
     assert module.rl_step == 2

@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lrl.algorithms.reward_shaping import accuracy_reward, apply_length_penalty, group_normalize, shape_rewards
+from lrl.algorithms.reward_shaping import accuracy_reward, apply_length_penalty, group_normalize
+from lrl.rewards.terms import TPF as TPFTerm
+from lrl.rewards.terms import Accuracy, shape_terms
+from lrl.rollout.types import RolloutBatch
 
 T, F = True, False
 # Three groups: [1, 2, 3] (spread), [4, 4, 4] (flat), [0, 10] (two values).
@@ -82,6 +85,20 @@ TPF = torch.tensor([2.0, 4.0, 3.0, 3.0])
 G2 = torch.tensor([0, 0, 1, 1])
 
 
+def shape_rewards(acc, tpf, groups, acc_mode="pm1", tpf_mode="z_score", tpf_coefficient=1.0, joint=False):
+    """The two terms of the paper's reward (`lrl.rewards.terms`) on a batch with these accuracies and TPFs (lengths
+    2·TPF over 2 forwards each), in the spelling of the flat settings they replaced."""
+    n = len(acc)
+    batch = RolloutBatch(prompt_ids=[[0]] * n, response_ids=[[1] * int(2 * t) for t in tpf.tolist()], texts=[""] * n,
+                         step_maps=[[1] * int(2 * t) for t in tpf.tolist()], num_forwards=torch.full((n,), 2),
+                         num_store_passes=torch.zeros(n, dtype=torch.long), finish_reasons=["stop"] * n,
+                         group_index=groups)
+    batch.accuracy = acc.float()
+    terms = [Accuracy(normalize="none" if acc_mode == "raw" else acc_mode),
+             TPFTerm(weight=tpf_coefficient, normalize=tpf_mode)]
+    return shape_terms(terms, batch, joint=tpf_mode if joint else None)
+
+
 def test_shape_rewards_decoupled_pm1_z():
     # acc ±1 = [1, −1, 1, 1]; TPF z: group 0 [2, 4] → mean 3, std 1 → [−1, 1]; group 1 flat → [0, 0]
     # total = [1 − 1, −1 + 1, 1 + 0, 1 + 0] = [0, 0, 1, 1]
@@ -147,7 +164,9 @@ def test_bad_input_is_rejected_by_name():
         accuracy_reward(torch.tensor([2.0]), torch.tensor([0]), "pm1")
     with pytest.raises(ValueError, match="mode must be 'pm1'"):
         accuracy_reward(torch.tensor([1.0]), torch.tensor([0]), "sign")
-    with pytest.raises(ValueError, match="tpf must be a 1-D tensor of length 4"):
-        shape_rewards(ACC, torch.ones(3), G2)
+    with pytest.raises(ValueError, match=r"data.init_args.rewards: Accuracy.normalize must be one of pm1, z_score"):
+        Accuracy(normalize="sign")
+    with pytest.raises(ValueError, match=r"data.init_args.rewards: TPF.weight must be finite"):
+        TPFTerm(weight=float("inf"))
     with pytest.raises(ValueError, match="truncated must be a bool tensor"):
         apply_length_penalty(ACC, torch.zeros(4))

@@ -220,20 +220,25 @@ def test_paper_totals_by_hand(tiny_checkpoint, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------- ablations of scripts/bench_method.py and dUltra's
+ACC, TPF = "{class_path: lrl.rewards.terms.Accuracy}", "{class_path: lrl.rewards.terms.TPF, init_args: {%s}}"
 ABLATIONS = {
-    # name: (config, the old flat spelling, its reward kwargs)
-    "joint_normalization": ("lightningrl.yaml", ("--data.init_args.joint_normalization=true",),
+    # name: (config, the spelling in reward terms, its reward kwargs); the flat keys before the terms list in the
+    # comments
+    "joint_normalization": ("lightningrl.yaml", ("--data.init_args.joint_normalization=z_score",),  # =true
                             dict(PAPER, joint=True)),
-    "no_tpf_reward": ("lightningrl.yaml", ("--data.init_args.tpf_reward=none", "--data.init_args.tpf_coefficient=0.0"),
+    # tpf_reward=none tpf_coefficient=0.0
+    "no_tpf_reward": ("lightningrl.yaml",
+                      (f"--data.init_args.rewards=[{ACC}, {TPF % 'weight: 0.0, normalize: none'}]",),
                       dict(acc_mode="pm1", tpf_mode="none", tpf_w=0.0)),
-    "tpf_minmax_half": ("lightningrl.yaml", ("--data.init_args.tpf_reward=minmax",
-                                             "--data.init_args.tpf_coefficient=0.5"),
+    # tpf_reward=minmax tpf_coefficient=0.5
+    "tpf_minmax_half": ("lightningrl.yaml",
+                        (f"--data.init_args.rewards=[{ACC}, {TPF % 'weight: 0.5, normalize: minmax'}]",),
                         dict(acc_mode="pm1", tpf_mode="minmax", tpf_w=0.5)),
-    "dultra_sqrt_distill": ("dultra.yaml", ("--data.init_args.step_penalty=sqrt",
-                                            "--data.init_args.step_penalty_norm=none",
-                                            "--data.init_args.distill_teacher=/nonexistent/teacher",
-                                            "--data.init_args.distill_coefficient=0.5"),
-                            dict(PAPER, distill=("z_score", 0.5))),
+    # step_penalty=sqrt step_penalty_norm=none distill_teacher=/nonexistent/teacher distill_coefficient=0.5
+    "dultra_sqrt_distill": ("dultra.yaml", (
+        f"--data.init_args.rewards=[{ACC}, {TPF % 'normalize: z_score'}, {{class_path: lrl.rewards.terms.PlannerSteps, "
+        "init_args: {kind: sqrt, normalize: none}}, {class_path: lrl.rewards.terms.Distill, init_args: "
+        "{teacher: /nonexistent/teacher, weight: 0.5}}]",), dict(PAPER, distill=("z_score", 0.5))),
 }
 
 

@@ -44,7 +44,9 @@ def test_fit_two_steps(sdar_like_checkpoint, tmp_path, estimator):
     # a random model's rewards are all equal (zero advantages): the released code's NLL on "reward >= 0"
     # responses gives the update a direction to check (the sampled responses become more likely)
     cli = cli_main(_args("fit", sdar_like_checkpoint, tmp_path, f"--model.init_args.estimator={estimator}",
-                         "--model.init_args.loss.nll_correct=reward_nonneg", "--data.init_args.acc_reward=z_score"))
+                         "--model.init_args.loss.nll_correct=reward_nonneg",
+                         "--data.init_args.rewards=[{class_path: lrl.rewards.terms.Accuracy, "
+                         "init_args: {normalize: z_score}}, {class_path: lrl.rewards.terms.TPF}]"))
     module, dm = cli.model, cli.datamodule
     assert module.rl_step == 2 and cli.trainer.logged_metrics["weight_version"] == 2.0
     assert module.policy.bd.mask_token_id == 151669 and module.rollout_block_size == 4

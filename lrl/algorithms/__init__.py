@@ -6,4 +6,3 @@ from lrl.algorithms.filters import filter_groups as filter_groups
 from lrl.algorithms.reward_shaping import accuracy_reward as accuracy_reward
 from lrl.algorithms.reward_shaping import apply_length_penalty as apply_length_penalty
 from lrl.algorithms.reward_shaping import group_normalize as group_normalize
-from lrl.algorithms.reward_shaping import shape_rewards as shape_rewards
