@@ -4,8 +4,6 @@ from callbacks.checkpoint import AtomicCheckpointIO, RLCheckpoint
 from callbacks.pareto_checkpoint import ParetoFrontierCheckpoint
 from callbacks.reward_logger import RewardNormalizationLogger
 from callbacks.rl_progress import RLProgressBar
-from callbacks.tpf_filter import TPFAwareFilter
-from callbacks.weight_sync import WeightSync
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -13,6 +11,4 @@ __all__ = [
     "RLCheckpoint",
     "RLProgressBar",
     "RewardNormalizationLogger",
-    "TPFAwareFilter",
-    "WeightSync",
 ]

@@ -1,18 +1,16 @@
-"""`RolloutDataModule`: prompts → rollouts → rewards → filters (with refill) → advantages, one batch per RL step.
+"""`RolloutDataModule`: the prompt state and the loaders of RL training; each step's data comes from `lrl.pipeline`.
 
-It owns the prompt source (a task from `lrl.tasks`), shuffles it per epoch with a seeded generator, and streams
-prompt groups through the rollout generator (the in-process native engine by default, SGLang when configured).
-Group filters (all-wrong, TPF range, zero-std) come from the `TPFAwareFilter` callback, which registers itself
-here; removed groups are replaced by drawing new prompts until the batch holds ``prompts_per_step`` groups
-(bounded by ``max_refill_rounds``), as in the paper's Algorithm 1 (spec §3.4). Its state (epoch, cursor, step
-counter) goes into Lightning checkpoints, and every random choice derives from ``seed`` and that state, so a
+It owns the prompt source (a task from `lrl.tasks`), shuffles it per epoch with a seeded generator, builds the
+rollout generator (the in-process native engine by default, SGLang when configured) and, once per RL step, runs
+`lrl.pipeline.RLStep` (sync → draw → generate → score → shape → filter with refill → advantages → batch; the
+paper's Algorithm 1, spec §3). Its state (epoch, cursor, the filter's totals) goes into Lightning checkpoints, and
+every random choice derives from ``seed``, that state and `LightningRLModule.rl_step` (the one RL-step counter), so a
 resumed run draws exactly the prompts and samples an uninterrupted run would.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -22,7 +20,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from lrl.models import load_checkpoint
 from lrl.models.sharding import cast_copy, is_sharded
-from lrl.rewards.terms import RewardTerm, check_terms, default_terms, reward_names, shape_terms
+from lrl.pipeline import GroupFilter, RLStep
+from lrl.rewards.terms import RewardTerm
 from lrl.rollout.base import RolloutGenerator
 from lrl.rollout.types import RolloutBatch, SamplingParams
 
@@ -133,23 +132,6 @@ def _check_sampling_knobs(*, max_new_tokens, temperature, top_k, top_p, denoisin
         raise ValueError(f"data.stop_token_ids must be token ids >= 0, got {list(stop_token_ids)}")
 
 
-def _merge_engine_stats(parts: list[dict[str, float]]) -> dict[str, float]:
-    """One step's engine figures over its refill rounds: peaks as maxima, counts as sums, rows as a mean."""
-    parts = [p for p in parts if p]
-    if not parts:
-        return {}
-    out = {}
-    for key in parts[0]:
-        vals = [p[key] for p in parts if key in p]
-        if key.endswith("_gb"):
-            out[key] = max(vals)
-        elif key == "rollout/rows_per_forward":
-            out[key] = sum(vals) / len(vals)
-        else:
-            out[key] = sum(vals)
-    return out
-
-
 class _RolloutStream(IterableDataset):
     """One RL step per item; an epoch ends after ``steps_per_epoch`` items (resumable mid-epoch)."""
 
@@ -202,10 +184,18 @@ class RolloutDataModule(LightningDataModule):
             task's check of its worked steps holds (``Task.worked_steps_hold``; the synthetic task): a format
             condition against correct boxes over garbled steps. Evaluation still scores the final answer alone.
         advantage: ``batch`` (paper Eq. 7), ``prompt_group`` or ``prompt_group_center`` (spec §3.5).
+        filter: the group filter (`lrl.pipeline.GroupFilter`: ``all_wrong``, ``tpf_range_threshold``, ``zero_std``;
+            the paper: ``{all_wrong: true, tpf_range_threshold: 0.01}``); every rule off by default (keep all).
         refill: draw new prompts for filtered groups until the batch is full (paper); False = released code. A step
             never draws a prompt twice (on any rank): refill stops when the split has no unseen prompt left
             (``filter/refill_capped`` = 1).
-        max_refill_rounds: bound on rollout rounds per step, the first included.
+        max_refill_rounds: bound on rollout rounds per step, the first included. Ranks agree on every round (an
+            all-reduce of "need more"), so all of them run the same number of rounds and none waits in a
+            collective for more than one round of another rank.
+        sync_every_n_steps: the rollout generator takes the policy's weights every this many RL steps (and at the
+            first step of a run); 1 keeps rollouts on-policy. Anything else needs ``allow_stale_rollouts`` when the
+            generator holds its own weights (SGLang servers, an engine copy in another dtype or under FSDP).
+        allow_stale_rollouts: accept rollouts from older weights than the policy's (``sync_every_n_steps`` ≠ 1).
         steps_per_epoch: RL steps per epoch (default: enough steps to visit every training prompt once).
         seed: seed of prompt order and rollout sampling.
         rollout: the rollout backend.
@@ -246,8 +236,11 @@ class RolloutDataModule(LightningDataModule):
         truncated_is_wrong: bool = True,
         require_worked_steps: bool = False,
         advantage: Literal["batch", "prompt_group", "prompt_group_center"] = "batch",
+        filter: GroupFilter = GroupFilter(),  # noqa: B008 - frozen
         refill: bool = True,
         max_refill_rounds: int = 4,
+        sync_every_n_steps: int = 1,
+        allow_stale_rollouts: bool = False,
         steps_per_epoch: int | None = None,
         seed: int = 0,
         rollout: RolloutBackend | None = None,
@@ -268,6 +261,11 @@ class RolloutDataModule(LightningDataModule):
             raise ValueError(f"data.threshold must be in [0, 1], got {threshold}")
         if max_refill_rounds < 1:
             raise ValueError(f"data.max_refill_rounds must be >= 1, got {max_refill_rounds}")
+        if sync_every_n_steps < 0:
+            raise ValueError(f"data.init_args.sync_every_n_steps must be >= 0 (0: only at the start), got "
+                             f"{sync_every_n_steps}")
+        if sync_every_n_steps != 1 and (rollout or RolloutBackend()).kind == "sglang" and not allow_stale_rollouts:
+            raise ValueError(stale_rollouts_error(sync_every_n_steps, "the SGLang servers"))
         _check_sampling_knobs(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                               denoising_steps=denoising_steps, eval_size=eval_size, steps_per_epoch=steps_per_epoch,
                               max_prompt_tokens=max_prompt_tokens, stop_token_ids=stop_token_ids)
@@ -277,13 +275,18 @@ class RolloutDataModule(LightningDataModule):
         check_task_args(task, dict(task_kwargs or {}))  # early: a task is built only in setup()
         if eval_seed is not None:
             check_task_args(task, {"eval_seed": eval_seed}, key="data.eval_seed (null for a fixed eval split)")
-        self.reward_terms = list(default_terms() if rewards is None else rewards)
-        check_terms(self.reward_terms)
-        self.save_hyperparameters(ignore=["rollout", "rewards"])  # the config file keeps them; a teacher is no hparam
+        self.rollout_cfg = rollout or RolloutBackend()
+        self.pipeline = RLStep(rewards=rewards, group_filter=filter, advantage=advantage,
+                               prompts_per_step=prompts_per_step, refill=refill, max_refill_rounds=max_refill_rounds,
+                               joint_normalization=joint_normalization, truncated_is_wrong=truncated_is_wrong,
+                               require_worked_steps=require_worked_steps, seed=seed,
+                               sync_every_n_steps=sync_every_n_steps,
+                               release_after_rollout=self.rollout_cfg.release_after_rollout)
+        self.reward_terms = self.pipeline.terms
+        # the config file keeps these; objects (a loaded teacher) are no hyperparameters
+        self.save_hyperparameters(ignore=["rollout", "rewards", "filter"])
         self.checkpoint = checkpoint
         self.block_size = block_size
-        self.rollout_cfg = rollout or RolloutBackend()
-        self.group_filter: Callable[[RolloutBatch], Any] | None = None  # set by the TPFAwareFilter callback
         self.generator: RolloutGenerator | None = None
         self.task = None
         self.tokenizer = None
@@ -292,10 +295,8 @@ class RolloutDataModule(LightningDataModule):
         self.epoch = 0
         self.cursor = 0
         self.step_in_epoch = 0
-        self.rl_step = 0
         self._order: list[int] | None = None
         self.skipped_long = 0
-        self._styles_seen: set[str] = set()  # answer styles seen in rollouts so far (diagnostics)
         self._steps_per_epoch = steps_per_epoch
         self.stop_ids: tuple[int, ...] = ()
 
@@ -383,21 +384,21 @@ class RolloutDataModule(LightningDataModule):
         if self._steps_per_epoch is not None:
             return self._steps_per_epoch
         n = max(1, len(self.train_records))
-        return max(1, n // (self.hparams.prompts_per_step * self._rank_world()[1]))
+        return max(1, n // (self.hparams.prompts_per_step * self.rank_world()[1]))
 
     def _prompts_per_rank(self) -> int:
         """Draws one step may make per rank without any prompt drawn twice in the step (by this or another rank)."""
-        return len(self.train_records) // self._rank_world()[1]
+        return len(self.train_records) // self.rank_world()[1]
 
     def epoch_used_up(self) -> bool:
         """Default epoch length only: the next step's first round would reach a prompt this epoch already drew."""
         if self._steps_per_epoch is not None or self.step_in_epoch == 0:
             return False
-        return (self.cursor + self.hparams.prompts_per_step) * self._rank_world()[1] > len(self.train_records)
+        return (self.cursor + self.hparams.prompts_per_step) * self.rank_world()[1] > len(self.train_records)
 
     def check_prompt_supply(self) -> None:
         """A step's first round must fit the split without repeating a prompt across this step's ranks."""
-        rank, world = self._rank_world()
+        rank, world = self.rank_world()
         n, pps = len(self.train_records), self.hparams.prompts_per_step
         if pps * world > n:
             raise ValueError(f"data.prompts_per_step={pps} × {world} rank(s) needs at least {pps * world} training "
@@ -455,7 +456,22 @@ class RolloutDataModule(LightningDataModule):
     def get_generator(self) -> RolloutGenerator:
         if self.generator is None:
             self.generator = self._build_generator()
+            self._check_on_policy(self.generator)
         return self.generator
+
+    def _module(self):
+        """The `LightningRLModule` being trained (the source of `rl_step` and of the weights), or None when this
+        data module is used on its own."""
+        return getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+
+    def _check_on_policy(self, gen: RolloutGenerator) -> None:
+        """Refuse a generator with its own weights that would not take the policy's every step, before its first
+        rollout (`allow_stale_rollouts` is the explicit opt-out)."""
+        every = self.hparams.sync_every_n_steps
+        module = self._module()
+        if every == 1 or self.hparams.allow_stale_rollouts or module is None or gen.reads_weights_of(module.policy):
+            return
+        raise ValueError(stale_rollouts_error(every, f"the rollout generator's own weights ({type(gen).__name__})"))
 
     # ------------------------------------------------------------------ data order and state
     def _epoch_order(self) -> list[int]:
@@ -464,20 +480,28 @@ class RolloutDataModule(LightningDataModule):
             self._order = torch.randperm(len(self.train_records), generator=g).tolist()
         return self._order
 
-    def _rank_world(self) -> tuple[int, int]:
+    def rank_world(self) -> tuple[int, int]:
         trainer = self.trainer
         return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
 
-    def _draw(self, n: int) -> list[dict]:
+    def draw(self, n: int) -> list[dict]:
         """Next n prompts of this epoch's permutation; with several ranks, rank r takes every world-th prompt
         (the cursor counts draws per rank, so all ranks advance in step and never share a prompt)."""
         order = self._epoch_order()
-        rank, world = self._rank_world()
+        rank, world = self.rank_world()
         out = []
         for _ in range(n):
             out.append(self.train_records[order[(self.cursor * world + rank) % len(order)]])
             self.cursor += 1
         return out
+
+    def draws_left(self) -> int:
+        """Draws the next step may make on this rank before a prompt would repeat: within the step, and with the
+        default epoch length within the epoch."""
+        return self._prompts_per_rank() - (self.cursor if self._steps_per_epoch is None else 0)
+
+    def rollout_sampling(self, gen: RolloutGenerator, seed: int) -> SamplingParams:
+        return self.sampling_params(self.block_size or gen_block_size(gen), seed)
 
     def start_new_epoch(self) -> None:
         self.epoch += 1
@@ -490,163 +514,42 @@ class RolloutDataModule(LightningDataModule):
             "epoch": self.epoch,
             "cursor": self.cursor,
             "step_in_epoch": self.step_in_epoch,
-            "rl_step": self.rl_step,
+            "filter_totals": dict(self.pipeline.totals),
         }
 
     def load_state_dict(self, state: dict) -> None:
+        # checkpoints before the single RL-step counter also hold "rl_step" (= the module's): not needed
         self.epoch = int(state["epoch"])
         self.cursor = int(state["cursor"])
         self.step_in_epoch = int(state["step_in_epoch"])
-        self.rl_step = int(state["rl_step"])
+        self.pipeline.totals.update({k: int(v) for k, v in state.get("filter_totals", {}).items()})
         self._order = None
 
     # ------------------------------------------------------------------ one RL step of data
-    def score(self, batch: RolloutBatch, records: list[dict]) -> None:
-        """Fill accuracy, correct and the shaped rewards of ``batch`` (group i ↔ records[i]), spec §3.1–§3.3."""
-        from lrl.algorithms.reward_shaping import apply_length_penalty
-
-        hp = self.hparams
-        per_row = [records[int(g)] for g in batch.group_index]
-        acc = torch.tensor(self.task.score(batch.texts, per_row), dtype=torch.float32)
-        check = getattr(self.task, "worked_steps_hold", None)
-        if check is not None:
-            hold = torch.tensor([check(t) for t in batch.texts], dtype=torch.bool)
-            batch.stats["right_answers_bad_steps"] = float(((acc >= 1.0) & ~hold).sum())
-            if hp.require_worked_steps:
-                acc = torch.where(hold, acc, torch.zeros_like(acc))
-        correct = acc >= 1.0
-        if hp.truncated_is_wrong:
-            correct = apply_length_penalty(correct, batch.truncated, enabled=True)
-            acc = torch.where(batch.truncated, torch.zeros_like(acc), acc)
-        batch.accuracy, batch.correct = acc, correct
-        batch.rewards = shape_terms(self.reward_terms, batch, joint=hp.joint_normalization)
-
-    def diagnostics(self, batches: list[RolloutBatch]) -> dict[str, float]:
-        """`rollout_diagnostics` of the drawn rollouts (groups renumbered across refill rounds), with the task's
-        answer styles when it has them (``Task.response_style``) and the verifier's verdicts once scored."""
-        from lrl.metrics.diagnostics import rollout_diagnostics
-
-        batches = [b for b in batches if len(b)]
-        if not batches:
-            return {}
-        offsets = torch.cumsum(torch.tensor([0] + [b.num_groups for b in batches[:-1]]), 0)
-        texts = [t for b in batches for t in b.texts]
-        classify = getattr(self.task, "response_style", None)
-        styles = [classify(t) for t in texts] if classify is not None else None
-        # a style outside the task's mix (a `padded` answer from a base that knew it) is logged from its first
-        # appearance on, as 0 when absent: Lightning would otherwise repeat its last share at every later step
-        self._styles_seen.update(styles or ())
-        names = (*getattr(self.task, "style_names", ()), *sorted(self._styles_seen))
-        return rollout_diagnostics(
-            texts,
-            torch.cat([b.tpf for b in batches]),
-            torch.cat([b.num_forwards for b in batches]),
-            torch.cat([b.response_lengths for b in batches]),
-            torch.cat([b.group_index + o for b, o in zip(batches, offsets.tolist())]),
-            styles=styles,
-            style_names=tuple(dict.fromkeys(names)),
-            correct=torch.cat([b.correct for b in batches]) if all(b.correct is not None for b in batches) else None,
-        )
-
-    def next_batch(self) -> RolloutBatch:
-        from lrl.algorithms.advantages import compute_advantages, global_mean_std
-
-        hp = self.hparams
-        gen = self.get_generator()
-        bsz = self.block_size or gen_block_size(gen)
-        target, kept_parts = hp.prompts_per_step, []
-        counts = {
-            "filter/drawn": 0,
-            "filter/kept": 0,
-            "filter/dropped_all_wrong": 0,
-            "filter/dropped_tpf_range": 0,
-            "filter/dropped_zero_std": 0,
-            "filter/rounds": 0,
-            "filter/refill_capped": 0.0,
-        }
-        t_roll = t_rew = 0.0
-        have = 0
-        drawn: list[RolloutBatch] = []  # every rollout of this step before filtering, for the diagnostics
-        engine_stats: list[dict[str, float]] = []
-        # draws left before a prompt would repeat: within this step, and with the default epoch within the epoch
-        budget = self._prompts_per_rank() - (self.cursor if self._steps_per_epoch is None else 0)
-        for attempt in range(hp.max_refill_rounds):
-            need = min(target - have, budget)
-            if need <= 0:
-                counts["filter/refill_capped"] = 1.0  # refill stopped: no unseen prompt left
-                break
-            budget -= need
-            records = self._draw(need)
-            prompts = [self.task.prompt(r) for r in records]
-            seed = ((hp.seed * 7_919 + self.rl_step) * 101 + attempt) * 1_009 + self._rank_world()[0]
-            t = time.perf_counter()
-            batch = gen.generate(prompts, self.sampling_params(bsz, seed))
-            t_roll += time.perf_counter() - t
-            engine_stats.append(gen.last_stats())
-            batch.prompts = prompts
-            batch.ground_truths = [self.task.ground_truth(r) for r in records]
-            t = time.perf_counter()
-            self.score(batch, records)
-            t_rew += time.perf_counter() - t
-            drawn.append(batch)
-            counts["filter/drawn"] += need
-            counts["filter/rounds"] += 1
-            if self.group_filter is not None:
-                res = self.group_filter(batch)
-                kept = res.kept
-                counts["filter/dropped_all_wrong"] += res.dropped_all_wrong
-                counts["filter/dropped_tpf_range"] += res.dropped_tpf_range
-                counts["filter/dropped_zero_std"] += res.dropped_zero_std
-            else:
-                kept = torch.arange(batch.num_groups)
-            if len(kept):
-                kept_parts.append(batch.select_groups(kept))
-                have += len(kept)
-            if have >= target or not hp.refill:
-                break
-        counts["filter/kept"] = have
-        counts["reward/timeouts"] = float(_reset_verifier_timeouts())
-        counts["filter/refilled"] = max(0, counts["filter/drawn"] - target)
-        counts.update(self.diagnostics(drawn))
-        counts.update(spent_counts(drawn))
-        if any("right_answers_bad_steps" in b.stats for b in drawn):
-            # share of responses whose final answer is right over worked steps that do not hold (garbled work)
-            counts["rollout/right_answer_bad_steps"] = (
-                sum(b.stats.get("right_answers_bad_steps", 0.0) for b in drawn) / max(1, sum(len(b) for b in drawn))
-            )
-        if self.rollout_cfg.release_after_rollout:
-            gen.release_memory()  # training needs the memory: KV pages, graph pools, a colocated server's
-        counts.update(_merge_engine_stats(engine_stats))
+    def next_batch(self, rl_step: int | None = None) -> RolloutBatch:
+        """This RL step's batch (`lrl.pipeline.RLStep.run`); ``rl_step`` defaults to the module's
+        (`LightningRLModule.rl_step`; 0 for a data module used on its own)."""
+        module = self._module()
+        if rl_step is None:
+            rl_step = module.rl_step if module is not None else 0
+        out = self.pipeline.run(self, self.get_generator(), rl_step, policy=module)
         self.step_in_epoch += 1
-        self.rl_step += 1
-        out = RolloutBatch.concat(kept_parts) if kept_parts else _empty_batch(gen.weight_version)
-        # batch statistics over every rank's kept responses (paper Eq. 7 normalises over the whole batch); every
-        # rank reaches this call once per step, an empty one too, so the collective never waits on a missing rank
-        names = self.reward_names()
-        moments = dict(zip(names, global_mean_std([out.rewards.get(k, torch.zeros(0)) for k in names])))
-        if not kept_parts:
-            out.stats = {**counts, "timing/rollout_s": t_roll, "timing/reward_s": t_rew}
-            return out
-        _, mean, std, _ = moments["total"]
-        out.advantages = compute_advantages(out.rewards["total"], out.group_index, mode=hp.advantage,
-                                            batch_stats=(mean, std) if hp.advantage == "batch" else None)
-        out.stats = {
-            **counts,
-            "timing/rollout_s": t_roll,
-            "timing/reward_s": t_rew,
-            "data/epoch": float(self.epoch),
-            "data/skipped_long_prompts": float(self.skipped_long),
-            "rollout/weight_version": float(out.weight_version),
-            "data/global_responses": float(moments["total"][0]),
-        }
-        for name, (_, mean, _, pop_std) in moments.items():  # all ranks' responses (population std)
-            out.stats[f"reward/{name}/mean"] = mean
-            out.stats[f"reward/{name}/std"] = pop_std
+        if len(out):
+            out.stats["data/epoch"] = float(self.epoch)
+            out.stats["data/skipped_long_prompts"] = float(self.skipped_long)
         return out
 
+    def sync_generator(self) -> None:
+        """Give the rollout generator the policy's current weights now. Every step does this before its rollouts
+        (`lrl.pipeline.RLStep.sync`), so the generator holds the weights its last rollout used; call this after
+        training to have it hold the trained ones (on every rank: under FSDP the gather is a collective)."""
+        module = self._module()
+        if module is not None:
+            self.pipeline.sync(self.get_generator(), module.rl_step, module)
+
     def reward_names(self) -> list[str]:
-        """The reward components `score` fills, in a fixed order (the same on every rank, empty batches too)."""
-        return reward_names(self.reward_terms)
+        """The reward components every batch carries, in a fixed order (the same on every rank)."""
+        return self.pipeline.reward_names()
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
@@ -668,44 +571,10 @@ def gen_block_size(gen: RolloutGenerator) -> int:
     return lm.bd.block_size
 
 
-def spent_counts(batches: list[RolloutBatch]) -> dict[str, float]:
-    """This rank's rollout cost of one step, every drawn response (filtered groups and refill rounds included),
-    in both counts of docs/metrics.md: tokens up to the stop token, denoising forwards in the paper's count and as
-    spent (the truncated final block's tail included), store passes apart."""
-    tokens = sum(int(b.response_lengths.sum()) for b in batches)
-    paper = sum(int(b.num_forwards.sum()) for b in batches)
-    spent = sum(int(b.forwards_spent.sum()) for b in batches)
-    return {
-        "rollout/tokens": float(tokens),
-        "rollout/forwards_paper": float(paper),
-        "rollout/forwards_spent": float(spent),
-        "rollout/store_passes": float(sum(int(b.num_store_passes.sum()) for b in batches)),
-        "rollout/tpf_paper": tokens / paper if paper else 0.0,
-        "rollout/tpf_spent": tokens / spent if spent else 0.0,
-    }
-
-
-def _reset_verifier_timeouts() -> int:
-    """Math checks that timed out (or whose worker died) since the last call: logged, never silently zero."""
-    from lrl.rewards.math import reset_timeout_count
-
-    return reset_timeout_count()
+def stale_rollouts_error(every: int, holder: str) -> str:
+    return (f"data.init_args.sync_every_n_steps={every} leaves {holder} on older weights than the policy "
+            "(off-policy rollouts): set it to 1, or data.init_args.allow_stale_rollouts=true to mean it")
 
 
 def _identity(x):
     return x
-
-
-def _empty_batch(version: int) -> RolloutBatch:
-    z = torch.zeros(0, dtype=torch.long)
-    return RolloutBatch(
-        prompt_ids=[],
-        response_ids=[],
-        texts=[],
-        step_maps=[],
-        num_forwards=z,
-        num_store_passes=z,
-        finish_reasons=[],
-        group_index=z,
-        weight_version=version,
-    )

@@ -43,7 +43,7 @@ NO_TPF_REWARD = ("--data.init_args.rewards=[{class_path: lrl.rewards.terms.Accur
 METHODS: dict[str, list[str]] = {
     "GRPO(traj)": [
         "--model.init_args.loss.nll_weight=0.0", NO_TPF_REWARD, "--data.init_args.advantage=prompt_group",
-        "--trainer.callbacks.init_args.tpf_range_threshold=null",
+        "--data.init_args.filter={all_wrong: true, tpf_range_threshold: null}",
     ],
     "LightningRL": [],
 }
@@ -59,7 +59,7 @@ ABLATIONS: dict[str, list[str]] = {
     # the TPF reward's own effect without the NLL term's sharpening (compare with "LightningRL, no NLL")
     "LightningRL, no NLL, no TPF reward": ["--model.init_args.loss.nll_weight=0.0", NO_TPF_REWARD],
     "LightningRL, joint norm.": ["--data.init_args.joint_normalization=z_score"],
-    "LightningRL, no TPF filter": ["--trainer.callbacks.init_args.tpf_range_threshold=null"],
+    "LightningRL, no TPF filter": ["--data.init_args.filter={all_wrong: true, tpf_range_threshold: null}"],
 }
 
 # dUltra (spec §8.3): name → (method trained first, or None for the SFT base; extra `lrl fit` arguments on top of
@@ -87,25 +87,16 @@ def planner_args(config: dict) -> list[str]:
     return out
 
 
-def _callbacks(filter_threshold: str) -> str:
-    tpf_filter = "{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: true, tpf_range_threshold: %s}}"
-    return "--trainer.callbacks=[" + tpf_filter % filter_threshold + ", {class_path: callbacks.WeightSync}]"
-
-
 def train(method_args: list[str], seed: int, steps: int | None, out: Path, configs: list[str]):
     from lrl.cli import cli_main
 
-    filt = "0.01"
-    rest = []
-    for a in method_args:  # the filter threshold is a callback argument: rebuild the callback list
-        if a.startswith("--trainer.callbacks.init_args.tpf_range_threshold="):
-            filt = a.split("=", 1)[1]
-        else:
-            rest.append(a)
+    # the paper's filter (the methods may turn its TPF rule off) and no checkpoint/evaluation callbacks
     args = ["fit", *(a for c in configs for a in ("--config", c)),
             f"--seed_everything={seed}", f"--data.init_args.seed={seed}",
             f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
-            "--trainer.logger.init_args.name=run", "--trainer.enable_progress_bar=false", _callbacks(filt), *rest]
+            "--trainer.logger.init_args.name=run", "--trainer.enable_progress_bar=false",
+            "--data.init_args.filter={all_wrong: true, tpf_range_threshold: 0.01}", "--trainer.callbacks=[]",
+            *method_args]
     if steps is not None:
         args.append(f"--model.init_args.max_rl_steps={steps}")
     return cli_main(args).model.policy

@@ -15,7 +15,8 @@ phase can be timed on its own:
 * old log-probs: a no-grad pass of the trajectory estimator (`response_logprobs`), micro-batch by micro-batch;
 * train: the trajectory estimator with grad, `lightningrl_loss` (no KL reference), backward per micro-batch, one
   clipped AdamW step;
-* weight sync: `NativeEngine.update_weights` from the policy's parameters (the `WeightSync` callback's copy).
+* weight sync: `NativeEngine.update_weights` from the policy's parameters (the copy `lrl.pipeline.RLStep.sync`
+  makes when the engine holds its own weights).
 Prints one JSON object (also written to ``--out``).
 """
 

@@ -19,6 +19,7 @@ class DumpWeights(Callback):
             self.prompts.extend(pl_module.last_batch.prompts)
 
     def on_train_end(self, trainer, pl_module):
+        trainer.datamodule.sync_generator()  # a server the run used then serves the trained weights
         self.out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.policy.model.state_dict().items()}
         torch.save({"weights": state, "prompts": self.prompts}, self.out / f"rank{trainer.global_rank}.pt")
@@ -45,6 +46,7 @@ class DumpEngine(Callback):
     def on_train_end(self, trainer, pl_module):
         from lrl.models.sharding import full_state_dict, is_sharded, submodule_prefix
 
+        trainer.datamodule.sync_generator()  # each step syncs before its rollouts: bring in the last update too
         root = trainer.strategy.model
         full = full_state_dict(root, prefix=submodule_prefix(root, pl_module.policy.model))
         engine = trainer.datamodule.get_generator().lm.model.state_dict()

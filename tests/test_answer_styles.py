@@ -261,9 +261,7 @@ def test_dependency_levels_and_forward_floor_by_hand():
 def test_datamodule_diagnostics_renumber_refill_rounds_and_pass_verdicts() -> None:
     """Two refill rounds of one group each: the groups stay apart, and the verifier's verdicts reach the
     correct-only variance share (same numbers as `test_rollout_diagnostics_by_hand`)."""
-    from types import SimpleNamespace
-
-    from datamodules.rollout import RolloutDataModule
+    from lrl.pipeline import RLStep
     from lrl.rollout import RolloutBatch
 
     def batch(texts, lengths, forwards, correct):
@@ -275,17 +273,17 @@ def test_datamodule_diagnostics_renumber_refill_rounds_and_pass_verdicts() -> No
 
     rounds = [batch(["a", "a", "b"], [4, 4, 6], [2, 1, 1], [True, True, False]),  # TPF 2, 4, 6
               batch(["c", "c", "c"], [3, 3, 3], [1, 1, 1], [True, True, True])]  # TPF 3, 3, 3
-    dm = SimpleNamespace(task=SyntheticArithmetic(), _styles_seen=set())
-    d = RolloutDataModule.diagnostics(dm, rounds)
+    step, task = RLStep(), SyntheticArithmetic()
+    d = step.diagnostics(rounds, task)
     assert d["rollout/distinct_texts_per_group"] == pytest.approx(1.5)  # 2 and 1, not 3 in one merged group
     assert d["rollout/tpf_var_between_texts"] == pytest.approx(0.75)
     assert d["rollout/tpf_var_between_texts_correct"] == pytest.approx(0.0)
     # a style outside the task's mix (here `padded` on the chain-only task) is logged from its first appearance
     # on, as 0 once it is gone, so no stale share is repeated
     padded, chain = "09*09=81. \\boxed{81}", "9*9=81. \\boxed{81}"
-    d = RolloutDataModule.diagnostics(dm, [batch([padded, chain, chain, chain], [4] * 4, [1] * 4, [True] * 4)])
+    d = step.diagnostics([batch([padded, chain, chain, chain], [4] * 4, [1] * 4, [True] * 4)], task)
     assert (d["style/chain"], d["style/padded"], d["style/other"]) == (0.75, 0.25, 0.0)
-    d = RolloutDataModule.diagnostics(dm, [batch([chain, chain], [4, 4], [1, 1], [True, True])])
+    d = step.diagnostics([batch([chain, chain], [4, 4], [1, 1], [True, True])], task)
     assert (d["style/chain"], d["style/padded"], d["style/other"]) == (1.0, 0.0, 0.0)
 
 
@@ -354,9 +352,8 @@ def test_worked_steps_hold_for_every_style_and_not_for_garbled_work(mixed: Synth
 
 
 def test_require_worked_steps_gates_the_accuracy_reward_not_the_verifier() -> None:
-    from types import SimpleNamespace
 
-    from datamodules.rollout import RolloutDataModule
+    from lrl.pipeline import RLStep
     from lrl.rewards.terms import TPF, Accuracy
     from lrl.rollout import RolloutBatch
 
@@ -370,13 +367,12 @@ def test_require_worked_steps_gates_the_accuracy_reward_not_the_verifier() -> No
     n = len(texts)
 
     def scored(require: bool) -> RolloutBatch:
-        hp = SimpleNamespace(truncated_is_wrong=True, joint_normalization=None, require_worked_steps=require)
         batch = RolloutBatch(prompt_ids=[[0]] * n, response_ids=[[1] * 8] * n, texts=texts,
                              step_maps=[list(range(1, 9))] * n, num_forwards=torch.full((n,), 4),
                              num_store_passes=torch.zeros(n, dtype=torch.long), finish_reasons=["stop"] * n,
                              group_index=torch.zeros(n, dtype=torch.long))
-        terms = [Accuracy(), TPF(weight=0.0, normalize="none")]
-        RolloutDataModule.score(SimpleNamespace(task=task, hparams=hp, reward_terms=terms), batch, [record])
+        step = RLStep(rewards=[Accuracy(), TPF(weight=0.0, normalize="none")], require_worked_steps=require)
+        step.score(batch, [record], task)
         return batch
 
     assert task.score(texts, [record] * n) == [1.0, 1.0, 1.0, 0.0]  # the verifier reads the box only

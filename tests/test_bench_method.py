@@ -20,8 +20,7 @@ def test_benchmark_method_instantiates(method, tiny_checkpoint, tmp_path, monkey
     from lrl.cli import cli_main
 
     monkeypatch.chdir(tmp_path)
-    # the filter threshold is rebuilt into the callback list by bench_method.train; the rest goes to `lrl fit`
-    extra = [a for a in ALL[method] if not a.startswith("--trainer.callbacks.")]
+    extra = list(ALL[method])
     cli = cli_main(["--config", str(ROOT / "configs" / "quickstart.yaml"), f"--checkpoint={tiny_checkpoint}", *extra,
                     "--trainer.logger=false", "--trainer.callbacks=[]"], run=False)
     hp = cli.model.hparams
@@ -32,5 +31,7 @@ def test_benchmark_method_instantiates(method, tiny_checkpoint, tmp_path, monkey
     assert (hp.loss["nll_weight"] == 0.0) == (method in no_nll)
     no_tpf = ("GRPO(traj)", "LightningRL, no TPF reward", "LightningRL, masked-states, no TPF reward",
               "LightningRL, no NLL, no TPF reward")
+    no_tpf_filter = ("GRPO(traj)", "LightningRL, no TPF filter")
+    assert (cli.datamodule.pipeline.group_filter.tpf_range_threshold is None) == (method in no_tpf_filter)
     tpf = [t for t in cli.datamodule.reward_terms if t.name == "tpf"]
     assert (tpf[0].weight == 0.0 and tpf[0].normalize == "none") == (method in no_tpf)

@@ -18,12 +18,12 @@ from lrl.cli import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "outputs" / "base" / "sft_tiny"
-KEEP_ALL = "{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, tpf_range_threshold: null}}"
-DROP_ALL = "{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, tpf_range_threshold: 100.0}}"
+KEEP_ALL = "{all_wrong: false, tpf_range_threshold: null}"  # data.init_args.filter: every group kept
+DROP_ALL = "{all_wrong: false, tpf_range_threshold: 100.0}"
 
 
 def _args(out: Path, steps: int, *extra: str, hooks: tuple[str, ...] = (), filt: str = KEEP_ALL, every: int = 1):
-    callbacks = [filt, "{class_path: callbacks.WeightSync}", *hooks,
+    callbacks = [*hooks,
                  f"{{class_path: callbacks.RLCheckpoint, init_args: {{dirpath: {out}/ckpts, save_last: true, "
                  f"every_n_rl_steps: {every}, save_top_k: -1}}}}"]
     return [
@@ -36,7 +36,7 @@ def _args(out: Path, steps: int, *extra: str, hooks: tuple[str, ...] = (), filt:
         "--model.init_args.eval_max_new_tokens=8", "--model.init_args.eval_thresholds=[0.5]",
         f"--model.init_args.max_rl_steps={steps}", f"--trainer.default_root_dir={out}",
         "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={out}",
-        f"--trainer.callbacks=[{', '.join(callbacks)}]", *extra,
+        f"--data.init_args.filter={filt}", f"--trainer.callbacks=[{', '.join(callbacks)}]", *extra,
     ]
 
 
@@ -150,7 +150,8 @@ def test_filtered_steps_count_final_checkpoint_and_finished_run(tmp_path, capsys
     before = (ckpts / "last.ckpt").read_bytes()
     cli = cli_main(_args(out, 3, "--ckpt_path", "last", filt=DROP_ALL, every=2))
     assert cli.model.rl_step == 3
-    assert cli.datamodule.state_dict()["rl_step"] == 3  # no rollout was drawn
+    saved = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["RolloutDataModule"]
+    assert cli.datamodule.state_dict() == saved  # no rollout was drawn: cursor and filter totals as saved
     assert (ckpts / "last.ckpt").read_bytes() == before
     assert sorted(p.name for p in ckpts.glob("*.ckpt")) == ["last.ckpt", "rl_step=2.ckpt", "rl_step=3.ckpt"]
 

@@ -72,8 +72,8 @@ PROFILE_CHANGES = {
         "data.init_args.rewards[1].init_args.normalize": "none",  # TPF
         "data.init_args.rewards[1].init_args.weight": 0.0,
         "data.init_args.advantage": "prompt_group",
-        "trainer.callbacks[0].init_args.tpf_range_threshold": None,  # TPFAwareFilter: all-wrong groups only
-        "trainer.callbacks[4].init_args.dirpath": "outputs/grpo_traj/checkpoints",
+        "data.init_args.filter.tpf_range_threshold": None,  # all-wrong groups only
+        "trainer.callbacks[2].init_args.dirpath": "outputs/grpo_traj/checkpoints",
         "trainer.default_root_dir": "outputs/grpo_traj",
         "trainer.logger.init_args.name": "grpo_traj",
     },
@@ -86,7 +86,7 @@ PROFILE_CHANGES = {
         "data.init_args.refill": False,
         "data.init_args.max_refill_rounds": 1,
         "trainer.precision": "16-mixed",
-        "trainer.callbacks[4].init_args.dirpath": "outputs/lightningrl_released/checkpoints",
+        "trainer.callbacks[2].init_args.dirpath": "outputs/lightningrl_released/checkpoints",
         "trainer.default_root_dir": "outputs/lightningrl_released",
         "trainer.logger.init_args.name": "lightningrl_released",
     },

@@ -69,7 +69,7 @@ def test_without_known_stop_ids_every_returned_token_counts():
 
 
 def test_spent_counts_of_a_step_sum_every_drawn_response():
-    from datamodules.rollout import spent_counts
+    from lrl.pipeline import spent_counts
 
     out = spent_counts([_batch([EARLY_TRUNC, LATE]), _batch([LENGTH])])
     # tokens 6 + 4 + 8 = 18; paper forwards 4 + 3 + 6 = 13; spent 6 + 3 + 6 = 15; store passes 1 each

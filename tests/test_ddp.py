@@ -19,8 +19,8 @@ def test_ddp_two_processes_gloo(tiny_checkpoint, tmp_path):
         "--model.init_args.minibatches=2",
         "--model.init_args.micro_batch_size=1",
         "--model.init_args.max_rl_steps=1",
-        "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
-        "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}, "
+        "--data.init_args.filter={all_wrong: false, tpf_range_threshold: null}",
+        "--trainer.callbacks=["
         f"{{class_path: ddp_dump.DumpWeights, init_args: {{out: {out}/weights}}}}, "
         f"{{class_path: callbacks.RLCheckpoint, init_args: {{dirpath: {out}/ckpts, "
         "save_last: true, every_n_rl_steps: 1}}]",

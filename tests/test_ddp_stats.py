@@ -61,12 +61,12 @@ def _datamodule(rank: int, world: int):
     dm.task, dm.generator, dm.trainer = _Task(), _FakeGenerator(), _Trainer(rank, world)
     dm.train_records = [{"i": i} for i in range(8)]
 
-    def score(batch, records):
+    def score(batch, records, task):
         total = torch.tensor([_reward(t) for t in batch.texts])
         names = ("acc_raw", "tpf_raw", "acc", "tpf", "total")
         batch.rewards = {k: total * (0.5 if k != "total" else 1.0) for k in names}
 
-    dm.score = score
+    dm.pipeline.score = score
     return dm
 
 
@@ -79,7 +79,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         # step 2: rank 1 filters every group out; it still joins the collective (no hang) and rank 0 normalises
         # over the responses that are left, rank 0's own
         if rank == 1:
-            dm.group_filter = lambda b: type("R", (), {"kept": torch.zeros(0, dtype=torch.long),
+            dm.pipeline.group_filter = lambda b: type("R", (), {"kept": torch.zeros(0, dtype=torch.long),
                                                       "dropped_all_wrong": b.num_groups, "dropped_tpf_range": 0,
                                                       "dropped_zero_std": 0})()
         second = dm.next_batch()

@@ -42,16 +42,17 @@ def test_fit_with_rollouts_from_lrl_serve(tiny_checkpoint, tmp_path):
                 f"--trainer.default_root_dir={out}",
                 "--trainer.enable_progress_bar=false",
                 f"--trainer.logger.init_args.save_dir={out}",
-                "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
-                "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}]",
+                "--data.init_args.filter={all_wrong: false, tpf_range_threshold: null}", "--trainer.callbacks=[]",
             ]
         )
         gen = cli.datamodule.generator
         assert type(gen).__name__ == "SGLangRolloutGenerator"
         metrics = cli.trainer.logged_metrics
-        assert float(metrics["weight_version"]) == 2.0
-        assert float(metrics["rollout/weight_version"]) == 1.0  # step 2's rollout used the weights synced after step 1
+        # step 2 synced the weights of RL step 1 before its rollout, and the rollout used them
+        assert float(metrics["weight_version"]) == 1.0 and float(metrics["rollout/weight_version"]) == 1.0
         assert "timing/sync_s" in metrics and float(metrics["tpf/mean"]) >= 1.0
+        cli.datamodule.sync_generator()  # after training: the trained weights of RL step 2
+        assert gen.weight_version == 2
         # the server now serves the trained weights: its greedy output equals the trained policy's
         from lrl.rollout import NativeEngine, SamplingParams
 
@@ -85,12 +86,13 @@ def test_ddp_ranks_share_one_server(tiny_checkpoint, tmp_path):
             "--model.init_args.minibatches=1",
             "--model.init_args.max_rl_steps=2",
             "--trainer.enable_checkpointing=false",
-            "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
-            "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}, "
+            "--data.init_args.filter={all_wrong: false, tpf_range_threshold: null}",
+            "--trainer.callbacks=["
             f"{{class_path: ddp_dump.DumpWeights, init_args: {{out: {out}/weights}}}}]",
             configs=("quickstart.yaml", "rollout/sglang.yaml"),
         )
-        # initial sync (version 0) + one per RL step, pushed once (by rank 0), not once per rank
+        # initial sync (version 0), step 2's (version 1) and the dump callback's after training (version 2), each
+        # pushed once (by rank 0), not once per rank
         assert httpx.get(f"{url}/get_model_info", timeout=30).json()["weight_version"] == "2"
         pushes = [line for line in log.read_text().splitlines() if "POST /update_weights_from_disk" in line]
         assert len(pushes) == 3, pushes

@@ -11,8 +11,6 @@ from fit_utils import run_two_rank_fit
 
 def _fit_fsdp(ckpt, out: Path, steps: int, *extra: str, pareto: bool = False) -> None:
     callbacks = [
-        "{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, tpf_range_threshold: null}}",
-        "{class_path: callbacks.WeightSync}",
         f"{{class_path: ddp_dump.DumpEngine, init_args: {{out: {out}/engine}}}}",
         f"{{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {{dirpath: {out}/ckpts, "
         "save_last: true, every_n_train_steps: 1}}",
@@ -29,6 +27,7 @@ def _fit_fsdp(ckpt, out: Path, steps: int, *extra: str, pareto: bool = False) ->
         "--trainer.strategy={class_path: ddp_dump.CPUFSDPStrategy, init_args: {state_dict_type: sharded}}",
         "--data.init_args.task_kwargs={num_train: 40, num_eval: 4}",
         "--data.init_args.threshold=0.9",
+        "--data.init_args.filter={all_wrong: false, tpf_range_threshold: null}",  # every group trains
         "--model.init_args.minibatches=2",  # two optimizer steps: the old-log-prob pass runs too
         # one denoising round per packed row and one row per forward: the ranks run different numbers of forwards,
         # which a sharded model must even out (every FSDP forward is a collective)

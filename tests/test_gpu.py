@@ -83,8 +83,8 @@ def _fit_args(ckpt: Path, out: Path, *extra: str) -> list[str]:
         "--model.init_args.max_rl_steps=2",
         f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false",
         "--trainer.enable_checkpointing=false", f"--trainer.logger.init_args.save_dir={out}",
-        "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
-        "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}, "
+        "--data.init_args.filter={all_wrong: false, tpf_range_threshold: null}",
+        "--trainer.callbacks=["
         f"{{class_path: ddp_dump.DumpEngine, init_args: {{out: {out}/engine}}}}]",
         *extra,
     ]

@@ -391,8 +391,8 @@ def test_two_step_fit_with_dultra_config(peaky_checkpoint, tiny_tokenizer, tmp_p
             "--model.init_args.eval_max_new_tokens=8", "--model.init_args.eval_thresholds=[0.5]",
             "--model.init_args.max_rl_steps=2", f"--trainer.default_root_dir={out}",
             "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={out}",
-            "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
-            "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}, "
+            "--data.init_args.filter={all_wrong: false, tpf_range_threshold: null}",
+            "--trainer.callbacks=["
             f"{{class_path: callbacks.RLCheckpoint, init_args: {{dirpath: {out}/ckpts, save_last: true, "
             "every_n_rl_steps: 1, save_top_k: -1}}]", f"--model.init_args.planner_ratio={ratio}"]
     if freeze:  # the shipped planner-only overlay (configs/algorithm/planner_only.yaml) freezes the backbone

@@ -47,13 +47,14 @@ def _dm(n_records, pps, keep_none=True, world=1, rank=0, **kw):
     dm.task, dm.generator, dm.trainer = _Task(), _Gen(), _Trainer(rank, world)
     dm.train_records = [{"i": i} for i in range(n_records)]
 
-    def score(batch, records):
+    def score(batch, records, task):
         batch.rewards = {k: torch.zeros(len(batch)) for k in dm.reward_names()}
 
-    dm.score = score
+    dm.pipeline.score = score
     if keep_none:  # every group filtered out: each step refills as far as it may
-        dm.group_filter = lambda b: type("R", (), {"kept": torch.zeros(0, dtype=torch.long), "dropped_all_wrong": 0,
-                                                  "dropped_tpf_range": b.num_groups, "dropped_zero_std": 0})()
+        dm.pipeline.group_filter = lambda b: type("R", (), {
+            "kept": torch.zeros(0, dtype=torch.long), "dropped_all_wrong": 0, "dropped_tpf_range": b.num_groups,
+            "dropped_zero_std": 0})()
     return dm
 
 

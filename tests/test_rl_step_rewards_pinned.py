@@ -106,9 +106,6 @@ def _datamodule(tiny_checkpoint, configs, extra=()):
              "--trainer.strategy=auto", "--trainer.precision=32-true", "--data.init_args.prompts_per_step=3", *extra]
     cli = cli_main(args, run=False)
     dm = cli.datamodule
-    for cb in cli.trainer.callbacks:  # main's code before the pipeline: the filter was a callback
-        if type(cb).__name__ == "TPFAwareFilter":
-            dm.group_filter = cb
     dm.task, dm.generator = _Task(), _Gen()
     dm.train_records = [{"i": i} for i in range(5)]
     dm._order = list(range(5))

@@ -51,9 +51,10 @@ def test_rollout_memory_released_before_training_and_engine_figures_logged(relea
     dm.task = type("T", (), {"prompt": lambda self, r: f"p{r['i']}", "ground_truth": lambda self, r: ""})()
     dm.generator, dm.trainer = gen, type("Tr", (), {"global_rank": 0, "world_size": 1})()
     dm.train_records = [{"i": i} for i in range(10)]
-    dm.score = lambda b, r: setattr(b, "rewards", {k: torch.zeros(len(b)) for k in dm.reward_names()})
-    dm.group_filter = lambda b: type("R", (), {"kept": torch.zeros(0, dtype=torch.long), "dropped_all_wrong": 0,
-                                              "dropped_tpf_range": b.num_groups, "dropped_zero_std": 0})()
+    dm.pipeline.score = lambda b, r, task: setattr(b, "rewards", {k: torch.zeros(len(b)) for k in dm.reward_names()})
+    dm.pipeline.group_filter = lambda b: type("R", (), {
+        "kept": torch.zeros(0, dtype=torch.long), "dropped_all_wrong": 0, "dropped_tpf_range": b.num_groups,
+        "dropped_zero_std": 0})()
     out = dm.next_batch()  # every group filtered: two refill rounds, so two generate calls
     assert gen.calls == 2
     assert gen.released_when == ([2] if release else [])  # once, after the last round, before training

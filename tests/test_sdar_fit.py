@@ -31,8 +31,7 @@ def _args(cmd: str, ckpt, out: Path, *extra: str) -> list[str]:
         f"--trainer.logger.init_args.save_dir={out}",
         # a random model is never correct: keep every group so the update runs; no Lightning checkpoints (the
         # 151,936-row embedding's optimizer state would dominate the test's time)
-        "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
-        "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}]",
+        "--data.init_args.filter={all_wrong: false, tpf_range_threshold: null}", "--trainer.callbacks=[]",
         *extra,
     ]
 
@@ -48,7 +47,7 @@ def test_fit_two_steps(sdar_like_checkpoint, tmp_path, estimator):
                          "--data.init_args.rewards=[{class_path: lrl.rewards.terms.Accuracy, "
                          "init_args: {normalize: z_score}}, {class_path: lrl.rewards.terms.TPF}]"))
     module, dm = cli.model, cli.datamodule
-    assert module.rl_step == 2 and cli.trainer.logged_metrics["weight_version"] == 2.0
+    assert module.rl_step == 2 and cli.trainer.logged_metrics["weight_version"] == 1.0
     assert module.policy.bd.mask_token_id == 151669 and module.rollout_block_size == 4
     assert dm.stop_ids == (151643, 151645)  # generation_config.json's <|endoftext|>, <|im_end|>
     batch = module.last_batch

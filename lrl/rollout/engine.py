@@ -116,6 +116,10 @@ class NativeEngine(RolloutGenerator):
         self._graphs = None  # BlockForwardGraphs over the kept pool (cuda_graphs)
 
     # ------------------------------------------------------------------ interface
+    def reads_weights_of(self, lm: torch.nn.Module) -> bool:
+        """The engine decodes with ``lm`` itself (the policy, no copy): a sync has nothing to copy."""
+        return self.lm is lm
+
     def update_weights(self, weights: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
                        version: int | None = None) -> None:
         """Copy tensors into the engine's model in place (no reload from disk).

@@ -91,6 +91,8 @@ class SGLangRolloutGenerator(SGLangServerMixin, RolloutGenerator):
             ``--enable-memory-saver``); empty (default): servers keep their memory and the hooks do nothing.
     """
 
+    shared_across_ranks = True  # every rank's rollouts go to the same servers: rank 0 pushes the weights
+
     def __init__(
         self,
         urls: list[str] | str,

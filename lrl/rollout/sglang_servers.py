@@ -186,6 +186,11 @@ class SGLangServerMixin:
         else:
             self.update_weights(weights.items(), version)
 
+    def sync_weights(self, weights, version: int) -> None:
+        """`RolloutGenerator.sync_weights`: the full tensors of a `PolicyWeights` pushed with its model's identity
+        (`sync_from_model`; the engine-only ``extra`` tensors stay behind)."""
+        self.sync_from_model(weights.lm, weights.tokenizer, version, state_dict=weights.state_dict)
+
     def adopt_version(self, version: int) -> None:
         """Take ``version`` as current after another rank pushed it (checks that every server reports it)."""
         self._after_update(int(version))
