@@ -15,6 +15,7 @@ A new reward is one subclass with a ``name`` and a ``raw(batch)`` method, and on
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Literal
 
@@ -161,6 +162,32 @@ class Distill(RewardTerm):
             self._scorer = distill.TeacherScorer(self.teacher)
         prompts = [batch.prompts[int(g)] for g in batch.group_index]
         return self._scorer.score(prompts, batch.texts)
+
+
+class Function(RewardTerm):
+    """A user's reward function by import path: ``function(batch) -> N floats`` (a tensor or a list), one per
+    response of the `RolloutBatch` (texts, prompts per group, ground truths, accuracy, TPF, forwards).
+
+    Args:
+        function: ``package.module.function``.
+        name: the term's key in the rewards and the logs.
+    """
+
+    def __init__(self, function: str, name: str, weight: float = 1.0, normalize: NormMode = "z_score"):
+        super().__init__(weight, normalize, name)
+        module, _, attr = function.rpartition(".")
+        try:
+            self._fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError, ValueError):
+            raise ValueError(f"data.init_args.rewards: Function.function={function!r} does not import") from None
+        self.function = function
+
+    def raw(self, batch: RolloutBatch) -> Tensor:
+        v = torch.as_tensor(self._fn(batch), dtype=torch.float64).flatten()
+        if v.numel() != len(batch):
+            raise ValueError(f"data.init_args.rewards: {self.function} returned {v.numel()} values for "
+                             f"{len(batch)} responses")
+        return v
 
 
 def default_terms() -> list[RewardTerm]:
