@@ -63,6 +63,8 @@ def test_bad_terms_are_refused_naming_the_key():
     with pytest.raises(ValueError, match="data.init_args.rewards: two terms named 'tpf'"):
         check_terms([TPF(), TPF()])
     check_terms([TPF(), TPF(name="tpf_minmax", normalize="minmax")])
+    with pytest.raises(ValueError, match="data.init_args.rewards is empty"):
+        check_terms([])
     with pytest.raises(ValueError, match=r"Function.function='no_such_module.f' does not import"):
         Function("no_such_module.f", name="f")
     with pytest.raises(ValueError, match="needs a name other than 'total'"):

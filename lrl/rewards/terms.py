@@ -196,7 +196,9 @@ def default_terms() -> list[RewardTerm]:
 
 
 def check_terms(terms: list[RewardTerm]) -> None:
-    """Terms are `RewardTerm` instances with distinct names (the keys they fill must not collide)."""
+    """Terms are `RewardTerm` instances with distinct names (the keys they fill must not collide); at least one."""
+    if not terms:
+        raise ValueError("data.init_args.rewards is empty: every response's reward would be 0 (null: the paper's)")
     seen = set()
     for t in terms:
         if not isinstance(t, RewardTerm):
