@@ -117,7 +117,8 @@ def test_merge_runs_concatenates_seeds(tmp_path):
 
 
 def test_bench_train_args(monkeypatch, tmp_path):
-    """Method args, --fit-arg extras and config overlays reach `lrl fit`; a filter threshold rebuilds the callbacks."""
+    """Method args, --fit-arg extras and config overlays reach `lrl fit`; a method's filter comes after (and so
+    overrides) the benchmark's paper filter; no callbacks."""
     import bench_method
 
     import lrl.cli
@@ -135,9 +136,9 @@ def test_bench_train_args(monkeypatch, tmp_path):
     assert args[:5] == ["fit", "--config", "a.yaml", "--config", "b.yaml"]
     assert "--seed_everything=3" in args and "--model.init_args.max_rl_steps=7" in args
     assert "--model.init_args.lr=1e-5" in args and "--model.init_args.loss.nll_weight=0.0" in args
-    callbacks = next(a for a in args if a.startswith("--trainer.callbacks="))
-    assert "tpf_range_threshold: null" in callbacks
-    assert not any(a.startswith("--trainer.callbacks.init_args") for a in args)
+    filters = [a for a in args if a.startswith("--data.init_args.filter=")]
+    assert "tpf_range_threshold: 0.01" in filters[0] and "tpf_range_threshold: null" in filters[-1]
+    assert [a for a in args if a.startswith("--trainer.callbacks")] == ["--trainer.callbacks=[]"]
 
 
 def test_demo_before_after_table():
