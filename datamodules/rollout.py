@@ -439,7 +439,7 @@ class RolloutDataModule(LightningDataModule):
         dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
         if is_sharded(module.policy):
             # a sharded policy cannot be deep-copied: the architecture in the rollout dtype straight from disk
-            # (never a float32 copy on the device); WeightSync then pushes the full weights
+            # (never a float32 copy on the device); the pipeline's sync then pushes the full weights
             hp = module.hparams
             lm, _ = load_checkpoint(hp.checkpoint, mask_token_id=hp.mask_token_id, attention=hp.attention,
                                     dtype=dtype)
