@@ -94,6 +94,21 @@ _PARSER_NOISE = ("Does not validate against any of the Union subtypes", "Subtype
                  "Expected a <class 'NoneType'>", "Problem with given class_path", "tip:")
 
 
+# keys and callbacks that moved (their old spelling is refused with a pointer to the new one)
+_MOVED = {
+    **dict.fromkeys(("acc_reward", "tpf_reward", "tpf_coefficient", "step_penalty", "step_penalty_scale",
+                     "step_penalty_norm", "distill_teacher", "distill_coefficient", "distill_norm"),
+                    "moved to data.init_args.rewards, a list of reward terms: docs/rewards.md"),
+    "TPFAwareFilter": "moved to data.init_args.filter: docs/rl_step.md",
+    "WeightSync": "weight sync is on by default, data.init_args.sync_every_n_steps: docs/rl_step.md",
+}
+
+
+def _moved_hint(msg: str) -> str:
+    found = [hint for name, hint in _MOVED.items() if re.search(rf"'{name}'", msg)]
+    return f"; {found[0]}" if found else ""
+
+
 def _parser_message(msg: str, argv) -> str:
     keys = re.findall(r'Parser key "([^"]+)"', msg)
     unknown = re.findall(r"Option '([^']+)' is not accepted", msg)
@@ -110,7 +125,7 @@ def _parser_message(msg: str, argv) -> str:
             key = m.group(1)
     if key is None and keys:
         key = keys[0] if len(keys) == 1 else f"{keys[0]}.init_args.{'.'.join(keys[1:])}"
-    text = "; ".join(details[:4]) or msg.strip().splitlines()[0]
+    text = ("; ".join(details[:4]) or msg.strip().splitlines()[0]) + _moved_hint(msg)
     return f"{key}: {text}" if key else text
 
 

@@ -160,7 +160,7 @@ class LightningRLModule(RLStep, PlannerTraining, LightningModule):
         self.tokenizer = None
         self._ref: list[BlockDiffusionLM] = []  # a list keeps the frozen ref out of state_dict and .to()
         self.skipped_steps = 0
-        self.rl_step = 0  # the one RL-step counter: the data module's seeds and the generator's weight_version read it
+        self.rl_step = 0  # the one RL-step counter (the data module and the generator's weight_version read it)
         self.padded_forwards = 0  # FSDP: dummy forwards run to match another rank's count (diagnostics)
         self.last_batch: RolloutBatch | None = None
         self.last_pareto = None
