@@ -19,6 +19,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, IterableDataset
 
 from lrl.models import load_checkpoint
+from lrl.models.lora import MergedWeights, lora_model
 from lrl.models.sharding import cast_copy, is_sharded
 from lrl.pipeline import GroupFilter, RLStep
 from lrl.rewards.terms import RewardTerm
@@ -445,9 +446,12 @@ class RolloutDataModule(LightningDataModule):
                                     dtype=dtype)
             lm.to(module.device).eval().requires_grad_(False)
         elif dtype is None or dtype == module.policy.dtype:
-            lm = module.policy  # the engine reads the policy's own weights: no copy at all (issue 28)
-        else:
-            lm = cast_copy(module.policy, dtype)  # the copy the config asks for, built tensor by tensor
+            # the engine reads the policy's own weights: no copy at all (issue 28); LoRA: adapters applied
+            lm = module.policy
+        else:  # the copy the config asks for, built tensor by tensor (LoRA: merged W + BA, the policy untouched)
+            lora = lora_model(module.policy) is not None
+            lm = cast_copy(module.policy, dtype,
+                           source=MergedWeights(module.policy.model, buffers=True) if lora else None)
         own_copy = lm is not module.policy and lm.device.type == "cuda"  # offloaded while the policy trains
         return NativeEngine(lm, module.tokenizer, max_rows=cfg.max_rows, progress=cfg.progress,
                             cuda_graphs=cfg.cuda_graphs, kv_cache_gb=cfg.kv_cache_gb, transient_gb=cfg.transient_gb,

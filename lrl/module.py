@@ -26,7 +26,9 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from lrl.algorithms.losses import LossConfig
 from lrl.models import BlockDiffusionLM, load_checkpoint
+from lrl.models.lora import LoraSettings, lora_settings
 from lrl.models.sharding import full_state_dict, gathered, is_sharded, submodule_prefix, unwrap, wrap_fsdp
+from lrl.module_lora import LoraTraining
 from lrl.module_planner import PlannerTraining
 from lrl.module_step import NonFiniteLossError, RLStep
 from lrl.rollout.types import RolloutBatch
@@ -34,7 +36,7 @@ from lrl.rollout.types import RolloutBatch
 __all__ = ["LightningRLModule", "NonFiniteLossError"]
 
 
-class LightningRLModule(RLStep, PlannerTraining, LightningModule):
+class LightningRLModule(LoraTraining, RLStep, PlannerTraining, LightningModule):
     """Policy (+ frozen reference) and the LightningRL/GRPO update.
 
     Args:
@@ -85,7 +87,12 @@ class LightningRLModule(RLStep, PlannerTraining, LightningModule):
             the trajectory estimator; one packed forward per micro-batch instead of two).
         reference_offload: keep the frozen reference on the CPU between its passes (on a GPU it then costs device
             memory only during the reference log-prob pass). The reference is held in the compute dtype (bf16 under
-            ``bf16-mixed`` / ``bf16-true``), never as a second float32 copy.
+            ``bf16-mixed`` / ``bf16-true``), never as a second float32 copy. Nothing to do with ``lora`` (the
+            reference is then the policy itself with its adapters disabled).
+        lora: LoRA adapters on the policy (`lrl.models.lora.LoraSettings`: rank, alpha, dropout,
+            target_modules); None (default) trains every weight. With LoRA the base is frozen in the compute
+            dtype, the reference is the base (no second model), checkpoints hold the adapters and their AdamW
+            states only, and ``scripts/export_policy.py`` merges them (docs/lora.md).
     """
 
     def __init__(
@@ -121,6 +128,7 @@ class LightningRLModule(RLStep, PlannerTraining, LightningModule):
         eval_planner_thresholds: list[float] = (),
         planner_ratio: Literal["separate", "joint"] = "separate",
         reference_offload: bool = True,
+        lora: LoraSettings | None = None,
     ):
         super().__init__()
         for name, value in (
@@ -152,8 +160,10 @@ class LightningRLModule(RLStep, PlannerTraining, LightningModule):
         if eval_max_new_tokens <= 0 or (max_rl_steps is not None and max_rl_steps < 1):
             raise ValueError(f"model.eval_max_new_tokens and model.max_rl_steps must be >= 1, got "
                              f"{eval_max_new_tokens}, {max_rl_steps}")
+        lora = self._check_lora(lora_settings(lora), freeze_backbone)  # a plain dict (module_lora)
         self.save_hyperparameters()
         self.hparams["loss"] = asdict(loss)  # plain values in checkpoints and hparams.yaml
+        self.hparams["lora"] = lora
         self.loss_config = loss
         self.automatic_optimization = False
         self.policy: BlockDiffusionLM | None = None
@@ -176,7 +186,8 @@ class LightningRLModule(RLStep, PlannerTraining, LightningModule):
         self.policy.train()  # from_pretrained returns eval mode; Lightning warns when fit starts with eval modules
         if hp.gradient_checkpointing:
             self.policy.model.gradient_checkpointing_enable()
-        if self.loss_config.kl_beta > 0:
+        self._setup_lora()
+        if self.loss_config.kl_beta > 0 and hp.lora is None:  # with LoRA the reference is the base (module_lora)
             ref = copy.deepcopy(self.policy).eval()  # on the CPU here: the policy reaches the device later
             ref.requires_grad_(False)
             dtype = self._compute_dtype()
@@ -194,6 +205,9 @@ class LightningRLModule(RLStep, PlannerTraining, LightningModule):
         strategy = self._trainer.strategy if self._trainer is not None else None
         if strategy is None or not isinstance(strategy, FSDPStrategy) or is_sharded(self.policy):
             return
+        if self.hparams.lora is not None:
+            raise ValueError("model.init_args.lora runs without FSDP (one GPU or DDP: the frozen base is small "
+                             "enough): drop trainer.strategy=fsdp or set model.init_args.lora=null")
         layers = {type(m) for m in self.policy.model.modules() if m.__class__.__name__.endswith("DecoderLayer")}
         if not layers:
             raise ValueError(f"FSDP: found no *DecoderLayer modules in {type(self.policy.model).__name__} to shard")
@@ -206,6 +220,8 @@ class LightningRLModule(RLStep, PlannerTraining, LightningModule):
     def gathered_policy_state(self) -> dict[str, torch.Tensor]:
         """The policy's full weights (HF names): gathered from the shards under FSDP (a collective: every rank must
         call), else the policy's own state dict."""
+        if self.hparams.lora is not None:  # merged one tensor at a time (lrl.models.lora.MergedWeights)
+            return self.merged_policy_state()
         if not is_sharded(self.policy):
             return self.policy.model.state_dict()
         return full_state_dict(self, prefix=submodule_prefix(self, self.policy.model))
@@ -235,6 +251,8 @@ class LightningRLModule(RLStep, PlannerTraining, LightningModule):
 
     @property
     def reference(self) -> BlockDiffusionLM | None:
+        if self.hparams.lora is not None:  # the base: `_reference_logprobs` disables the adapters (module_lora)
+            return self.policy if self.loss_config.kl_beta > 0 else None
         if not self._ref:
             return None
         ref = self._ref[0]
@@ -255,12 +273,14 @@ class LightningRLModule(RLStep, PlannerTraining, LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lrl"] = {"skipped_steps": self.skipped_steps, "rl_step": self.rl_step}
+        self._lora_save(checkpoint)  # LoRA: the adapters only (module_lora)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()  # weights are loaded into the policy right after this hook
         state = checkpoint.get("lrl", {})
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.rl_step = int(state.get("rl_step", 0))
+        self._lora_load(checkpoint)
 
     def on_train_start(self) -> None:
         max_steps = self.hparams.max_rl_steps

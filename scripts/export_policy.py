@@ -2,7 +2,9 @@
 
 The directory is what every other tool takes as ``--checkpoint``: `lrl validate`, `lrl serve`, another `lrl fit`,
 `scripts/build_base.py --skip-train --checkpoint`, `scripts/forward_anatomy.py`, plain transformers loaders. It
-keeps the block-diffusion identity and the tokenizer, and the planner head (dUltra) when the run had one.
+keeps the block-diffusion identity and the tokenizer, and the planner head (dUltra) when the run had one. A LoRA run
+(``model.init_args.lora``; its .ckpt holds the adapters only) is exported merged: the base reloaded in float32,
+W + (alpha / rank)·B·A folded into each adapted layer (peft's ``merge_and_unload``), a plain checkpoint.
 
     python scripts/export_policy.py --ckpt outputs/quickstart/checkpoints/last.ckpt --out outputs/quickstart/policy
 
@@ -27,6 +29,7 @@ def export_policy(ckpt: str | Path, out: str | Path, base: str | None = None) ->
     import torch
 
     from lrl.models import save_checkpoint
+    from lrl.models.lora import merge_lora
     from lrl.module import LightningRLModule
 
     ckpt, out = Path(ckpt), Path(out)
@@ -41,6 +44,7 @@ def export_policy(ckpt: str | Path, out: str | Path, base: str | None = None) ->
         source.seek(0)
     # a frozen reference is not needed to export: kl_beta=0 skips loading it (the rest of the loss group is unused)
     module = LightningRLModule.load_from_checkpoint(source, map_location="cpu", loss={"kl_beta": 0.0})
+    merge_lora(module.policy)  # LoRA: adapters folded into the (float32) base; a no-op otherwise
     save_checkpoint(module.policy, out, tokenizer=module.tokenizer)  # atomic: a temp sibling swapped in
     return out
 

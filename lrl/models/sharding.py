@@ -139,10 +139,12 @@ def submodule_prefix(root: nn.Module, target: nn.Module) -> str:
     raise ValueError(f"submodule_prefix: {type(target).__name__} is not inside {type(root).__name__}")
 
 
-def cast_copy(lm: nn.Module, dtype: torch.dtype) -> nn.Module:
+def cast_copy(lm: nn.Module, dtype: torch.dtype, source=None) -> nn.Module:
     """A frozen copy of a `BlockDiffusionLM` in ``dtype`` on its device, built without a full-precision copy: the
     network is created on the meta device, materialised empty in ``dtype`` and filled tensor by tensor (buffers
-    included, e.g. RoPE's non-persistent ``inv_freq``), so the extra memory is the ``dtype`` copy alone."""
+    included, e.g. RoPE's non-persistent ``inv_freq``), so the extra memory is the ``dtype`` copy alone.
+    ``source``: a mapping of plain names to tensors read one at a time instead of ``lm.model``'s own (LoRA's
+    `lrl.models.lora.MergedWeights`)."""
     import copy
 
     hf = lm.model
@@ -150,8 +152,11 @@ def cast_copy(lm: nn.Module, dtype: torch.dtype) -> nn.Module:
         skeleton = type(hf)._from_config(hf.config, dtype=dtype)
     skeleton.to_empty(device=lm.device)
     with torch.no_grad():
-        src = dict(hf.named_parameters())
-        src.update(dict(hf.named_buffers()))
+        if source is not None:
+            src = source
+        else:
+            src = dict(hf.named_parameters())
+            src.update(dict(hf.named_buffers()))
         for name, t in [*skeleton.named_parameters(), *skeleton.named_buffers()]:
             t.copy_(src[name])
     planner = copy.deepcopy(lm.planner).to(dtype) if getattr(lm, "planner", None) is not None else None
