@@ -144,6 +144,15 @@ def _check_same_model(ckpt: dict, base: str, path, key: str) -> None:
     expected, optional = expected_weights(base)
     prefix = "policy.model."
     saved = {k[len(prefix):]: tuple(v.shape) for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if (ckpt.get("lrl") or {}).get("lora") is not None:  # LoRA: adapters only (the base comes from `base`)
+        for name, shape in saved.items():
+            layer, _, rest = name.partition(".lora_")
+            want = expected.get(f"{layer}.weight")
+            got = shape[1] if rest.startswith("A.") else shape[0]  # A: r × in, B: out × r
+            if want is None or got != (want[1] if rest.startswith("A.") else want[0]):
+                raise ValueError(f"{key}: {path} holds LoRA adapters of another model ({name} {list(shape)} does "
+                                 f"not fit {base})")
+        return
     missing = sorted(set(expected) - set(saved) - optional)
     if missing:
         raise ValueError(f"{key}: {path} holds no policy weights of the model {base} describes (missing e.g. "
