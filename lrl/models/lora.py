@@ -102,7 +102,10 @@ def apply_lora(lm: nn.Module, settings: LoraSettings, base_dtype: torch.dtype | 
                         target_modules=list(settings.target_modules), bias="none")
     peft_model = get_peft_model(hf, config, autocast_adapter_dtype=True)
     assert peft_model.base_model.model is hf  # adapted in place: the policy keeps its own model object
-    if getattr(hf, "is_activation_checkpointing", getattr(hf, "is_gradient_checkpointing", False)):
+    checkpointing = getattr(hf, "is_activation_checkpointing", None)  # transformers >= 4.57's name
+    if checkpointing is None:
+        checkpointing = getattr(hf, "is_gradient_checkpointing", False)
+    if checkpointing:
         hf.enable_input_require_grads()
     lm._lora = [peft_model]  # a list: not a submodule (no second set of state_dict names)
     lm._lora_settings = settings
