@@ -56,13 +56,62 @@ def training_row(estimator: str, prompt: int, response: int, block: int, max_cop
     return RowShape(copies * width + length, per_row, copies), n_rows
 
 
-def layer_activation_bytes(shape: ModelShape, rows: int, positions: int, compute_bytes: int, sdpa_mask: bool) -> int:
-    """What one decoder layer keeps for its backward (module docstring)."""
+def layer_activation_bytes(shape: ModelShape, rows: int, positions: int, compute_bytes: int, sdpa_mask: bool,
+                           lora_per_position: int = 0) -> int:
+    """What one decoder layer keeps for its backward (module docstring); ``lora_per_position``: LoRA's change
+    (`lora_layer_bytes_per_position`)."""
     h, i = shape.hidden, shape.intermediate
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     per_pos = 4 * 6 * h + compute_bytes * (4 * i + 6 * q + 2 * kv) + 4 * (2 * shape.heads + shape.kv_heads + 2)
     mask = 4 * rows * positions * positions if sdpa_mask else 0
-    return rows * positions * per_pos + mask
+    return rows * positions * (per_pos + lora_per_position) + mask
+
+
+def projections(shape: ModelShape) -> dict[str, tuple[int, int]]:
+    """(in, out) features of a Qwen3 decoder layer's linear layers, by module name."""
+    h, i = shape.hidden, shape.intermediate
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
+            "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def lora_params(shape: ModelShape, rank: int, targets: list[str]) -> int:
+    """Adapter parameters: rank × (in + out) per adapted projection and layer."""
+    dims = projections(shape)
+    return shape.layers * sum(rank * sum(dims[t]) for t in targets if t in dims)
+
+
+def lora_layer_bytes_per_position(shape: ModelShape, rank: int, targets: list[str], dropout: float,
+                                  compute_bytes: int, autocast: bool) -> int:
+    """How LoRA (`lrl.models.lora`: frozen base, float32 adapters) changes one decoder layer's saved activations,
+    per position (negative parts: what frozen weights no longer keep).
+
+    The frozen norms' weight products keep nothing (−4·(2·H + q + kv): the two RMSNorms and QK-norm). Per adapted
+    projection of ``in`` → ``out`` features: A's output (rank values, saved by B; float32, or the compute dtype
+    under autocast); where activations are not float32, the adapter's copy of its input (peft casts it to the
+    adapters' float32, autocast back to the compute dtype: ``in`` values saved by A); with dropout its mask
+    (``in`` bytes) and, in float32, its output (``in`` values, no longer the shared input).
+    """
+    h = shape.hidden
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    cast = 0 if compute_bytes == 4 else (compute_bytes if autocast else 4)
+    out_b = compute_bytes if autocast else 4
+    per = -4 * (2 * h + q + kv)
+    for target in targets:
+        n_in = projections(shape).get(target, (0, 0))[0]
+        if not n_in:
+            continue
+        per += rank * out_b + n_in * cast
+        if dropout > 0:
+            per += n_in * (1 + (4 if cast == 0 else 0))
+    return per
+
+
+def lora_inference_bytes(shape: ModelShape, rows: int, row: RowShape, targets: list[str], compute_bytes: int,
+                         autocast: bool) -> int:
+    """LoRA's extra transient in a no-grad forward: the widest adapted projection's B·A·x beside its base output."""
+    widest = max((projections(shape).get(t, (0, 0))[1] for t in targets), default=0)
+    return rows * row.positions * widest * (compute_bytes if autocast else 4)
 
 
 def head_bytes(shape: ModelShape, targets: int, compute_bytes: int) -> int:
@@ -71,28 +120,49 @@ def head_bytes(shape: ModelShape, targets: int, compute_bytes: int) -> int:
 
 
 def training_activation_bytes(shape: ModelShape, rows: int, row: RowShape, *, checkpointing: bool,
-                              compute_bytes: int, residual_bytes: int, sdpa_mask: bool) -> int:
-    """Peak activation bytes of one forward+backward chunk of ``rows`` packed rows (module docstring)."""
+                              compute_bytes: int, residual_bytes: int, sdpa_mask: bool,
+                              lora_per_position: int | None = None) -> int:
+    """Peak activation bytes of one forward+backward chunk of ``rows`` packed rows (module docstring).
+    ``lora_per_position``: LoRA's per-layer change (`lora_layer_bytes_per_position`); the frozen embeddings,
+    final norm and output layer then keep no weight gradient and no final-norm product."""
     s = row.positions
+    mask = rows * s * s if sdpa_mask else 0
+    if lora_per_position is not None:
+        return _lora_training_bytes(shape, rows, row, checkpointing, compute_bytes, residual_bytes, sdpa_mask,
+                                    lora_per_position) + mask
     layer = layer_activation_bytes(shape, rows, s, compute_bytes, sdpa_mask)
     layers = shape.layers * rows * s * shape.hidden * residual_bytes + layer if checkpointing else shape.layers * layer
-    mask = rows * s * s if sdpa_mask else 0
     extra = 3 * rows * s * shape.hidden * residual_bytes + shape.largest_param * 4
     return layers + mask + extra + head_bytes(shape, rows * row.targets, compute_bytes)
 
 
+def _lora_training_bytes(shape: ModelShape, rows: int, row: RowShape, checkpointing: bool, compute_bytes: int,
+                         residual_bytes: int, sdpa_mask: bool, lora_per_position: int) -> int:
+    """`training_activation_bytes` with a frozen base: no weight gradient of the output layer (the head's
+    backward holds two chunks of logits, not three, and no V × H accumulator); with checkpointing the head's
+    chunks and the recomputed layer (plus its incoming gradient) are alive at different times."""
+    s, res = row.positions, rows * row.positions * shape.hidden * residual_bytes
+    layer = layer_activation_bytes(shape, rows, s, compute_bytes, sdpa_mask, lora_per_position)
+    m = rows * row.targets
+    head = m * shape.hidden * compute_bytes + 2 * min(m, HEAD_CHUNK) * shape.vocab * 4
+    if checkpointing:
+        return shape.layers * res + max(layer + res, head) + 2 * res
+    return shape.layers * layer + 2 * res + head
+
+
 def inference_activation_bytes(shape: ModelShape, rows: int, row: RowShape, *, compute_bytes: int,
-                               residual_bytes: int, sdpa_mask: bool) -> int:
+                               residual_bytes: int, sdpa_mask: bool, lora_bytes: int = 0) -> int:
     """Peak of one no-grad forward (old / reference log-probs): nothing is kept for a backward, so one layer's
     larger phase is live at a time: attention (q/k/v, RoPE outputs and the float mask) or the MLP (gate, up,
-    product), then the output layer's chunk of logits, beside the residual stream."""
+    product), then the output layer's chunk of logits, beside the residual stream. ``lora_bytes``: LoRA's
+    transient inside a layer (`lora_inference_bytes`)."""
     s, m = row.positions, rows * row.targets
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
     attention = rows * s * (3 * q + 3 * kv) * compute_bytes + (4 * rows * s * s if sdpa_mask else 0)
     mlp = 3 * rows * s * shape.intermediate * compute_bytes
     mask = rows * s * s if sdpa_mask else 0
     head = min(m, HEAD_CHUNK) * shape.vocab * 4 + m * shape.hidden * compute_bytes
-    return 3 * rows * s * shape.hidden * residual_bytes + max(mask + max(attention, mlp), head)
+    return 3 * rows * s * shape.hidden * residual_bytes + max(mask + max(attention, mlp) + lora_bytes, head)
 
 
 def kv_cache_bytes(shape: ModelShape, rows: int, prompt: int, max_new: int, block: int, dtype_bytes: int,
