@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
+import torch
+
 from lrl.models.lora import MergedWeights, adapters_disabled, apply_lora, lora_settings
 from lrl.models.sharding import unwrap
 
@@ -45,9 +47,11 @@ class LoraTraining:
         with adapters_disabled(unwrap(self.policy)):
             return self._frozen_logprobs(self.policy, batch, per_step)
 
-    def merged_policy_state(self) -> MergedWeights:
-        """The policy's weights with the adapters merged, as plain HF names, computed one tensor at a time."""
-        return MergedWeights(unwrap(self.policy).model)
+    def merged_policy_state(self) -> dict[str, torch.Tensor]:
+        """The policy's weights with the adapters merged, as plain HF names: computed one tensor at a time on the
+        policy's device and kept in host memory (a full merged copy never sits on the GPU beside the policy);
+        consumers (weight sync, Pareto saves) move each tensor where they need it."""
+        return dict(MergedWeights(unwrap(self.policy).model, device="cpu"))
 
     def _trainable_keys(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}

@@ -127,3 +127,29 @@ def test_validate_evaluates_the_adapters_like_their_export(straight, peaky_check
     assert base["points"][1]["tpf"] != lora["points"][1]["tpf"]  # the adapters were evaluated, not the base
     assert lora["checkpoint"] == str(ckpt)
 
+
+
+def test_engine_copy_and_pareto_saves_get_the_merged_weights(peaky_checkpoint, tmp_path):
+    """An engine-owned copy (data.rollout.dtype float64 ≠ the policy's) is synced with W + BA after each step,
+    and a Pareto save is a plain checkpoint of the merged weights."""
+    from test_fit import _args
+
+    from lrl.models.lora import MergedWeights
+
+    out = tmp_path / "run"
+    callbacks = ("--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
+                 "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}, {class_path: "
+                 "callbacks.ParetoFrontierCheckpoint, init_args: {every_n_steps: 2, eval_size: 4}}]")
+    cli = cli_main(_args(peaky_checkpoint, out, 2) + [callbacks, *EXTRA, "--data.init_args.rollout={dtype: float64}"])
+    engine, policy = cli.datamodule.generator.lm, cli.model.policy
+    assert engine is not policy and engine.dtype == torch.float64
+    merged = MergedWeights(policy.model)
+    plain, _ = load_checkpoint(peaky_checkpoint)
+    moved = 0
+    for name, t in engine.model.named_parameters():
+        torch.testing.assert_close(t, merged[name].double(), rtol=0, atol=0)
+        moved += not torch.equal(merged[name], plain.model.state_dict()[name])
+    assert moved  # the synced weights are the adapted ones, not the base
+    saved, _ = load_checkpoint(sorted(out.rglob("model.safetensors"))[-1].parent)
+    for name, t in saved.model.state_dict().items():
+        torch.testing.assert_close(t, merged[name], rtol=0, atol=0, msg=name)

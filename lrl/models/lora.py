@@ -134,11 +134,12 @@ class MergedWeights(Mapping):
     (``buffers=True`` adds every buffer, non-persistent ones included, as `cast_copy` needs). The value of an
     adapted layer's ``weight`` is W + ΔW (peft's ``get_delta_weight`` of the active adapter, i.e.
     (alpha / rank)·B·A), added in float32 and returned in ``dtype`` (default W's); other values are the tensors
-    themselves (detached). Nothing in ``hf`` is modified, and only one merged tensor exists at a time when the
-    mapping is iterated.
+    themselves (detached); with ``device`` each value is moved there as it is computed. Nothing in ``hf`` is
+    modified, and only one merged tensor exists at a time on the model's device when the mapping is iterated.
     """
 
-    def __init__(self, hf: nn.Module, *, buffers: bool = False, dtype: torch.dtype | None = None):
+    def __init__(self, hf: nn.Module, *, buffers: bool = False, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
         from peft.tuners.lora import LoraLayer
 
         self._layers = {name: m for name, m in hf.named_modules() if isinstance(m, LoraLayer)}
@@ -147,6 +148,7 @@ class MergedWeights(Mapping):
             src.update(dict(hf.named_buffers()))
         self._src = {key.replace(".base_layer.", "."): t for key, t in src.items() if not _is_adapter_key(key)}
         self._dtype = dtype
+        self._device = device
 
     def __len__(self) -> int:
         return len(self._src)
@@ -162,7 +164,9 @@ class MergedWeights(Mapping):
         if layer is not None and leaf == "weight":
             delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters if a in layer.lora_A)
             t = (t.float() + delta.to(t.device, torch.float32)).to(t.dtype)
-        return t.to(self._dtype) if self._dtype is not None and t.is_floating_point() else t
+        if self._dtype is not None and t.is_floating_point():
+            t = t.to(self._dtype)
+        return t.to(self._device) if self._device is not None else t
 
 
 def merge_lora(lm: nn.Module) -> None:

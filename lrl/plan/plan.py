@@ -106,15 +106,17 @@ def _precision(precision) -> tuple[int, int, bool]:
     return 4, 4, False
 
 
-def _lora_params(shape: ModelShape, lora: dict) -> int:
-    """Adapter parameters: rank × (in + out) per adapted projection and layer."""
-    h, i = shape.hidden, shape.intermediate
-    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
-    dims = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h), "gate_proj": (h, i),
-            "up_proj": (h, i), "down_proj": (i, h)}
-    targets = lora.get("target_modules") or list(dims)
-    r = int(lora.get("rank", lora.get("r", 16)))
-    return shape.layers * sum(r * sum(dims[t]) for t in targets if t in dims)
+def _lora(m: dict) -> dict | None:
+    """``model.init_args.lora`` checked (`lrl.models.lora.lora_settings`) as a dict; None: off."""
+    from dataclasses import asdict
+
+    from lrl.models.lora import lora_settings
+
+    value = m.get("lora")
+    if value is not None and not isinstance(value, dict):
+        value = asdict(value) if hasattr(value, "__dataclass_fields__") else dict(vars(value))
+    settings = lora_settings(value)
+    return asdict(settings) if settings is not None else None
 
 
 def build_plan(config: dict, *, world_size: int | None = None, device_gb: float = 80.0, headroom: float = 0.08,
@@ -155,9 +157,11 @@ def build_plan(config: dict, *, world_size: int | None = None, device_gb: float 
     gather_b = cb if fsdp else pb  # FSDP's mixed precision gathers in the compute dtype
     residual_b = gather_b if fsdp else pb  # the residual stream follows the parameters' dtype
     block = int(config.get("block_size") or m.get("block_size") or d.get("block_size") or 4)
-    lora = m.get("lora")
-    trainable = _lora_params(shape, lora) if lora else shape.params
-    base_b = DTYPE_BYTES.get(str((lora or {}).get("base_dtype", "bfloat16")), 2) if lora else pb
+    lora = _lora(m)
+    if lora and fsdp:
+        raise ValueError("plan: model.init_args.lora runs without FSDP (one GPU or DDP); drop trainer.strategy=fsdp")
+    trainable = C.lora_params(shape, lora["rank"], lora["target_modules"]) if lora else shape.params
+    base_b = cb if lora else pb  # LoRA: the frozen base is held in the compute dtype (lrl.models.lora)
     P = shape.params
     rows: list[Row] = []
 
@@ -165,7 +169,7 @@ def build_plan(config: dict, *, world_size: int | None = None, device_gb: float 
     rows.append(Row("policy weights", "states", P * base_b // shard + (trainable * pb if lora else 0),
                     "trainer.strategy (FSDP) or model.init_args.lora",
                     f"{P / 1e9:.2f} B params × {base_b} B" + (f" / {shard} ranks" if shard > 1 else "")
-                    + (f" + {trainable / 1e6:.1f} M adapter params × {pb} B" if lora else "")))
+                    + (f" (frozen) + {trainable / 1e6:.1f} M adapter params × {pb} B" if lora else "")))
     rows.append(Row("optimizer states (AdamW)", "states", 2 * trainable * pb // grad_shard,
                     "trainer.strategy (FSDP) or model.init_args.lora", f"2 × {trainable / 1e9:.3f} B × {pb} B"))
     if strategy == "ddp":
@@ -176,12 +180,13 @@ def build_plan(config: dict, *, world_size: int | None = None, device_gb: float 
     native = ro.get("kind", "native") == "native"
     rb = DTYPE_BYTES.get(str(ro.get("dtype")), None) or base_b
     if native:
-        if fsdp or lora or rb != pb:
+        if fsdp or rb != base_b:
             # counted in the rollout phase: the copy must be freed around training (release_memory, issue 27)
             note = "engine's own copy in the rollout dtype; assumes release_memory frees it while training"
             rows.append(Row("rollout engine weights", "rollout", P * rb, "data.init_args.rollout.dtype", note))
         else:
-            rows.append(Row("rollout engine weights", "rollout", 0, "", "reads the policy's own weights"))
+            rows.append(Row("rollout engine weights", "rollout", 0, "", "reads the policy's own weights"
+                            + (" (adapters applied)" if lora else "")))
         max_new = int(d["max_new_tokens"])
         prompt = int(d.get("max_prompt_tokens") or 1024)
         kv = C.kv_cache_bytes(shape, int(ro["max_rows"]), prompt, max_new, block, rb, ro.get("kv_cache_gb"))
@@ -204,8 +209,9 @@ def build_plan(config: dict, *, world_size: int | None = None, device_gb: float 
     sdpa_mask = attn != "flex"
     fsdp_fwd = (shape.root_params + shape.layer_params) * gather_b if fsdp else 0
     single_step = int(m["ppo_epochs"]) == 1 and int(m["minibatches"]) == 1
+    lora_nograd = C.lora_inference_bytes(shape, chunk_rows, row, lora["target_modules"], cb, autocast) if lora else 0
     nograd = C.inference_activation_bytes(shape, chunk_rows, row, compute_bytes=cb, residual_bytes=residual_b,
-                                          sdpa_mask=sdpa_mask)
+                                          sdpa_mask=sdpa_mask, lora_bytes=lora_nograd)
     knob_rows = "model.init_args.rows_per_forward"
     # the loss group: defaults for the keys a config leaves out, as the CLI fills them
     kl_beta = m["loss"].kl_beta if isinstance(m["loss"], LossConfig) else LossConfig(**m["loss"]).kl_beta
@@ -215,7 +221,9 @@ def build_plan(config: dict, *, world_size: int | None = None, device_gb: float 
         if fsdp:
             rows.append(Row("FSDP unit gathers (forward)", "logprob passes", fsdp_fwd, "",
                             "outer unit + one decoder layer"))
-    if kl_beta > 0 and not lora:
+    if kl_beta > 0 and lora:
+        rows.append(Row("reference weights", "logprob passes", 0, "", "the base: the policy with adapters disabled"))
+    elif kl_beta > 0:
         ref_b = DTYPE_BYTES.get(str(m.get("reference_dtype") or ""), cb)
         rows.append(Row("reference weights", "logprob passes", P * ref_b, "model.init_args.loss.kl_beta or lora",
                         f"{ref_b} B/param, on the device for its pass only (CPU between passes)"))
@@ -226,13 +234,19 @@ def build_plan(config: dict, *, world_size: int | None = None, device_gb: float 
                         (shape.root_params + 2 * shape.layer_params) * gather_b
                         + max(shape.root_params, shape.layer_params) * gather_b, "",
                         "outer unit + two layers (prefetch) + one unit's unsharded gradient"))
+    elif autocast and lora:  # the base is already in the compute dtype: only the adapters are cast
+        rows.append(Row("autocast weight casts", "training", trainable * cb, "",
+                        "bf16 copies of the adapters (the base is bf16 already)"))
     elif autocast:
         ckpt = bool(m["gradient_checkpointing"])
         casts = (shape.layer_params + shape.root_params) * cb if ckpt else P * cb
         rows.append(Row("autocast weight casts", "training", casts, "model.init_args.gradient_checkpointing",
                         "bf16 copies saved for the backward"))
+    lora_pos = (C.lora_layer_bytes_per_position(shape, lora["rank"], lora["target_modules"], lora["dropout"], cb,
+                                                autocast) if lora else None)
     act = C.training_activation_bytes(shape, chunk_rows, row, checkpointing=bool(m["gradient_checkpointing"]),
-                                      compute_bytes=cb, residual_bytes=residual_b, sdpa_mask=sdpa_mask)
+                                      compute_bytes=cb, residual_bytes=residual_b, sdpa_mask=sdpa_mask,
+                                      lora_per_position=lora_pos)
     rows.append(Row(f"training activations ({estimator})", "training", act,
                     "model.init_args.rows_per_forward / max_copies / gradient_checkpointing",
                     f"{chunk_rows} rows × {row.positions:,} positions ({row.copies} noisy copies, "
@@ -245,7 +259,7 @@ def build_plan(config: dict, *, world_size: int | None = None, device_gb: float 
         if fsdp:
             rows.append(Row("evaluation: gathered policy", "evaluation", P * pb, "trainer.strategy", "full weights"))
         eval_new = int(m["eval_max_new_tokens"])
-        kv = C.kv_cache_bytes(shape, int(ro["max_rows"]), prompt, eval_new, block, pb, ro.get("kv_cache_gb"))
+        kv = C.kv_cache_bytes(shape, int(ro["max_rows"]), prompt, eval_new, block, base_b, ro.get("kv_cache_gb"))
         rows.append(Row("evaluation KV cache", "evaluation", kv, "data.init_args.rollout.kv_cache_gb",
                         "the rollout budget"))
         rows.append(Row("evaluation transients", "evaluation", int(float(ro["transient_gb"]) * GB),
@@ -267,8 +281,9 @@ def _disk_rows(shape: ModelShape, trainable: int, pb: int, base_b: int, lora: bo
     ckpt = weights + 2 * trainable * pb
     out = [Row("training checkpoint (.ckpt)", "disk", ckpt, "",
                "adapters + their AdamW states" if lora else "weights + AdamW states")]
-    export = shape.params * (2 if lora else pb)
-    out.append(Row("HF export (Pareto / export_policy)", "disk", export, "", "merged weights"))
+    export = shape.params * pb  # LoRA: export_policy merges into the base reloaded in float32
+    out.append(Row("HF export (Pareto / export_policy)", "disk", export, "",
+                   "merged weights" + ("; a LoRA Pareto save is in the base's dtype" if lora else "")))
     for cb in trainer.get("callbacks") or []:
         if not isinstance(cb, dict) or "RLCheckpoint" not in str(cb.get("class_path", "")):
             continue
