@@ -169,6 +169,7 @@ def test_the_config_as_shipped_before_this_issue_does_not_fit():
 GPU_CONFIGS = [  # (config files, world size, GB per GPU) of every shipped GPU config
     (["configs/sdar_8b_b32.yaml"], 8, 80),
     (["configs/sdar_1p7b_1gpu.yaml"], 1, 80),
+    (["configs/sdar_8b_lora_1gpu.yaml"], 1, 80),
 ]
 
 
