@@ -27,38 +27,44 @@ CASES = [
     (256, 768, 2, 4, 2, 64, 1000, 1, 512, "single_pass", 4, 8, 64, 16, 0.1, DEFAULT_TARGETS, True),
     (256, 768, 2, 4, 2, 64, 1000, 1, 512, "single_pass", 4, 8, 64, 8, 0.0, QV, False),
     (256, 768, 2, 4, 2, 64, 1000, 2, 128, "trajectory", 8, 8, 1, 16, 0.0, DEFAULT_TARGETS, True),
-    (256, 768, 2, 4, 2, 64, 1000, 2, 128, "trajectory", 8, 8, 1, 16, 0.1, DEFAULT_TARGETS, False),
     (256, 768, 2, 4, 2, 64, 20000, 1, 128, "single_pass", 4, 8, 64, 16, 0.0, DEFAULT_TARGETS, True),
     (4096, 12288, 1, 32, 8, 128, 1000, 1, 64, "single_pass", 4, 8, 64, 64, 0.0, DEFAULT_TARGETS, True),
 ]
 
 
-def _measure(case):
+def _measure(case, autocast=False):
+    """Measured and planned peaks; ``autocast``: the GPU's setting on the CPU (bf16 base, float32 adapters,
+    bf16 autocast), i.e. `lrl fit` under ``trainer.precision: bf16-mixed``."""
     hidden, inter, layers, heads, kv, head_dim, vocab, n, response, est, spb, copies, rpf, rank, dropout, targets, \
         checkpointing = case
     lm = _model(hidden, inter, layers, heads, kv, head_dim, vocab, checkpointing)
     shape = _shape(lm)
-    apply_lora(lm, LoraSettings(rank=rank, dropout=dropout, target_modules=list(targets)))
+    apply_lora(lm, LoraSettings(rank=rank, dropout=dropout, target_modules=list(targets)),
+               base_dtype=torch.bfloat16 if autocast else None)
+    cb = 2 if autocast else 4
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
     assert sum(p.numel() for p in lm.parameters() if p.requires_grad) == C.lora_params(shape, rank, list(targets))
     prompts, responses, step_maps = _rollouts(n, 32, response, spb, vocab)
     kw = dict(estimator=est, block_size=BLOCK, pad_id=0, max_copies=copies, rows_per_forward=rpf)
 
     def train_step():
-        backward_logprobs(lm, prompts, responses, step_maps, loss_fn=lambda lp, i, e: (lp.sum(), False),
-                          backward=lambda loss: loss.backward(), **kw)
+        with amp:
+            backward_logprobs(lm, prompts, responses, step_maps, loss_fn=lambda lp, i, e: (lp.sum(), False),
+                              backward=lambda loss: loss.backward(), **kw)
 
     train_step()  # the adapters' gradients exist from here on
     trained = peak_bytes(train_step)
-    with torch.no_grad():
+    lm.eval()  # as `_frozen_logprobs` runs the old / reference passes: no dropout
+    with torch.no_grad(), amp:
         no_grad = peak_bytes(lambda: response_logprobs(lm, prompts, responses, step_maps, **kw))
     row, per_response = C.training_row(est, 32, response, BLOCK, copies, rounds=spb, model_block=BLOCK)
     rows = min(rpf, per_response * n)
-    per_pos = C.lora_layer_bytes_per_position(shape, rank, list(targets), dropout, 4, False)
-    planned = C.training_activation_bytes(shape, rows, row, checkpointing=checkpointing, compute_bytes=4,
-                                          residual_bytes=4, sdpa_mask=True, lora_per_position=per_pos)
+    per_pos = C.lora_layer_bytes_per_position(shape, rank, list(targets), dropout, cb, autocast)
+    planned = C.training_activation_bytes(shape, rows, row, checkpointing=checkpointing, compute_bytes=cb,
+                                          residual_bytes=cb, sdpa_mask=True, lora_per_position=per_pos)
     planned_no_grad = C.inference_activation_bytes(
-        shape, rows, row, compute_bytes=4, residual_bytes=4, sdpa_mask=True,
-        lora_bytes=C.lora_inference_bytes(shape, rows, row, list(targets), 4, False))
+        shape, rows, row, compute_bytes=cb, residual_bytes=cb, sdpa_mask=True,
+        lora_bytes=C.lora_inference_bytes(shape, rows, row, list(targets), cb, autocast))
     return trained, planned, no_grad, planned_no_grad
 
 
@@ -66,6 +72,15 @@ def _measure(case):
                                              for c in CASES])
 def test_lora_activation_figures_within_15_percent_of_measured(case):
     trained, planned, no_grad, planned_no_grad = _measure(case)
+    assert 0.85 <= planned / trained <= 1.15, (planned, trained)
+    assert 0.85 <= planned_no_grad / no_grad <= 1.15, (planned_no_grad, no_grad)
+
+
+@pytest.mark.parametrize("case", [CASES[1], CASES[3]], ids=["single_pass-ckpt-dropout", "trajectory-ckpt"])
+def test_lora_activation_figures_under_bf16_autocast(case):
+    """The bf16-mixed figures (compute and residual bytes 2, the adapters' input casts) on the CPU's autocast;
+    CUDA's autocast and kernels are not measured here (docs/lora.md)."""
+    trained, planned, no_grad, planned_no_grad = _measure(case, autocast=True)
     assert 0.85 <= planned / trained <= 1.15, (planned, trained)
     assert 0.85 <= planned_no_grad / no_grad <= 1.15, (planned_no_grad, no_grad)
 

@@ -90,7 +90,8 @@ def lora_layer_bytes_per_position(shape: ModelShape, rank: int, targets: list[st
     projection of ``in`` → ``out`` features: A's output (rank values, saved by B; float32, or the compute dtype
     under autocast); where activations are not float32, the adapter's copy of its input (peft casts it to the
     adapters' float32, autocast back to the compute dtype: ``in`` values saved by A); with dropout its mask
-    (``in`` bytes) and, in float32, its output (``in`` values, no longer the shared input).
+    (``in`` bytes) and its float32 output (``in`` values; under bf16 without autocast that output is the saved
+    input itself).
     """
     h = shape.hidden
     q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -102,8 +103,8 @@ def lora_layer_bytes_per_position(shape: ModelShape, rank: int, targets: list[st
         if not n_in:
             continue
         per += rank * out_b + n_in * cast
-        if dropout > 0:
-            per += n_in * (1 + (4 if cast == 0 else 0))
+        if dropout > 0:  # its mask, and its float32 output (kept as well under autocast, measured)
+            per += n_in * (1 + (4 if cast != 4 else 0))
     return per
 
 
