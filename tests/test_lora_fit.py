@@ -153,3 +153,45 @@ def test_engine_copy_and_pareto_saves_get_the_merged_weights(peaky_checkpoint, t
     saved, _ = load_checkpoint(sorted(out.rglob("model.safetensors"))[-1].parent)
     for name, t in saved.model.state_dict().items():
         torch.testing.assert_close(t, merged[name], rtol=0, atol=0, msg=name)
+
+
+def test_rollout_server_gets_the_merged_weights(peaky_checkpoint, tmp_path):
+    """Rollouts from an `lrl serve` process (the SGLang client and disk weight sync): after two LoRA steps the
+    server decodes what the adapted policy decodes, not what the base does."""
+    from serve_utils import _start_server, _stop
+
+    from lrl.models.lora import adapters_disabled
+    from lrl.rollout import NativeEngine, SamplingParams
+
+    proc, url = _start_server(peaky_checkpoint, tmp_path / "server.log", "--threshold", "0.9", "--block-size", "4")
+    try:
+        out = tmp_path / "run"
+        cli = cli_main([
+            "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+            "--config", str(ROOT / "configs" / "rollout" / "sglang.yaml"), "--checkpoint", str(peaky_checkpoint),
+            "--block_size", "4", f"--data.init_args.rollout.urls=[{url}]",
+            f"--data.init_args.rollout.sglang={{weight_sync: disk, sync_dir: {tmp_path}/sync, timeout_s: 120, "
+            "health_timeout_s: 60, sync_dtype: float32}",
+            "--data.init_args.prompts_per_step=2", "--data.init_args.group_size=4",
+            "--data.init_args.max_new_tokens=8", "--data.init_args.task_kwargs={num_train: 20, num_eval: 4}",
+            "--data.init_args.max_refill_rounds=1", "--model.init_args.minibatches=1", *EXTRA,
+            "--model.init_args.warmup_steps=0", "--model.init_args.max_rl_steps=2",
+            f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false",
+            f"--trainer.logger.init_args.save_dir={out}",
+            "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
+            "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}]",
+        ])
+        gen, policy = cli.datamodule.generator, cli.model.policy.eval()
+        assert type(gen).__name__ == "SGLangRolloutGenerator"
+        assert float(cli.trainer.logged_metrics["weight_version"]) == 2.0
+        sp = SamplingParams(block_size=4, greedy=True, max_new_tokens=16, threshold=0.9)
+        prompts = ["Q: 2+2?\nA: ", "Q: 17+5?\nA: ", "abc"]
+        local = NativeEngine(policy, cli.model.tokenizer).generate(prompts, sp)
+        with adapters_disabled(policy):
+            base = NativeEngine(policy, cli.model.tokenizer).generate(prompts, sp)
+        remote = gen.generate(prompts, sp)
+        assert remote.response_ids == local.response_ids
+        assert torch.equal(remote.num_forwards, local.num_forwards)
+        assert (local.response_ids, local.num_forwards.tolist()) != (base.response_ids, base.num_forwards.tolist())
+    finally:
+        _stop(proc)
