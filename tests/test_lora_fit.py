@@ -195,3 +195,25 @@ def test_rollout_server_gets_the_merged_weights(peaky_checkpoint, tmp_path):
         assert (local.response_ids, local.num_forwards.tolist()) != (base.response_ids, base.num_forwards.tolist())
     finally:
         _stop(proc)
+
+
+@pytest.mark.slow  # two processes: ~25 s of CPU
+def test_ddp_ranks_train_the_same_adapters(peaky_checkpoint, tmp_path):
+    """2 DDP ranks (gloo): the adapters' gradients are averaged, so both ranks end with the same adapters, which
+    moved, over a base that did not."""
+    from fit_utils import run_two_rank_fit
+
+    out = tmp_path / "run"
+    run_two_rank_fit(peaky_checkpoint, out, "--trainer.strategy=ddp", LORA, "--model.init_args.max_rl_steps=2",
+                     "--trainer.enable_checkpointing=false",
+                     "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
+                     "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}, "
+                     f"{{class_path: ddp_dump.DumpWeights, init_args: {{out: {out}/weights}}}}]")
+    a, b = (torch.load(out / "weights" / f"rank{r}.pt")["weights"] for r in (0, 1))
+    for name, tensor in a.items():
+        torch.testing.assert_close(b[name], tensor, rtol=0, atol=0, msg=f"ranks diverged at {name}")
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+    plain = load_checkpoint(peaky_checkpoint)[0].model.state_dict()
+    for name, tensor in plain.items():
+        key = name if name in a else name.replace(".weight", ".base_layer.weight")
+        assert torch.equal(a[key], tensor), name
