@@ -96,6 +96,10 @@ def test_native_rollout_decodes_with_the_adapters(tiny_checkpoint):
     for a, b in zip(got.sampling_logprobs, want.sampling_logprobs, strict=True):
         torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
     assert got.response_ids != base.response_ids
+    # and the training side scores those tokens as the engine sampled them (rollout = adapter model)
+    scored = torch.cat(m._frozen_logprobs(m.policy, got))
+    torch.testing.assert_close(scored, torch.tensor([x for lp in got.sampling_logprobs for x in lp]), atol=1e-4,
+                               rtol=0)
     # the merged weight is W + (alpha / rank)·B·A, by hand
     layer = m.policy.model.model.layers[0].self_attn.q_proj
     w = layer.base_layer.weight + 2.0 * layer.lora_B["default"].weight @ layer.lora_A["default"].weight

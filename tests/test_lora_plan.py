@@ -140,3 +140,24 @@ def test_lora_under_fsdp_is_refused_by_the_plan():
     cfg["model"]["init_args"]["lora"] = {"rank": 8}
     with pytest.raises(ValueError, match="model.init_args.lora runs without FSDP"):
         build_plan(cfg, world_size=8, device_gb=80)
+
+
+def test_fit_preflight_plans_a_lora_run(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    """`lrl fit` on a (pretended) 1 MB GPU with LoRA: the preflight reads `model.init_args.lora` from the parsed
+    config and refuses in one line before anything is loaded or written."""
+    from types import SimpleNamespace
+
+    from lrl.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=10**6))
+    out = tmp_path / "run"
+    args = ["fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--checkpoint", str(tiny_checkpoint),
+            "--block_size=4", "--trainer.accelerator=gpu", "--model.init_args.lora={rank: 4}",
+            f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}"]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err.strip()
+    assert info.value.code == 2 and err.startswith("lrl: error: memory plan:") and len(err.splitlines()) == 1, err
+    assert not out.exists()
