@@ -7,6 +7,7 @@ import pytest
 import torch
 from test_rollout_train_match import _fit_one_step, _fixed_batch, _per_response_logp
 
+from lrl.algorithms.losses import LossConfig
 from lrl.models import load_checkpoint
 from lrl.models.lora import MergedWeights, adapters_disabled, lora_model, lora_settings
 from lrl.models.sharding import cast_copy
@@ -19,7 +20,8 @@ PROMPTS = ["Q: 12+7=?\nA: ", "abc", "x=3; y=x*x"]
 def _module(checkpoint, **kw):
     from lrl.module import LightningRLModule
 
-    args = dict(kl_beta=0.0, micro_batch_size=4, max_copies=3, rows_per_forward=2, block_size=4)
+    args = dict(loss=LossConfig(kl_beta=kw.pop("kl_beta", 0.0)), micro_batch_size=4, max_copies=3, rows_per_forward=2,
+                block_size=4)
     m = LightningRLModule(str(checkpoint), **{**args, **kw})
     m.configure_model()
     return m
@@ -75,7 +77,7 @@ def test_only_adapters_train_and_the_reference_is_the_base(tiny_checkpoint):
     assert sum(p.numel() for p in m.parameters() if p.requires_grad) == expected
     base = _module(tiny_checkpoint)  # the plain checkpoint, no adapters
     batch = _generate(base.policy, base.tokenizer)
-    ref = torch.cat(m._reference_logprobs(m.reference, batch, False))
+    ref = torch.cat(m._reference_logprobs(batch, False))
     plain = torch.cat(base._frozen_logprobs(base.policy, batch))
     torch.testing.assert_close(ref, plain, atol=1e-6, rtol=0)
     adapted = torch.cat(m._frozen_logprobs(m.policy, batch))  # the context restored the adapters

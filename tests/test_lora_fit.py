@@ -15,7 +15,7 @@ from lrl.models import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = "--model.init_args.lora={rank: 4, alpha: 8, target_modules: [q_proj, v_proj, o_proj, down_proj]}"
-EXTRA = (LORA, "--model.init_args.kl_beta=0.05", "--model.init_args.lr=1e-2")
+EXTRA = (LORA, "--model.init_args.loss.kl_beta=0.05", "--model.init_args.lr=1e-2")
 
 
 def _adapters(module) -> dict[str, torch.Tensor]:
@@ -86,7 +86,7 @@ def test_export_merges_the_adapters(straight, tmp_path):
     path = export_policy(ckpt, tmp_path / "policy")
     plain, _ = load_checkpoint(path)  # the project's loader: a plain checkpoint, no peft layers
     assert not any("lora" in n or "base_layer" in n for n, _ in plain.named_parameters())
-    module = LightningRLModule.load_from_checkpoint(ckpt, map_location="cpu", kl_beta=0.0)
+    module = LightningRLModule.load_from_checkpoint(ckpt, map_location="cpu", loss={"kl_beta": 0.0})
     ids, lengths = torch.tensor([[3, 5, 7, 9, 11, 13, 2, 4]]), torch.tensor([8])
     with torch.no_grad():
         want = module.policy.eval().full_logits(ids, lengths, 4)

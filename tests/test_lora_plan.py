@@ -11,7 +11,7 @@ import torch
 from test_plan import BLOCK, _model, _rollouts, _shape
 
 from lrl.algorithms.logprobs import backward_logprobs, response_logprobs
-from lrl.cli import merged_config
+from lrl.config_files import merged_config
 from lrl.models.lora import DEFAULT_TARGETS, LoraSettings, apply_lora
 from lrl.plan import build_plan, format_plan
 from lrl.plan import components as C
