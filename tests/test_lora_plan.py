@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_plan import BLOCK, _model, _rollouts, _shape
 
-from lrl.algorithms.logprobs import backward_logprobs, response_logprobs
+from lrl.algorithms.logprobs import Scoring, backward_logprobs, response_logprobs
 from lrl.config_files import merged_config
 from lrl.models.lora import DEFAULT_TARGETS, LoraSettings, apply_lora
 from lrl.plan import build_plan, format_plan
@@ -45,7 +45,7 @@ def _measure(case, autocast=False):
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
     assert sum(p.numel() for p in lm.parameters() if p.requires_grad) == C.lora_params(shape, rank, list(targets))
     prompts, responses, step_maps = _rollouts(n, 32, response, spb, vocab)
-    kw = dict(estimator=est, block_size=BLOCK, pad_id=0, max_copies=copies, rows_per_forward=rpf)
+    kw = dict(scoring=Scoring(est, block_size=BLOCK, pad_id=0, max_copies=copies, rows_per_forward=rpf))
 
     def train_step():
         with amp:
