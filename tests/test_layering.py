@@ -22,8 +22,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("lrl", "lrl.models", "lrl.metrics", "lrl.config_files")),
     ("rollout", ("lrl.rollout",)),
     ("rewards/algorithms", ("lrl.rewards", "lrl.algorithms", "lrl.tasks", "lrl.evaluation")),
-    ("module/datamodules", ("lrl.module", "lrl.module_step", "lrl.module_planner", "lrl.sft", "lrl.pipeline",
-                            "datamodules")),
+    ("module/datamodules", ("lrl.module", "lrl.module_step", "lrl.module_planner", "lrl.module_lora", "lrl.sft",
+                            "lrl.pipeline", "datamodules")),
     ("callbacks", ("callbacks",)),
     ("cli", ("lrl.cli", "lrl.cli_checks", "lrl.cli_errors", "lrl.plan", "lrl.serve")),
 ]
