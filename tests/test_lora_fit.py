@@ -15,6 +15,7 @@ from lrl.models import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA = "--model.init_args.lora={rank: 4, alpha: 8, target_modules: [q_proj, v_proj, o_proj, down_proj]}"
+KEEP_ALL = "--data.init_args.filter={all_wrong: false, tpf_range_threshold: null}"  # a random model is never right
 EXTRA = (LORA, "--model.init_args.loss.kl_beta=0.05", "--model.init_args.lr=1e-2")
 
 
@@ -130,17 +131,18 @@ def test_validate_evaluates_the_adapters_like_their_export(straight, peaky_check
 
 
 def test_engine_copy_and_pareto_saves_get_the_merged_weights(peaky_checkpoint, tmp_path):
-    """An engine-owned copy (data.rollout.dtype float64 ≠ the policy's) is synced with W + BA after each step,
-    and a Pareto save is a plain checkpoint of the merged weights."""
+    """An engine-owned copy (data.rollout.dtype float64 ≠ the policy's) is synced with W + BA, and a Pareto save
+    is a plain checkpoint of the merged weights."""
     from test_fit import _args
 
     from lrl.models.lora import MergedWeights
 
     out = tmp_path / "run"
-    callbacks = ("--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
-                 "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}, {class_path: "
-                 "callbacks.ParetoFrontierCheckpoint, init_args: {every_n_steps: 2, eval_size: 4}}]")
-    cli = cli_main(_args(peaky_checkpoint, out, 2) + [callbacks, *EXTRA, "--data.init_args.rollout={dtype: float64}"])
+    callbacks = ("--trainer.callbacks=[{class_path: callbacks.ParetoFrontierCheckpoint, init_args: {every_n_steps: 2, "
+                 "eval_size: 4}}]")
+    cli = cli_main(_args(peaky_checkpoint, out, 2) + [KEEP_ALL, callbacks, *EXTRA,
+                                                      "--data.init_args.rollout={dtype: float64}"])
+    cli.datamodule.sync_generator()  # the weights of the last step (the pipeline syncs before each rollout)
     engine, policy = cli.datamodule.generator.lm, cli.model.policy
     assert engine is not policy and engine.dtype == torch.float64
     merged = MergedWeights(policy.model)
@@ -178,12 +180,13 @@ def test_rollout_server_gets_the_merged_weights(peaky_checkpoint, tmp_path):
             "--model.init_args.warmup_steps=0", "--model.init_args.max_rl_steps=2",
             f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false",
             f"--trainer.logger.init_args.save_dir={out}",
-            "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
-            "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}]",
+            KEEP_ALL, "--trainer.callbacks=[]",
         ])
         gen, policy = cli.datamodule.generator, cli.model.policy.eval()
         assert type(gen).__name__ == "SGLangRolloutGenerator"
-        assert float(cli.trainer.logged_metrics["weight_version"]) == 2.0
+        assert float(cli.trainer.logged_metrics["weight_version"]) == 1.0  # step 2 rolled out with step 1's
+        cli.datamodule.sync_generator()  # after training: the trained weights of RL step 2
+        assert gen.weight_version == 2
         sp = SamplingParams(block_size=4, greedy=True, max_new_tokens=16, threshold=0.9)
         prompts = ["Q: 2+2?\nA: ", "Q: 17+5?\nA: ", "abc"]
         local = NativeEngine(policy, cli.model.tokenizer).generate(prompts, sp)
@@ -206,9 +209,8 @@ def test_ddp_ranks_train_the_same_adapters(peaky_checkpoint, tmp_path):
     out = tmp_path / "run"
     run_two_rank_fit(peaky_checkpoint, out, "--trainer.strategy=ddp", LORA, "--model.init_args.max_rl_steps=2",
                      "--trainer.enable_checkpointing=false",
-                     "--trainer.callbacks=[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, "
-                     "tpf_range_threshold: null}}, {class_path: callbacks.WeightSync}, "
-                     f"{{class_path: ddp_dump.DumpWeights, init_args: {{out: {out}/weights}}}}]")
+                     KEEP_ALL,
+                     f"--trainer.callbacks=[{{class_path: ddp_dump.DumpWeights, init_args: {{out: {out}/weights}}}}]")
     a, b = (torch.load(out / "weights" / f"rank{r}.pt")["weights"] for r in (0, 1))
     for name, tensor in a.items():
         torch.testing.assert_close(b[name], tensor, rtol=0, atol=0, msg=f"ranks diverged at {name}")
