@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 1)
     print(json.dumps(result))
     if args.out:
-        from lrl.evaluation.pareto import atomic_write
+        from lrl.atomic import atomic_write
 
         atomic_write(args.out, json.dumps(result, indent=2).encode())
     return result

@@ -289,7 +289,7 @@ def _join_methods(runs: list[dict]) -> list[dict]:
 
 def write_outputs(payload: dict, out: Path) -> str:
     """method.json (with the summary), method.md and method.png under ``out``; returns the Markdown table."""
-    from lrl.evaluation.pareto import atomic_write
+    from lrl.atomic import atomic_write
 
     select = payload["select_threshold"]
     summary = summarize(payload["results"], select)

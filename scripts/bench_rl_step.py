@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name:>13}: {s:9.3f} s  ({s / total:.0%})", flush=True)
     print(json.dumps(result))
     if args.out:
-        from lrl.evaluation.pareto import atomic_write
+        from lrl.atomic import atomic_write
 
         atomic_write(args.out, json.dumps(result, indent=2).encode())
     return result

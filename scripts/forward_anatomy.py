@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from lrl.evaluation.pareto import atomic_write
+    from lrl.atomic import atomic_write
     from lrl.models import load_checkpoint
     from lrl.rollout import NativeEngine, SamplingParams
     from lrl.tasks import get_task

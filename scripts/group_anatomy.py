@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=None, help="also write the figures as JSON here")
     args = ap.parse_args(argv)
 
-    from lrl.evaluation.pareto import atomic_write
+    from lrl.atomic import atomic_write
     from lrl.models import load_checkpoint
     from lrl.rollout import NativeEngine, SamplingParams
     from lrl.tasks import get_task

@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     for name, ms, n in rows[: args.top]:
         print(f"{ms:8.3f} ms {n:5d}x  {name}")
     if args.out:
-        from lrl.evaluation.pareto import atomic_write
+        from lrl.atomic import atomic_write
 
         atomic_write(args.out, json.dumps(res, indent=2).encode())
     return res

@@ -157,7 +157,8 @@ def test_filtered_steps_count_final_checkpoint_and_finished_run(tmp_path, capsys
 
 
 def test_atomic_save_and_resolve_last(tmp_path, monkeypatch):
-    from callbacks.checkpoint import atomic_torch_save, resolve_last
+    from callbacks.checkpoint import resolve_last
+    from lrl.atomic import atomic_torch_save
 
     other = tmp_path / "other_fs_tmp"
     other.mkdir()

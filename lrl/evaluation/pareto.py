@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lrl.atomic import atomic_write
 from lrl.rollout.base import RolloutGenerator
 from lrl.rollout.types import SamplingParams
 
@@ -248,21 +248,6 @@ def provenance(base_checkpoint: str, ckpt_path: str | None) -> dict[str, str | N
     given, else the base), ``base_checkpoint`` = the config's ``--checkpoint`` (architecture and tokenizer)."""
     return {"checkpoint": str(ckpt_path) if ckpt_path else str(base_checkpoint),
             "base_checkpoint": str(base_checkpoint), "ckpt_path": str(ckpt_path) if ckpt_path else None}
-
-
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename: readers see the old
-    file or the new one, never a half-written one (parents are created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def plot_pareto(result: ParetoResult, title: str = "accuracy vs TPF", baseline: ParetoResult | None = None):

@@ -13,12 +13,11 @@ import contextlib
 import functools
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from lrl.atomic import atomic_dir_write
 from lrl.models.block_lm import BlockDiffusionLM
 from lrl.models.config import resolve_block_diffusion_config
 from lrl.models.planner import PLANNER_CONFIG_KEY, load_planner, save_planner
@@ -211,29 +210,6 @@ def check_weights(path: str | os.PathLike, files: list[Path], key: str = "checkp
                 t = fh.get_tensor(name)
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise ValueError(f"{key}: {path}: weight {name} holds NaN or infinite values")
-
-
-def atomic_dir_write(path: Path, writer) -> None:
-    """Write a directory into a sibling temp dir, then swap it in, so a crash never leaves a half checkpoint."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        writer(tmp)
-        # mkdtemp creates 0700 (and some writers 0600 files): give the checkpoint ordinary, shareable permissions
-        tmp.chmod(0o755)
-        for f in tmp.rglob("*"):
-            f.chmod(0o755 if f.is_dir() else 0o644)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_checkpoint(lm: BlockDiffusionLM, path: str | os.PathLike, tokenizer=None, state_dict=None) -> None:

@@ -214,7 +214,8 @@ def build_sdar_like_checkpoint(
     """
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from lrl.models.loading import _quiet_transformers, atomic_dir_write
+    from lrl.atomic import atomic_dir_write
+    from lrl.models.loading import _quiet_transformers
 
     for name, value in (("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads)):
         if value <= 0:

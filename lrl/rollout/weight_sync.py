@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from lrl.models.loading import atomic_dir_write
+from lrl.atomic import atomic_dir_write
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 WEIGHT_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
