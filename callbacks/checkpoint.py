@@ -11,15 +11,20 @@ filesystem, copies it over the target: a kill during the copy leaves a truncated
 * the step's metrics are written and flushed to the loggers before its checkpoint, so a kill between the two
   cannot lose them;
 * every file is written to a temporary file in the target's own directory, fsynced and renamed into place
-  (`AtomicCheckpointIO`): the previous ``last.ckpt`` stays intact until the new one is complete.
+  (`AtomicCheckpointIO`): the previous ``last.ckpt`` stays intact until the new one is complete; an FSDP sharded
+  checkpoint (a directory written by every rank) goes to a hidden directory beside it, is checked loadable and
+  renamed into place;
+* retention: the newest ``keep_last`` numbered checkpoints (by RL step) are kept, and with ``save_last: link``
+  ``last.ckpt`` is a symbolic link to the newest one (replaced atomically), not a second full copy.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
-import tempfile
 from pathlib import Path
+from weakref import proxy
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -28,35 +33,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from typing_extensions import override
 
+from lrl.atomic import atomic_symlink, atomic_torch_save, replace_dir
+
 # What the last preemption did, for `lrl.cli` to report and turn into an exit code (one process, one run).
 PREEMPTION: dict = {}
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temp file beside ``path``, fsync, rename over ``path``, fsync the directory."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself survives a power loss
-    finally:
-        os.close(dir_fd)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """`TorchCheckpointIO` whose saves are atomic on local filesystems (see `atomic_torch_save`)."""
+    """`TorchCheckpointIO` whose saves are atomic on local filesystems (`lrl.atomic.atomic_torch_save`)."""
 
     @override
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
@@ -72,12 +57,23 @@ def use_atomic_checkpoint_io(trainer) -> None:
         strategy.checkpoint_io = AtomicCheckpointIO()
 
 
+SHARDED_META = "meta.pt"  # Lightning's file of the non-tensor state in a sharded checkpoint directory
+DCP_META = ".metadata"  # torch.distributed.checkpoint's index of the shards
+
+
 def checkpoint_loads(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a complete checkpoint: a directory (sharded FSDP) with metadata, or a file that
-    ``torch.load`` opens (memory-mapped: only the archive index is read, not the tensors)."""
+    """Whether ``path`` is a complete checkpoint: a sharded FSDP directory whose shard index exists and whose
+    Lightning state (``meta.pt``) loads, or a file that ``torch.load`` opens (memory-mapped: only the archive
+    index is read, not the tensors) holding a ``state_dict``."""
     path = Path(path)
     if path.is_dir():
-        return any(path.iterdir())
+        if not (path / DCP_META).is_file():
+            return False
+        try:
+            meta = torch.load(path / SHARDED_META, map_location="cpu", mmap=True, weights_only=False)
+        except Exception:  # noqa: BLE001 - missing or truncated: does not load
+            return False
+        return isinstance(meta, dict)
     try:
         ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
     except Exception:  # noqa: BLE001 - truncated, empty or foreign files all mean "does not load"
@@ -95,6 +91,7 @@ def resolve_last(dirs: list[str | os.PathLike]) -> tuple[Path | None, list[Path]
         d = Path(d)
         if d.is_dir():
             candidates += [p for p in d.iterdir() if p.name.endswith(".ckpt") and not p.name.startswith(".")]
+    candidates = [p for p in candidates if p.exists()]  # a ``last`` link whose target is gone does not count
     candidates.sort(key=lambda p: (-p.stat().st_mtime_ns, not p.name.startswith("last")))
     broken = []
     for p in candidates:
@@ -113,24 +110,40 @@ class RLCheckpoint(ModelCheckpoint):
             training and on preemption.
         save_on_preemption: on SIGTERM / SIGUSR1 finish the current RL step, save (``last.ckpt`` when
             ``save_last``) and stop; ``lrl`` then exits with 128 + the signal number.
-        **kwargs: `ModelCheckpoint` arguments (``dirpath``, ``filename``, ``save_last``, ``save_top_k``, ...);
-            the optimizer-step and epoch triggers (``every_n_train_steps``, ``train_time_interval``,
-            ``every_n_epochs``) are not accepted, and files are named ``rl_step=N.ckpt`` by default.
+        keep_last: how many numbered checkpoints (``rl_step=N.ckpt``) stay on disk: the newest ``keep_last`` by
+            RL step; -1 keeps every one, 0 none (only ``last.ckpt``, then a full file). Replaces
+            `ModelCheckpoint`'s ``save_top_k`` / ``monitor``.
+        **kwargs: `ModelCheckpoint` arguments (``dirpath``, ``filename``, ``save_last``: ``link`` makes
+            ``last.ckpt`` a link to the newest numbered checkpoint, ``true`` a full copy); the optimizer-step and
+            epoch triggers (``every_n_train_steps``, ``train_time_interval``, ``every_n_epochs``) and
+            ``save_top_k`` / ``monitor`` / ``mode`` are not accepted, and files are named ``rl_step=N.ckpt``.
     """
 
-    def __init__(self, every_n_rl_steps: int = 10, save_on_preemption: bool = True, **kwargs):
+    def __init__(self, every_n_rl_steps: int = 10, save_on_preemption: bool = True, keep_last: int = 2, **kwargs):
         for key in ("every_n_train_steps", "train_time_interval", "every_n_epochs", "save_on_train_epoch_end"):
             if kwargs.pop(key, None):
                 raise MisconfigurationException(
                     f"RLCheckpoint.{key} is not supported: the cadence is every_n_rl_steps (RL steps)"
                 )
+        # the CLI fills in ModelCheckpoint's defaults (save_top_k 1, monitor None, mode "min"): only others are refused
+        for key, default in (("save_top_k", 1), ("monitor", None), ("mode", "min")):
+            if kwargs.pop(key, default) not in (None, default):
+                raise MisconfigurationException(
+                    f"RLCheckpoint.{key} is not supported: retention is keep_last (the newest K by RL step)"
+                )
         if not isinstance(every_n_rl_steps, int) or every_n_rl_steps < 0:
             raise MisconfigurationException(
                 f"RLCheckpoint.every_n_rl_steps must be an int >= 0, got {every_n_rl_steps}"
             )
+        if not isinstance(keep_last, int) or keep_last < -1:
+            raise MisconfigurationException(f"RLCheckpoint.keep_last must be an int >= -1, got {keep_last}")
         if kwargs.get("filename") is None:  # the CLI passes None explicitly
             kwargs["filename"] = "{rl_step}" if kwargs.get("auto_insert_metric_name", True) else "rl_step={rl_step}"
-        super().__init__(every_n_train_steps=0, every_n_epochs=0, save_on_train_epoch_end=False, **kwargs)
+        # "the newest K" is top-K of the RL step: ModelCheckpoint's own bookkeeping (saved in the checkpoint, so a
+        # resumed run keeps deleting the oldest) does the retention
+        super().__init__(every_n_train_steps=0, every_n_epochs=0, save_on_train_epoch_end=False,
+                         monitor="rl_step", mode="max", save_top_k=keep_last, **kwargs)
+        self.keep_last = keep_last
         self.every_n_rl_steps = every_n_rl_steps
         self.save_on_preemption = save_on_preemption
         self.last_rl_step_saved = -1
@@ -220,6 +233,26 @@ class RLCheckpoint(ModelCheckpoint):
         rank_zero_info(f"RLCheckpoint: saved RL step {step} to {self._last_checkpoint_saved}")
 
     @override
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        if getattr(trainer.strategy, "_state_dict_type", None) != "sharded":
+            return super()._save_checkpoint(trainer, filepath)  # a file: AtomicCheckpointIO writes it atomically
+        save_sharded_atomically(trainer, filepath, self.save_weights_only)
+        # what ModelCheckpoint._save_checkpoint records after its write
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    @staticmethod
+    @override
+    def _link_checkpoint(trainer, filepath: str, linkpath: str) -> None:
+        # Lightning's removes the old link and then creates the new one: a kill in between leaves no last.ckpt
+        if trainer.is_global_zero and os.path.abspath(filepath) != os.path.abspath(linkpath):
+            atomic_symlink(filepath, linkpath)
+        trainer.strategy.barrier()
+
+    @override
     def state_dict(self) -> dict:
         return {**super().state_dict(), "last_rl_step_saved": self.last_rl_step_saved}
 
@@ -227,6 +260,32 @@ class RLCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self.last_rl_step_saved = int(state_dict.get("last_rl_step_saved", -1))
+
+
+def save_sharded_atomically(trainer, filepath: str | os.PathLike, weights_only: bool = False) -> None:
+    """``trainer.save_checkpoint`` of a sharded strategy (every rank writes its shards into a directory) into a
+    hidden ``.<name>.tmp`` beside ``filepath``, checked loadable (`checkpoint_loads`) and renamed into place
+    (`lrl.atomic.replace_dir`) by rank 0: a save that fails or is killed part-way leaves the previous checkpoint
+    as it was. FSDP's own save writes into the target directory in place. A collective: every rank calls it."""
+    final = Path(filepath)
+    tmp = final.with_name(f".{final.name}.tmp")  # the same name on every rank (a random one would differ)
+    strategy = trainer.strategy
+    if trainer.is_global_zero:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a save killed earlier
+    strategy.barrier("lrl_sharded_save_start")
+    try:
+        trainer.save_checkpoint(str(tmp), weights_only)
+        strategy.barrier("lrl_sharded_save_written")
+        if trainer.is_global_zero:
+            if not checkpoint_loads(tmp):
+                raise RuntimeError(f"RLCheckpoint: the sharded checkpoint written to {tmp} does not load; "
+                                   f"{final} is left as it was")
+            replace_dir(tmp, final)
+    except BaseException:
+        if trainer.is_global_zero:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    strategy.barrier("lrl_sharded_save_done")
 
 
 def _rl_step(pl_module) -> int:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities import rank_zero_only
@@ -19,7 +19,7 @@ class ParetoFrontierCheckpoint(Callback):
     ``pareto/aup``, ``pareto/acc@φ``, ``pareto/tpf@φ`` (``pareto/sound@φ`` for tasks that check worked steps) and
     the frontier plot to TensorBoard, and save an HF checkpoint of the policy. Of the evaluated checkpoints only
     those on the frontier of (TPF, accuracy) at the ``select_threshold`` decoding setting, plus the best-AUP one,
-    are kept on disk.
+    are kept on disk (``keep: frontier``), or the best-AUP one alone (``keep: best``: one HF copy on disk).
 
     Args:
         dirpath: where checkpoints and ``pareto.json`` files go (default: ``<log_dir>/pareto``).
@@ -28,6 +28,8 @@ class ParetoFrontierCheckpoint(Callback):
         thresholds: dynamic thresholds of the sweep (None: the module's ``eval_thresholds``).
         select_threshold: decoding setting whose (TPF, accuracy) defines the frontier of checkpoints.
         evaluate_at_start: also evaluate the initial policy (the "before" point).
+        keep: which evaluated checkpoints stay on disk: ``frontier`` (the frontier plus the best AUP) or ``best``
+            (the best AUP only).
     """
 
     def __init__(
@@ -38,9 +40,13 @@ class ParetoFrontierCheckpoint(Callback):
         thresholds: list[float] | None = None,
         select_threshold: float = 0.9,
         evaluate_at_start: bool = True,
+        keep: Literal["frontier", "best"] = "frontier",
     ):
         if every_n_steps < 1:
             raise MisconfigurationException(f"ParetoFrontierCheckpoint.every_n_steps must be >= 1, got {every_n_steps}")
+        if keep not in ("frontier", "best"):
+            raise MisconfigurationException(f"ParetoFrontierCheckpoint.keep must be 'frontier' or 'best', got {keep!r}")
+        self.keep = keep
         self.dirpath = dirpath
         self.every_n_steps = every_n_steps
         self.eval_size = eval_size
@@ -88,6 +94,9 @@ class ParetoFrontierCheckpoint(Callback):
 
     @rank_zero_only
     def _save(self, trainer, pl_module, result, step: int, sel, weights) -> None:
+        import json
+
+        from lrl.atomic import atomic_write
         from lrl.evaluation import write_pareto
         from lrl.evaluation.pareto import plot_pareto
         from lrl.metrics import pareto_frontier
@@ -111,13 +120,12 @@ class ParetoFrontierCheckpoint(Callback):
         front = set(pareto_frontier(pts))
         best = max(range(len(self.history)), key=lambda i: self.history[i]["aup"])
         for i, h in enumerate(self.history):
-            keep = i in front or i == best
+            keep = i == best or (self.keep == "frontier" and i in front)
             if h["kept"] and not keep:
                 shutil.rmtree(h["path"], ignore_errors=True)
                 h["kept"] = False
-        (out / "frontier.json").write_text(
-            json.dumps({"history": self.history, "best_aup_step": self.history[best]["step"]}, indent=2)
-        )
+        atomic_write(out / "frontier.json",
+                     json.dumps({"history": self.history, "best_aup_step": self.history[best]["step"]}, indent=2))
         exp = getattr(trainer.logger, "experiment", None)
         if exp is not None and hasattr(exp, "add_figure"):
             exp.add_figure("pareto/frontier", plot_pareto(result, title=f"step {step}"), trainer.global_step)

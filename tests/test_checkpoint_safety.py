@@ -25,7 +25,7 @@ DROP_ALL = "{all_wrong: false, tpf_range_threshold: 100.0}"
 def _args(out: Path, steps: int, *extra: str, hooks: tuple[str, ...] = (), filt: str = KEEP_ALL, every: int = 1):
     callbacks = [*hooks,
                  f"{{class_path: callbacks.RLCheckpoint, init_args: {{dirpath: {out}/ckpts, save_last: true, "
-                 f"every_n_rl_steps: {every}, save_top_k: -1}}}}"]
+                 f"every_n_rl_steps: {every}, keep_last: -1}}}}"]
     return [
         "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--checkpoint", str(BASE), "--block_size=8",
         "--data.init_args.prompts_per_step=2", "--data.init_args.group_size=2",

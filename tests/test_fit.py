@@ -48,7 +48,7 @@ def _callbacks_override(out: Path) -> list[str]:
         "--trainer.callbacks=["
         "{class_path: callbacks.RewardNormalizationLogger}, "
         f"{{class_path: callbacks.RLCheckpoint, init_args: {{dirpath: {out}/ckpts, "
-        "save_last: true, every_n_rl_steps: 1, save_top_k: -1}}]",
+        "save_last: true, every_n_rl_steps: 1, keep_last: -1}}]",
     ]
 
 

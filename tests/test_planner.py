@@ -394,7 +394,7 @@ def test_two_step_fit_with_dultra_config(peaky_checkpoint, tiny_tokenizer, tmp_p
             "--data.init_args.filter={all_wrong: false, tpf_range_threshold: null}",
             "--trainer.callbacks=["
             f"{{class_path: callbacks.RLCheckpoint, init_args: {{dirpath: {out}/ckpts, save_last: true, "
-            "every_n_rl_steps: 1, save_top_k: -1}}]", f"--model.init_args.planner_ratio={ratio}"]
+            "every_n_rl_steps: 1, keep_last: -1}}]", f"--model.init_args.planner_ratio={ratio}"]
     if freeze:  # the shipped planner-only overlay (configs/algorithm/planner_only.yaml) freezes the backbone
         args += ["--config", str(root / "configs" / "algorithm" / "planner_only.yaml")]
         build_teacher(tmp_path / "teacher", tiny_tokenizer)
