@@ -25,7 +25,7 @@ class ParetoFrontierCheckpoint(Callback):
         dirpath: where checkpoints and ``pareto.json`` files go (default: ``<log_dir>/pareto``).
         every_n_steps: evaluation period in RL steps.
         eval_size: held-out records evaluated (None: the datamodule's whole eval set).
-        thresholds: dynamic thresholds of the sweep (None: the module's ``eval_thresholds``).
+        thresholds: dynamic thresholds of the sweep (None: the module's ``eval.thresholds``).
         select_threshold: decoding setting whose (TPF, accuracy) defines the frontier of checkpoints.
         evaluate_at_start: also evaluate the initial policy (the "before" point).
         keep: which evaluated checkpoints stay on disk: ``frontier`` (the frontier plus the best AUP) or ``best``

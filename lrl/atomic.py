@@ -5,8 +5,8 @@ directories written by several ranks (`replace_dir`) and the ``last`` link (`ato
 
 Everything is written beside its target (same directory, so the final ``os.replace`` is a rename on one
 filesystem, never a copy), under a hidden name (``.<name>.…``) that the checkpoint listings skip, fsynced, renamed
-into place, and the directory fsynced so the rename itself survives a power loss. Imports nothing of lrl, so every
-layer can use it.
+into place, and the directory fsynced so the rename itself survives a power loss. Imports nothing of lrl (torch
+only), so every layer can use it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -57,8 +59,6 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
     """``torch.save(obj)`` to ``path`` atomically (parents are created)."""
-    import torch
-
     _write_via_temp(path, lambda f: torch.save(obj, f))
 
 

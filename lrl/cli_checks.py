@@ -26,6 +26,15 @@ def _section(config, name: str) -> tuple[str, dict]:
     return str(sec.get("class_path") or ""), dict(sec.get("init_args") or {})
 
 
+def _eval(model: dict):
+    """``model.init_args.eval`` as an `EvalConfig` (defaults filled in). `_section`'s dict of a parsed namespace
+    holds the group's fields flattened (``eval.max_new_tokens``)."""
+    from lrl.evaluation.config import as_eval_config
+
+    flat = {k.split(".", 1)[1]: v for k, v in model.items() if k.startswith("eval.")}
+    return as_eval_config(model.get("eval") if "eval" in model else flat or None)
+
+
 def check_config(config) -> None:
     """Refuse model/data values that are out of range or do not fit the checkpoint (``config`` = the parsed
     subcommand config; the checkpoint directory was checked already)."""
@@ -42,9 +51,7 @@ def check_config(config) -> None:
                 continue
             if (value <= low) if strict else (value < low):
                 raise ValueError(f"model.{key} must be {'>' if strict else '>='} {low}, got {value}")
-        bad = [t for t in model.get("eval_planner_thresholds") or () if not 0.0 <= float(t) <= 1.0]
-        if bad:
-            raise ValueError(f"model.eval_planner_thresholds must lie in [0, 1], got {bad}")
+        _eval(model).check("model.init_args.eval")
     ckpt = config.get("checkpoint")
     if not ckpt or model.get("init_tiny"):
         return
@@ -54,8 +61,8 @@ def check_config(config) -> None:
         if data_cls.endswith(_ROLLOUT_DATA) and data.get("remasking_strategy") == "planner":
             raise ValueError(f"data.remasking_strategy=planner needs a planner head: {ckpt} has none and "
                              "model.planner_head is null")
-        if model.get("eval_planner_thresholds"):
-            raise ValueError(f"model.eval_planner_thresholds needs a planner head: {ckpt} has none and "
+        if model_cls.endswith(_RL_MODULE) and _eval(model).planner_thresholds:
+            raise ValueError(f"model.init_args.eval.planner_thresholds needs a planner head: {ckpt} has none and "
                              "model.planner_head is null")
         if model.get("freeze_backbone"):
             raise ValueError(f"model.freeze_backbone=true trains the planner head only, but {ckpt} has none and "
@@ -79,8 +86,9 @@ def check_budgets(config) -> None:
     if not model_cls.endswith(_RL_MODULE) or not ckpt or model.get("init_tiny"):
         return
     context = read_config(ckpt).get("max_position_embeddings")
-    if context is not None and (model.get("eval_max_new_tokens") or 0) > context:
-        raise ValueError(f"model.eval_max_new_tokens={model['eval_max_new_tokens']} exceeds the context of {ckpt} "
+    budget = _eval(model).max_new_tokens
+    if context is not None and budget > context:
+        raise ValueError(f"model.init_args.eval.max_new_tokens={budget} exceeds the context of {ckpt} "
                          f"(max_position_embeddings {context})")
 
 

@@ -16,6 +16,7 @@ datamodule's cursor in a checkpoint is exact).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import asdict
 from typing import Literal
@@ -25,6 +26,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.strategies import FSDPStrategy
 
 from lrl.algorithms.losses import LossConfig
+from lrl.evaluation.config import EvalConfig, as_eval_config
 from lrl.models import BlockDiffusionLM, load_checkpoint
 from lrl.models.lora import LoraSettings, lora_settings
 from lrl.models.sharding import full_state_dict, gathered, is_sharded, submodule_prefix, unwrap, wrap_fsdp
@@ -71,15 +73,13 @@ class LightningRLModule(LoraTraining, RLStep, PlannerTraining, LightningModule):
         max_rl_steps: stop after this many RL steps (rollout batches). Lightning's ``trainer.max_steps`` counts
             optimizer steps, which is ``minibatches × ppo_epochs`` per RL step and 0 for a step whose groups were
             all filtered out, so the run length is set here.
-        eval_thresholds: dynamic thresholds of the validation Pareto sweep.
-        eval_max_new_tokens: generation budget of the validation sweep.
-        eval_static_anchor: include the 1-token-per-step anchor in the sweep.
+        eval: the validation / Pareto sweep (`lrl.evaluation.config.EvalConfig`: ``thresholds``,
+            ``max_new_tokens``, ``static_anchor``, ``planner_thresholds``, and the evaluation engine's ``max_rows``,
+            ``kv_cache_gb``, ``transient_gb``, which default to the rollout's).
         planner_head: dUltra (spec §8.3): `lrl.models.planner.PlannerConfig` fields (without hidden_size) of a
             fresh planner head, created when the checkpoint has none (a checkpoint's own head is always loaded).
         planner_lr: learning rate of the planner head (None: ``lr``).
         freeze_backbone: train the planner head only (planner-only RL); needs a planner head.
-        eval_planner_thresholds: also sweep the greedy planner at these p thresholds (``planner@t`` points;
-            needs a planner head).
         planner_ratio: how planner rollouts (``data.remasking_strategy: planner``) are trained (spec §8.3,
             `lrl.algorithms.planner_objective`): ``separate`` adds a PPO term over each step's decision
             log-probs to the per-token loss; ``joint`` uses one ratio per step whose log-prob is Σ decisions +
@@ -119,13 +119,10 @@ class LightningRLModule(LoraTraining, RLStep, PlannerTraining, LightningModule):
         attention: Literal["sdpa", "flex"] = "sdpa",
         max_skipped_steps: int = 3,
         max_rl_steps: int | None = None,
-        eval_thresholds: list[float] = (0.95, 0.9, 0.8, 0.7, 0.5),
-        eval_max_new_tokens: int = 256,
-        eval_static_anchor: bool = True,
+        eval: EvalConfig | None = None,
         planner_head: dict | None = None,
         planner_lr: float | None = None,
         freeze_backbone: bool = False,
-        eval_planner_thresholds: list[float] = (),
         planner_ratio: Literal["separate", "joint"] = "separate",
         reference_offload: bool = True,
         lora: LoraSettings | None = None,
@@ -148,21 +145,18 @@ class LightningRLModule(LoraTraining, RLStep, PlannerTraining, LightningModule):
         if loss.tis_cap is not None and estimator != "trajectory":  # π_old must be scored in the sampling state
             raise ValueError(f"model.loss.tis_cap needs model.estimator=trajectory (got {estimator!r}): only it "
                              "scores each token in the state that sampled it, like the rollout's log-probs")
-        bad = [t for t in eval_thresholds if not 0.0 <= t <= 1.0]
-        if bad or not eval_thresholds:
-            raise ValueError(
-                f"model.eval_thresholds must be a non-empty list of values in [0, 1], got {eval_thresholds}"
-            )
+        self.eval_cfg = as_eval_config(eval)
+        self.eval_cfg.check()
         if planner_ratio not in ("separate", "joint"):
             raise ValueError(f"model.planner_ratio must be 'separate' or 'joint', got {planner_ratio!r}")
         if planner_lr is not None and planner_lr <= 0:
             raise ValueError(f"model.planner_lr must be > 0 (or null: model.lr), got {planner_lr}")
-        if eval_max_new_tokens <= 0 or (max_rl_steps is not None and max_rl_steps < 1):
-            raise ValueError(f"model.eval_max_new_tokens and model.max_rl_steps must be >= 1, got "
-                             f"{eval_max_new_tokens}, {max_rl_steps}")
+        if max_rl_steps is not None and max_rl_steps < 1:
+            raise ValueError(f"model.max_rl_steps must be >= 1, got {max_rl_steps}")
         lora = self._check_lora(lora_settings(lora), freeze_backbone)  # a plain dict (module_lora)
         self.save_hyperparameters()
         self.hparams["loss"] = asdict(loss)  # plain values in checkpoints and hparams.yaml
+        self.hparams["eval"] = asdict(self.eval_cfg)
         self.hparams["lora"] = lora
         self.loss_config = loss
         self.automatic_optimization = False
@@ -326,29 +320,65 @@ class LightningRLModule(LoraTraining, RLStep, PlannerTraining, LightningModule):
 
     @torch.no_grad()
     def run_pareto(self, task, records, *, thresholds=None, y_max: float | None = None, stop_token_ids=None):
+        """The Pareto sweep (`run_pareto_sweep`) of the current policy over ``records``: split across the ranks and
+        gathered (a collective with several ranks; every rank returns the whole result), decoded by an engine
+        within the rollout's memory bounds (`_eval_engine_kwargs`), under autocast in the compute dtype on GPU."""
         from lrl.evaluation import run_pareto_sweep
         from lrl.models.generation import checkpoint_stop_ids
         from lrl.rollout.engine import NativeEngine
 
-        hp = self.hparams
-        stop = checkpoint_stop_ids(hp.checkpoint, self.tokenizer, stop_token_ids)
+        ev = self.eval_cfg
+        stop = checkpoint_stop_ids(self.hparams.checkpoint, self.tokenizer, stop_token_ids)
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        rank = trainer.global_rank if trainer is not None else 0
         was_training = self.policy.training
         self.policy.eval()
         try:
-            with gathered(self.policy):  # sharded policy: the engine calls submodules directly
-                engine = NativeEngine(unwrap(self.policy), self.tokenizer)
+            with gathered(self.policy), self._eval_autocast():  # sharded policy: the engine calls submodules directly
+                engine = NativeEngine(unwrap(self.policy), self.tokenizer, **self._eval_engine_kwargs())
                 return run_pareto_sweep(
                     engine,
                     task,
                     records,
-                    thresholds=list(thresholds or hp.eval_thresholds),
+                    thresholds=list(thresholds or ev.thresholds),
                     block_size=self.rollout_block_size,
-                    max_new_tokens=hp.eval_max_new_tokens,
+                    max_new_tokens=ev.max_new_tokens,
                     stop_token_ids=stop,
-                    static_anchor=hp.eval_static_anchor,
+                    static_anchor=ev.static_anchor,
                     y_max=y_max,
-                    planner_thresholds=list(hp.eval_planner_thresholds),
+                    planner_thresholds=list(ev.planner_thresholds),
+                    rank=rank,
+                    world_size=world,
+                    all_gather_object=_all_gather_object if world > 1 else None,
                 )
         finally:
             self.policy.train(was_training)
 
+    def _eval_engine_kwargs(self) -> dict:
+        """The evaluation engine's bounds: ``model.init_args.eval``'s ``max_rows`` / ``kv_cache_gb`` /
+        ``transient_gb``, each defaulting to the rollout's (``data.init_args.rollout``), so the evaluation never
+        needs more memory than the budget the plan counts for it."""
+        ev = self.eval_cfg
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        ro = getattr(dm, "rollout_cfg", None)
+        pick = {k: getattr(ev, k) if getattr(ev, k) is not None else getattr(ro, k, None)
+                for k in ("max_rows", "kv_cache_gb", "transient_gb")}
+        return {k: v for k, v in pick.items() if v is not None}
+
+    def _eval_autocast(self):
+        """On GPU the sweep computes in the trainer's compute dtype (bf16 under ``bf16-mixed``), as training does."""
+        dtype = self._compute_dtype()
+        device = self.policy.device if not is_sharded(self.policy) else self.device
+        if dtype is None or device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=dtype)
+
+
+def _all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order (``torch.distributed.all_gather_object``; a collective)."""
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

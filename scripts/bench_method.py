@@ -8,7 +8,7 @@ greedy threshold sweep. AUP uses one y_max for all methods (d3LLM: the best accu
 dUltra methods (`PLANNER_METHODS`, spec §8.3) train with configs/dultra.yaml layered on the benchmark's configs,
 from a checkpoint whose planner head was first fitted by imitation of the threshold rule at φ
 (scripts/dultra_imitation.py; cached under <out>/planner_init, or --planner-init DIR), and are evaluated on the
-planner's own greedy sweep (the 1-token anchor and p ≥ t for ``eval_planner_thresholds``); their table row is
+planner's own greedy sweep (the 1-token anchor and p ≥ t for ``eval.planner_thresholds``); their table row is
 read at p ≥ 0.5 (the planner strategy's default). "LightningRL → planner" trains LightningRL first (reusing the
 same seed's LightningRL run when it is in the same invocation), fits a head on its export by imitation, then
 trains the head alone.
@@ -73,7 +73,8 @@ PLANNER_METHODS: dict[str, tuple[str | None, list[str]]] = {
 PLANNER_SELECT = 0.5  # the planner methods' table row: greedy p ≥ 0.5 (SamplingParams.planner_threshold default)
 PLANNER_BASE = "SFT base + planner (imitation)"  # the imitation-fitted head on the SFT base, before any RL
 # the keys PLANNER_CONFIG adds to the benchmark's configs (the rest of the budget stays the benchmark's own)
-PLANNER_KEYS = {"model": ("planner_head", "planner_lr", "freeze_backbone", "planner_ratio", "eval_planner_thresholds"),
+PLANNER_KEYS = {"model": ("planner_head", "planner_lr", "freeze_backbone", "planner_ratio",
+                          "eval.planner_thresholds"),
                 "data": ("remasking_strategy", "rewards")}
 
 
@@ -81,10 +82,16 @@ def planner_args(config: dict) -> list[str]:
     """`lrl fit` arguments setting `PLANNER_KEYS` to their values in ``config`` (a merged config dict)."""
     out = []
     for section, keys in PLANNER_KEYS.items():
-        init = config[section]["init_args"]
-        out += [f"--{section}.init_args.{k}={v if isinstance(v, str) else json.dumps(v)}"
-                for k in keys if k in init for v in [init[k]]]
+        for k in keys:  # a dotted key sets one field of a group (`eval.planner_thresholds`), not the whole group
+            node = config[section]["init_args"]
+            for part in k.split("."):
+                node = node.get(part, _MISSING) if isinstance(node, dict) else _MISSING
+            if node is not _MISSING:
+                out.append(f"--{section}.init_args.{k}={node if isinstance(node, str) else json.dumps(node)}")
     return out
+
+
+_MISSING = object()
 
 
 def train(method_args: list[str], seed: int, steps: int | None, out: Path, configs: list[str]):
@@ -451,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                          "'Measured figures'); the block-8 demo base is committed in outputs/base/sft_tiny")
     task = get_task(data["task"], **{**data.get("task_kwargs", {}), "eval_seed": data.get("eval_seed", 1)})
     records = task.load("test")[: args.eval_size]
-    thresholds, block, max_new = list(model["eval_thresholds"]), cfg["block_size"], model["eval_max_new_tokens"]
+    thresholds, block, max_new = list(model["eval"]["thresholds"]), cfg["block_size"], model["eval"]["max_new_tokens"]
     select = float(data.get("threshold", 0.9))
     methods: dict = dict(METHODS, **(ABLATIONS if args.ablations else {}),
                          **(PLANNER_METHODS if args.dultra else {}))
@@ -470,7 +477,8 @@ def main(argv: list[str] | None = None) -> int:
     if dultra:  # one imitation-fitted head on the SFT base, shared by every seed (and cached on disk)
         pcfg = merged_config([*configs, PLANNER_CONFIG])
         p_args = planner_args(pcfg)
-        p_ts = sorted({*pcfg["model"]["init_args"].get("eval_planner_thresholds", ()), PLANNER_SELECT}, reverse=True)
+        p_ts = sorted({*(pcfg["model"]["init_args"].get("eval") or {}).get("planner_thresholds", ()), PLANNER_SELECT},
+                      reverse=True)
         init_kw = dict(threshold=select, block=block, max_new=max_new, eval_size=args.eval_size,
                        prompts=args.imitation_prompts, steps=args.imitation_steps)
         base_init = planner_init(base_dir, Path(args.planner_init or out / "planner_init" / "base"), **init_kw)

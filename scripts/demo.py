@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     from lrl.tasks import get_task
 
     data, model = cfg["data"]["init_args"], cfg["model"]["init_args"]
-    block_size, max_new = cfg["block_size"], model["eval_max_new_tokens"]
-    thresholds = list(model["eval_thresholds"])
+    block_size, max_new = cfg["block_size"], model["eval"]["max_new_tokens"]
+    thresholds = list(model["eval"]["thresholds"])
     task = get_task(data["task"], **{**data.get("task_kwargs", {}), "eval_seed": data.get("eval_seed", 1)})
     records = task.load(data.get("eval_split", "test"))[: args.eval_size]
 

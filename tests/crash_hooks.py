@@ -37,7 +37,7 @@ class PauseInCheckpointWrite(Callback):
 
         import torch
 
-        import callbacks.checkpoint as ckpt_mod
+        import lrl.atomic as ckpt_mod
 
         real_save = torch.save
         count = {"n": 0}
@@ -60,7 +60,7 @@ class PauseInCheckpointWrite(Callback):
 
 
 class _TorchWithSave:
-    """``torch`` with ``save`` replaced (only inside `callbacks.checkpoint`)."""
+    """``torch`` with ``save`` replaced (only inside `lrl.atomic`, where checkpoints are written)."""
 
     def __init__(self, torch_module, save):
         self._torch = torch_module

@@ -69,6 +69,6 @@ def test_planner_methods_instantiate(method, tiny_checkpoint, tmp_path, monkeypa
     hp = cli.model.hparams
     assert cli.datamodule.hparams.remasking_strategy == "planner"
     assert [t.name for t in cli.datamodule.reward_terms] == ["acc", "tpf", "steps"]  # dUltra's step-count term
-    assert hp.planner_head is not None and hp.planner_lr == 1e-3 and list(hp.eval_planner_thresholds)
+    assert hp.planner_head is not None and hp.planner_lr == 1e-3 and list(cli.model.eval_cfg.planner_thresholds)
     assert hp.freeze_backbone == (method != "dUltra")
     assert first in (None, "LightningRL")

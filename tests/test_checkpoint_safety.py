@@ -33,7 +33,7 @@ def _args(out: Path, steps: int, *extra: str, hooks: tuple[str, ...] = (), filt:
         "--data.init_args.eval_size=4", "--data.init_args.max_refill_rounds=1",
         "--model.init_args.minibatches=1", "--model.init_args.micro_batch_size=4",
         "--model.init_args.lr=1e-3", "--model.init_args.warmup_steps=0",
-        "--model.init_args.eval_max_new_tokens=8", "--model.init_args.eval_thresholds=[0.5]",
+        "--model.init_args.eval.max_new_tokens=8", "--model.init_args.eval.thresholds=[0.5]",
         f"--model.init_args.max_rl_steps={steps}", f"--trainer.default_root_dir={out}",
         "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={out}",
         f"--data.init_args.filter={filt}", f"--trainer.callbacks=[{', '.join(callbacks)}]", *extra,

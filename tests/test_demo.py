@@ -30,8 +30,8 @@ def test_demo_writes_its_artefacts(tmp_path, monkeypatch):
     small = ["--data.init_args.prompts_per_step=2", "--data.init_args.group_size=2",
              "--data.init_args.max_refill_rounds=1", "--trainer.enable_progress_bar=false",
              # Lightning validates once when the 1-step run stops: a small sweep
-             "--data.init_args.eval_size=3", "--model.init_args.eval_thresholds=[0.9]",
-             "--model.init_args.eval_max_new_tokens=16"]
+             "--data.init_args.eval_size=3", "--model.init_args.eval.thresholds=[0.9]",
+             "--model.init_args.eval.max_new_tokens=16"]
     fits = []
     monkeypatch.setattr(lrl.cli, "cli_main", lambda args: fits.append(args) or real_cli(args + small))
     assert demo.main(["--rl-steps", "1", "--eval-size", "3"]) == 0

@@ -79,7 +79,7 @@ def _fit_args(ckpt: Path, out: Path, *extra: str) -> list[str]:
         "--data.init_args.max_refill_rounds=1",
         "--model.init_args.minibatches=2", "--model.init_args.micro_batch_size=2",
         "--model.init_args.lr=1e-3", "--model.init_args.warmup_steps=0",
-        "--model.init_args.eval_max_new_tokens=8", "--model.init_args.eval_thresholds=[0.5]",
+        "--model.init_args.eval.max_new_tokens=8", "--model.init_args.eval.thresholds=[0.5]",
         "--model.init_args.max_rl_steps=2",
         f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false",
         "--trainer.enable_checkpointing=false", f"--trainer.logger.init_args.save_dir={out}",

@@ -54,8 +54,8 @@ def test_lrl_validate_writes_pareto(tiny_checkpoint, tmp_path, monkeypatch):
             "--data.init_args.task_kwargs={num_train: 10, num_eval: 5}",
             "--data.init_args.eval_size=5",
             "--data.init_args.max_new_tokens=8",
-            "--model.init_args.eval_max_new_tokens=8",
-            "--model.init_args.eval_thresholds=[0.9, 0.5]",
+            "--model.init_args.eval.max_new_tokens=8",
+            "--model.init_args.eval.thresholds=[0.9, 0.5]",
             f"--trainer.logger.init_args.save_dir={tmp_path}/logs",
             "--trainer.enable_progress_bar=false",
         ]
@@ -96,7 +96,7 @@ def test_lrl_validate_ckpt_path_is_the_checkpoint_in_pareto_json(tiny_checkpoint
     args = ["validate", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--checkpoint", str(tiny_checkpoint),
             "--block_size", "4", "--data.init_args.task_kwargs={num_train: 10, num_eval: 2}",
             "--data.init_args.eval_size=2", "--data.init_args.max_new_tokens=8",
-            "--model.init_args.eval_max_new_tokens=8", "--model.init_args.eval_thresholds=[0.5]",
+            "--model.init_args.eval.max_new_tokens=8", "--model.init_args.eval.thresholds=[0.5]",
             f"--trainer.logger.init_args.save_dir={tmp_path}/logs", "--trainer.enable_progress_bar=false"]
     cli = cli_main(args[1:], run=False)
     cli.model.configure_model()

@@ -388,7 +388,7 @@ def test_two_step_fit_with_dultra_config(peaky_checkpoint, tiny_tokenizer, tmp_p
             "--data.init_args.max_new_tokens=8", "--data.init_args.task_kwargs={num_train: 40, num_eval: 8}",
             "--data.init_args.eval_size=4", "--data.init_args.max_refill_rounds=1",
             "--model.init_args.micro_batch_size=3", "--model.init_args.lr=1e-3", "--model.init_args.warmup_steps=0",
-            "--model.init_args.eval_max_new_tokens=8", "--model.init_args.eval_thresholds=[0.5]",
+            "--model.init_args.eval.max_new_tokens=8", "--model.init_args.eval.thresholds=[0.5]",
             "--model.init_args.max_rl_steps=2", f"--trainer.default_root_dir={out}",
             "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={out}",
             "--data.init_args.filter={all_wrong: false, tpf_range_threshold: null}",

@@ -25,7 +25,7 @@ def _args(cmd: str, ckpt, out: Path, *extra: str) -> list[str]:
         "--data.init_args.max_new_tokens=8", "--data.init_args.task_kwargs={num_train: 8, num_eval: 4}",
         "--data.init_args.eval_size=2", "--data.init_args.max_refill_rounds=1",
         "--model.init_args.micro_batch_size=2", "--model.init_args.lr=1e-3", "--model.init_args.warmup_steps=0",
-        "--model.init_args.eval_max_new_tokens=8", "--model.init_args.eval_thresholds=[0.5]",
+        "--model.init_args.eval.max_new_tokens=8", "--model.init_args.eval.thresholds=[0.5]",
         "--model.init_args.max_rl_steps=2",
         f"--trainer.default_root_dir={out}", "--trainer.enable_progress_bar=false",
         f"--trainer.logger.init_args.save_dir={out}",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -96,8 +97,15 @@ def run_pareto_sweep(
     y_max: float | None = None,
     eos_policy: str = "truncate",
     planner_thresholds: list[float] = (),
+    rank: int = 0,
+    world_size: int = 1,
+    all_gather_object: Callable[[object], list] | None = None,
 ) -> ParetoResult:
     """Decode ``records`` greedily at every setting and score them with ``task.score``.
+
+    With ``world_size`` > 1 each rank decodes the records ``rank, rank + world_size, …`` and the per-record
+    results (text, score, tokens, forwards) are gathered with ``all_gather_object`` (one object per rank, in rank
+    order; a collective) before any figure is computed, so every rank returns the result one process would.
 
     Args:
         generator: the rollout generator (its current weights are evaluated).
@@ -109,6 +117,8 @@ def run_pareto_sweep(
         y_max: accuracy used by AUP's weighting (None: best accuracy among these points).
         planner_thresholds: also decode with the dUltra ``planner`` strategy (greedy: unmask where p_i >= t), one
             point ``planner@t`` per value; the model needs a planner head. Their ``threshold`` field holds t.
+        rank, world_size, all_gather_object: the split across ranks (above); ``torch.distributed``'s
+            ``all_gather_object`` semantics (returns the list of every rank's object).
     """
     import warnings
 
@@ -117,7 +127,10 @@ def run_pareto_sweep(
 
     if not records:
         raise ValueError("run_pareto_sweep: no evaluation records")
-    prompts = [task.prompt(r) for r in records]
+    if world_size > 1 and all_gather_object is None:
+        raise ValueError("run_pareto_sweep: world_size > 1 needs all_gather_object")
+    mine = list(range(rank, len(records), world_size))
+    prompts = [task.prompt(records[i]) for i in mine]
     settings: list[tuple[str, float | None, SamplingParams]] = []
     common = dict(
         block_size=block_size,
@@ -151,9 +164,14 @@ def run_pareto_sweep(
     points = []
     for name, thr, sp in settings:
         start = time.perf_counter()
-        batch = generator.generate(prompts, sp)
+        rows = _decode_rows(generator, task, [records[i] for i in mine], mine, prompts, sp)
         wall = time.perf_counter() - start
-        scores = task.score(batch.texts, records)
+        if world_size > 1:  # every rank's rows, back in record order; the slowest rank's wall time
+            gathered = all_gather_object((rows, wall))
+            rows = sorted((r for part, _ in gathered for r in part), key=lambda r: r.index)
+            wall = max(w for _, w in gathered)
+        batch = _Rows(rows)
+        scores = [r.score for r in rows]
         acc = 100.0 * sum(float(s) >= 1.0 for s in scores) / len(scores)
         points.append(
             ParetoPoint(
@@ -163,12 +181,12 @@ def run_pareto_sweep(
                 tpf=batch.batch_tpf,
                 tokens=int(batch.response_lengths.sum()),
                 forwards=int(batch.num_forwards.sum()),
-                store_passes=int(batch.num_store_passes.sum()),
+                store_passes=sum(r.store_passes for r in rows),
                 wall_s=wall,
                 num_responses=len(batch),
                 styles=style_breakdown(task, batch, scores),
                 sound_accuracy=sound_accuracy(task, batch.texts, scores),
-                forwards_spent=int(batch.forwards_spent.sum()),
+                forwards_spent=sum(r.forwards_spent for r in rows),
             )
         )
     curve = [(p.tpf, p.accuracy) for p in points]
@@ -180,6 +198,49 @@ def run_pareto_sweep(
                       "the accuracy of the lowest-TPF point (d3LLM's get_aup refuses the curve); pareto.json lists "
                       "them under aup_dropped", AUPPointsDropped, stacklevel=2)
     return ParetoResult(points=points, aup=value, y_max=ymax, frontier=pareto_frontier(curve), aup_dropped=dropped)
+
+
+@dataclass
+class _Row:
+    """One record's result at one decoding setting (what ranks exchange)."""
+
+    index: int
+    text: str
+    score: float
+    tokens: int
+    forwards: int
+    store_passes: int
+    forwards_spent: int
+
+
+def _decode_rows(generator, task, records, indices, prompts, sp) -> list[_Row]:
+    """Decode and score this rank's ``records`` (global ``indices``); an empty share decodes nothing."""
+    if not records:
+        return []
+    batch = generator.generate(prompts, sp)
+    scores = task.score(batch.texts, records)
+    spent = batch.forwards_spent
+    return [_Row(i, batch.texts[j], float(scores[j]), int(batch.response_lengths[j]), int(batch.num_forwards[j]),
+                 int(batch.num_store_passes[j]), int(spent[j])) for j, i in enumerate(indices)]
+
+
+class _Rows:
+    """The gathered rows seen as the parts of a `RolloutBatch` that the figures read."""
+
+    def __init__(self, rows: list[_Row]):
+        import torch
+
+        self.texts = [r.text for r in rows]
+        self.response_lengths = torch.tensor([r.tokens for r in rows], dtype=torch.long)
+        self.num_forwards = torch.tensor([r.forwards for r in rows], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @property
+    def batch_tpf(self) -> float:  # = RolloutBatch.batch_tpf: Σ tokens ÷ Σ forwards
+        total = int(self.num_forwards.sum())
+        return float(self.response_lengths.sum()) / total if total else 0.0
 
 
 def sound_accuracy(task, texts, scores) -> float | None:

@@ -10,14 +10,14 @@ the largest phase. Component formulas: `lrl.plan.components`; shapes: `lrl.plan.
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass, field
 
+from lrl.evaluation.config import as_eval_config
 from lrl.plan import components as C
 from lrl.plan.shapes import ModelShape, load_shape
 
 GB = 1e9
-PHASES = ("states", "rollout", "logprob passes", "training", "evaluation")
+PHASES = ("states", "rollout", "logprob passes", "training", "weight sync", "evaluation")
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 
 
@@ -252,18 +252,32 @@ def build_plan(config: dict, *, world_size: int | None = None, device_gb: float 
                     f"{chunk_rows} rows × {row.positions:,} positions ({row.copies} noisy copies, "
                     f"{'flex' if not sdpa_mask else 'sdpa'}), {n_rows} row(s) per response"))
 
-    # ---- evaluation (Pareto sweep through the native engine over the policy's weights)
-    callbacks = [str((cb_ or {}).get("class_path", "")) for cb_ in (t.get("callbacks") or [])
-                 if isinstance(cb_, dict)]
-    if any("ParetoFrontierCheckpoint" in c for c in callbacks):
+    callbacks = {str(c.get("class_path", "")).rsplit(".", 1)[-1]: dict(c.get("init_args") or {})
+                 for c in (t.get("callbacks") or []) if isinstance(c, dict)}
+    # ---- weight sync (WeightSync, after the step's gradients are freed): under FSDP every rank gathers the whole
+    # state dict in the parameters' dtype (`gathered_policy_state` → get_model_state_dict(full_state_dict=True));
+    # unsharded policies hand over their own tensors (no copy); a native engine's own copy is off the device then
+    if fsdp and "WeightSync" in callbacks:
+        rows.append(Row("weight sync: gathered policy", "weight sync", P * pb, "trainer.strategy",
+                        f"full state dict, {pb} B/param, on every rank (WeightSync)"))
+
+    # ---- evaluation (Pareto sweep through the native engine over the policy's weights; lrl.module.run_pareto)
+    if "ParetoFrontierCheckpoint" in callbacks:
+        ev = as_eval_config(m.get("eval"))
         if fsdp:
-            rows.append(Row("evaluation: gathered policy", "evaluation", P * pb, "trainer.strategy", "full weights"))
-        eval_new = int(m["eval_max_new_tokens"])
-        kv = C.kv_cache_bytes(shape, int(ro["max_rows"]), prompt, eval_new, block, base_b, ro.get("kv_cache_gb"))
-        rows.append(Row("evaluation KV cache", "evaluation", kv, "data.init_args.rollout.kv_cache_gb",
-                        "the rollout budget"))
-        rows.append(Row("evaluation transients", "evaluation", int(float(ro["transient_gb"]) * GB),
-                        "data.init_args.rollout.transient_gb", ""))
+            rows.append(Row("evaluation: gathered policy", "evaluation", P * pb, "trainer.strategy",
+                            f"full weights, {pb} B/param (autocast computes in {cb} B)"))
+        eval_kv_gb = ev.kv_cache_gb if ev.kv_cache_gb is not None else ro.get("kv_cache_gb")
+        eval_rows = int(ev.max_rows or ro["max_rows"])
+        kv = C.kv_cache_bytes(shape, eval_rows, prompt, int(ev.max_new_tokens), block, base_b, eval_kv_gb)
+        size = callbacks["ParetoFrontierCheckpoint"].get("eval_size") or d.get("eval_size")
+        split = f"; {int(size)} records / {world_size} ranks" if size and world_size > 1 else ""
+        rows.append(Row("evaluation KV cache", "evaluation", kv, "model.init_args.eval.kv_cache_gb",
+                        ("the rollout budget" if ev.kv_cache_gb is None else "its own budget") +
+                        ("" if eval_kv_gb is not None else f", {eval_rows} rows (dense worst case)") + split))
+        transient = ev.transient_gb if ev.transient_gb is not None else float(ro["transient_gb"])
+        rows.append(Row("evaluation transients", "evaluation", int(transient * GB),
+                        "model.init_args.eval.transient_gb", "bound of the engine's per-forward buffers"))
 
     plan = MemoryPlan(shape=shape, world_size=world_size, device_bytes=int(device_gb * GB),
                       usable_bytes=int(device_gb * GB * (1 - headroom)), rows=rows,
@@ -284,18 +298,34 @@ def _disk_rows(shape: ModelShape, trainable: int, pb: int, base_b: int, lora: bo
     export = shape.params * pb  # LoRA: export_policy merges into the base reloaded in float32
     out.append(Row("HF export (Pareto / export_policy)", "disk", export, "",
                    "merged weights" + ("; a LoRA Pareto save is in the base's dtype" if lora else "")))
-    for cb in trainer.get("callbacks") or []:
-        if not isinstance(cb, dict) or "RLCheckpoint" not in str(cb.get("class_path", "")):
-            continue
-        args = cb.get("init_args") or {}
-        steps = model.get("max_rl_steps") or 0
+    callbacks = {str(c.get("class_path", "")).rsplit(".", 1)[-1]: dict(c.get("init_args") or {})
+                 for c in trainer.get("callbacks") or [] if isinstance(c, dict)}
+    steps = int(model.get("max_rl_steps") or 0)
+    held = 0
+    if "RLCheckpoint" in callbacks:  # callbacks.checkpoint.RLCheckpoint: keep_last numbered files + last
+        args = callbacks["RLCheckpoint"]
         every = int(args.get("every_n_rl_steps", 10) or 0)
-        saves = (math.ceil(steps / every) if every and steps else 1) + 1
-        top_k = int(args.get("save_top_k", 1))
-        kept = saves if top_k < 0 else min(top_k, saves)
+        saves = (steps // every + int(steps % every > 0)) if every and steps else 1  # the final save included
+        k = int(args.get("keep_last", 2))
+        kept = saves if k < 0 else min(k, saves)
         last = args.get("save_last")
-        copy = last is True or str(last).lower() == "true"  # Lightning's save_last: true copies, "link" links
-        total = ckpt * (kept + int(copy))
-        note = f"{kept} kept" + (" + last.ckpt (a full copy)" if copy else " + last (a link)" if last else "")
-        out.append(Row("retained training checkpoints", "disk", total, "RLCheckpoint.save_top_k", note))
+        full_last = last is True or str(last).lower() == "true" or (k == 0 and bool(last))  # "link": a link
+        files = kept + int(full_last)
+        held += ckpt * (files + 1)  # a save writes the new file before the oldest is deleted
+        note = (f"{saves} saves over {steps} RL steps, {'all' if k < 0 else f'the newest {kept}'} kept"
+                + (" + last.ckpt (a full copy)" if full_last else " + last.ckpt (a link)" if last else ""))
+        out.append(Row("retained training checkpoints", "disk", ckpt * files, "RLCheckpoint.keep_last", note))
+    if "ParetoFrontierCheckpoint" in callbacks:  # HF exports of the evaluated policies
+        args = callbacks["ParetoFrontierCheckpoint"]
+        every = int(args.get("every_n_steps", 10))
+        evals = steps // every + int(args.get("evaluate_at_start", True)) if steps else 1
+        best = args.get("keep", "frontier") == "best"
+        n = 1 if best else evals
+        held += export * (n + int(evals > 1))  # the newest export is written before a dominated one is deleted
+        out.append(Row("retained Pareto exports", "disk", export * n, "ParetoFrontierCheckpoint.keep",
+                       f"{evals} evaluations, " + ("the best-AUP one kept" if best else
+                                                   "the frontier kept: at most every one")))
+    if held:
+        out.append(Row("disk total over the run (peak)", "disk", held, "",
+                       "what is retained + the file being written"))
     return out
