@@ -53,6 +53,11 @@ class LRLCLI(LightningCLI):
         )
         parser.add_argument("--skip_plan", type=bool, default=False,
                             help="fit on a GPU: run even if the memory plan (`lrl plan`) says it does not fit")
+        parser.add_argument("--collective_timeout_s", type=int | None, default=None,
+                            help="seconds a rank waits in a collective (all-reduce, barrier) for the other ranks "
+                                 "before the run fails: the process-group timeout of the DDP / FSDP strategy "
+                                 "(None: Lightning's 1800 s; ignored on one device). Ranks roll out independently "
+                                 "between collectives, so allow for the slowest rank's rollout and refill rounds")
         for key in ("checkpoint", "block_size", "mask_token_id"):
             parser.link_arguments(key, f"model.init_args.{key}")
             parser.link_arguments(key, f"data.init_args.{key}")
@@ -116,6 +121,8 @@ class LRLCLI(LightningCLI):
 
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(RunStarted())  # errors before it fires are bad input: one line, exit 2
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        apply_collective_timeout(trainer.strategy, config.get("collective_timeout_s"))
         from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
         if getattr(getattr(self.model, "hparams", None), "max_rl_steps", None) is not None:
@@ -172,6 +179,19 @@ _EXPECTED_WARNINGS = (
     r".*`IterableDataset` has `__len__` defined.*",
     r".*LightningCLI's args parameter is intended to run from within Python.*",
 )
+
+
+def apply_collective_timeout(strategy, seconds: int | None) -> None:
+    """Set the process-group timeout of a DDP / FSDP strategy (``--collective_timeout_s``) before it creates the
+    process group (at fit / validate start); other strategies have no process group and are left alone."""
+    if seconds is None:
+        return
+    if not isinstance(seconds, int) or seconds < 1:
+        raise ValueError(f"collective_timeout_s must be an int >= 1 (seconds), got {seconds!r}")
+    if hasattr(strategy, "_timeout"):  # DDPStrategy, FSDPStrategy (and their subclasses) pass it to init_process_group
+        from datetime import timedelta
+
+        strategy._timeout = timedelta(seconds=seconds)
 
 
 def cli_main(args: list[str] | None = None, run: bool = True, exit_on_error: bool = True) -> LRLCLI:
