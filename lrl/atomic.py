@@ -38,8 +38,9 @@ def _write_via_temp(path: str | os.PathLike, write: Callable) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "wb") as f:  # by name: the file object names the temp file (crash tests read f.name)
             write(f)
             f.flush()
             os.fsync(f.fileno())

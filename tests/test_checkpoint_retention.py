@@ -125,3 +125,26 @@ def test_retention_knobs_are_checked(tmp_path):
         RLCheckpoint(dirpath=str(tmp_path), monitor="val/aup")
     with pytest.raises(MisconfigurationException, match="RLCheckpoint.keep_last must be an int >= -1"):
         RLCheckpoint(dirpath=str(tmp_path), keep_last=-2)
+
+
+def test_the_plan_counts_the_retained_bytes_of_the_8b_config():
+    """configs/sdar_8b_b32.yaml: a checkpoint is fp32 weights + two AdamW moments (12 B/param); 80 RL steps saved
+    every 10 = 8 saves, the newest 2 kept and last a link; one best-AUP HF export (4 B/param); at the peak one more
+    checkpoint and one more export are being written. Keeping every save plus a full last.ckpt (the config before
+    this change) is 9 checkpoints."""
+    from lrl.cli import merged_config
+    from lrl.plan import build_plan
+
+    cfg = merged_config([str(ROOT / "configs" / "sdar_8b_b32.yaml")])
+    plan = build_plan(cfg, world_size=8, device_gb=80)
+    disk = {r.component: r.bytes for r in plan.disk}
+    p = plan.shape.params
+    assert disk["one training checkpoint (.ckpt)"] == 12 * p
+    assert disk["retained training checkpoints"] == 2 * 12 * p
+    assert disk["retained Pareto exports"] == 4 * p
+    assert disk["total over the run (peak)"] == 3 * 12 * p + 2 * 4 * p
+    assert 355e9 < disk["total over the run (peak)"] < 365e9
+    ckpt_cb = next(c for c in cfg["trainer"]["callbacks"] if "RLCheckpoint" in c["class_path"])
+    ckpt_cb["init_args"].update(keep_last=-1, save_last=True)
+    old = {r.component: r.bytes for r in build_plan(cfg, world_size=8, device_gb=80).disk}
+    assert old["retained training checkpoints"] == 9 * 12 * p

@@ -294,10 +294,10 @@ def _disk_rows(shape: ModelShape, trainable: int, pb: int, base_b: int, lora: bo
     """Bytes on disk: one training checkpoint, one HF export, and what the retention settings keep."""
     weights = trainable * pb if lora else shape.params * pb
     ckpt = weights + 2 * trainable * pb
-    out = [Row("training checkpoint (.ckpt)", "disk", ckpt, "",
+    out = [Row("one training checkpoint (.ckpt)", "disk", ckpt, "",
                "adapters + their AdamW states" if lora else "weights + AdamW states")]
     export = shape.params * pb  # LoRA: export_policy merges into the base reloaded in float32
-    out.append(Row("HF export (Pareto / export_policy)", "disk", export, "",
+    out.append(Row("one HF export (Pareto / export_policy)", "disk", export, "",
                    "merged weights" + ("; a LoRA Pareto save is in the base's dtype" if lora else "")))
     callbacks = {str(c.get("class_path", "")).rsplit(".", 1)[-1]: dict(c.get("init_args") or {})
                  for c in trainer.get("callbacks") or [] if isinstance(c, dict)}
@@ -327,6 +327,6 @@ def _disk_rows(shape: ModelShape, trainable: int, pb: int, base_b: int, lora: bo
                        f"{evals} evaluations, " + ("the best-AUP one kept" if best else
                                                    "the frontier kept: at most every one")))
     if held:
-        out.append(Row("disk total over the run (peak)", "disk", held, "",
+        out.append(Row("total over the run (peak)", "disk", held, "",
                        "what is retained + the file being written"))
     return out
