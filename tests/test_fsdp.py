@@ -12,8 +12,10 @@ from fit_utils import run_two_rank_fit
 def _fit_fsdp(ckpt, out: Path, steps: int, *extra: str, pareto: bool = False) -> None:
     callbacks = [
         f"{{class_path: ddp_dump.DumpEngine, init_args: {{out: {out}/engine}}}}",
-        f"{{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {{dirpath: {out}/ckpts, "
-        "save_last: true, every_n_train_steps: 1}}",
+        # sharded saves into a hidden directory renamed into place, last.ckpt a link to the newest (the retention
+        # of the shipped configs)
+        f"{{class_path: callbacks.RLCheckpoint, init_args: {{dirpath: {out}/ckpts, save_last: link, "
+        "every_n_rl_steps: 1, keep_last: 2}}",
     ]
     if pareto:
         # no start evaluation: the step-2 checkpoint is then on the frontier alone and kept, whatever two RL steps
@@ -74,10 +76,15 @@ def test_fsdp_two_processes_weight_sync(peaky_checkpoint, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_fsdp_resume_matches_uninterrupted_run(tiny_checkpoint, tmp_path):
-    """2 steps, stop, resume from the sharded last.ckpt for a 3rd == 3 steps straight (weights and engine)."""
+    """2 steps, stop, resume from the sharded last.ckpt (a link to the newest directory) for a 3rd == 3 steps
+    straight (weights and engine)."""
     _fit_fsdp(tiny_checkpoint, tmp_path / "straight", 3)
     _fit_fsdp(tiny_checkpoint, tmp_path / "resumed", 2)
     _fit_fsdp(tiny_checkpoint, tmp_path / "resumed", 3, "--ckpt_path", "last")
+    ckpts = tmp_path / "resumed" / "ckpts"
+    # sharded directories, the newest 2 kept, last a link to step 3's; no hidden temporary directory left
+    assert sorted(p.name for p in ckpts.iterdir()) == ["last.ckpt", "rl_step=2.ckpt", "rl_step=3.ckpt"]
+    assert (ckpts / "last.ckpt").is_symlink() and (ckpts / "rl_step=3.ckpt" / "meta.pt").is_file()
     for rank in (0, 1):
         a = torch.load(tmp_path / "straight" / "engine" / f"rank{rank}.pt")
         b = torch.load(tmp_path / "resumed" / "engine" / f"rank{rank}.pt")
