@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,10 @@ def run_two_rank_fit(ckpt, out: Path, *args: str, configs: tuple[str, ...] = ("q
                TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, cwd=str(out.parent), env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+
+def free_port() -> int:
+    """A free local TCP port for a gloo process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

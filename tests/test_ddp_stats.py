@@ -4,12 +4,11 @@ ranks' responses, equal to one process normalising the concatenation; reward log
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from fit_utils import free_port
 
 from lrl.rollout.base import RolloutGenerator
 from lrl.rollout.types import RolloutBatch
@@ -89,17 +88,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(120)
 def test_batch_advantages_and_reward_logs_are_global_over_ranks(tmp_path):
     from lrl.algorithms.advantages import compute_advantages
 
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert len(r0["texts"]) == len(r1["texts"]) == 2 * G and not {t.split("/")[0] for t in r0["texts"]} & {
         t.split("/")[0] for t in r1["texts"]}  # each rank rolled out its own 2 prompts

@@ -4,12 +4,11 @@ the sweep one process computes over all records (accuracy, tokens, forwards, sto
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from fit_utils import free_port
 
 EVAL = {"thresholds": [0.9, 0.5], "max_new_tokens": 8}
 TASK = {"num_train": 10, "num_eval": 5, "family": "sums", "styles": {"chain": 0.5, "pairs": 0.5}}
@@ -45,15 +44,9 @@ def _worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(180)
 def test_two_ranks_gather_exactly_the_one_process_sweep(peaky_checkpoint, tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(peaky_checkpoint), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(peaky_checkpoint), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     single = _sweep(str(peaky_checkpoint), 0, 1)
     assert r0 == single and r1 == single

@@ -5,30 +5,21 @@ the weight sync's gathered state dict holds exactly the plan's full-weights byte
 
 from __future__ import annotations
 
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from fit_utils import free_port
+from test_plan import _shape  # the plan's shape of a measured model
 
 from datamodules.rollout import RolloutBackend
 from lrl.plan import build_plan
 from lrl.plan.measure import LiveTensorBytes
-from lrl.plan.shapes import ModelShape
 
 DATA, MODEL = "datamodules.RolloutDataModule", "lrl.module.LightningRLModule"
 EVAL_CB = {"class_path": "callbacks.ParetoFrontierCheckpoint", "init_args": {"eval_size": 8}}
-
-
-def _shape(lm) -> ModelShape:
-    c, layers = lm.model.config, lm.model.model.layers
-    params = sum(p.numel() for p in lm.parameters())
-    per_layer = sum(p.numel() for p in layers[0].parameters())
-    return ModelShape("tiny", c.num_hidden_layers, c.hidden_size, c.intermediate_size, c.num_attention_heads,
-                      c.num_key_value_heads, c.head_dim, c.vocab_size, params, per_layer,
-                      params - per_layer * len(layers), max(p.numel() for p in lm.parameters()))
 
 
 def _plan(shape, rollout: dict, trainer: dict | None = None, world: int = 1):
@@ -96,10 +87,7 @@ def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.timeout(180)
 def test_fsdp_weight_sync_gathers_the_plans_full_weights_on_every_rank(tiny_lm, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_gather_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gather_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     shape = _shape(tiny_lm)
     plan = _plan(shape, {"kv_cache_gb": 0.05}, {"strategy": "fsdp", "precision": "bf16-mixed"}, world=2)
     row = next(r for r in plan.rows if r.component == "weight sync: gathered policy")
