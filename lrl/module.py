@@ -324,6 +324,7 @@ class LightningRLModule(LoraTraining, RLStep, PlannerTraining, LightningModule):
         gathered (a collective with several ranks; every rank returns the whole result), decoded by an engine
         within the rollout's memory bounds (`_eval_engine_kwargs`), under autocast in the compute dtype on GPU."""
         from lrl.evaluation import run_pareto_sweep
+        from lrl.evaluation.pareto import all_gather_object
         from lrl.models.generation import checkpoint_stop_ids
         from lrl.rollout.engine import NativeEngine
 
@@ -350,21 +351,15 @@ class LightningRLModule(LoraTraining, RLStep, PlannerTraining, LightningModule):
                     planner_thresholds=list(ev.planner_thresholds),
                     rank=rank,
                     world_size=world,
-                    all_gather_object=_all_gather_object if world > 1 else None,
+                    all_gather_object=all_gather_object if world > 1 else None,
                 )
         finally:
             self.policy.train(was_training)
 
     def _eval_engine_kwargs(self) -> dict:
-        """The evaluation engine's bounds: ``model.init_args.eval``'s ``max_rows`` / ``kv_cache_gb`` /
-        ``transient_gb``, each defaulting to the rollout's (``data.init_args.rollout``), so the evaluation never
-        needs more memory than the budget the plan counts for it."""
-        ev = self.eval_cfg
+        """The evaluation engine's bounds (`EvalConfig.engine_bounds`: the rollout's unless ``eval`` sets them)."""
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        ro = getattr(dm, "rollout_cfg", None)
-        pick = {k: getattr(ev, k) if getattr(ev, k) is not None else getattr(ro, k, None)
-                for k in ("max_rows", "kv_cache_gb", "transient_gb")}
-        return {k: v for k, v in pick.items() if v is not None}
+        return self.eval_cfg.engine_bounds(getattr(dm, "rollout_cfg", None))
 
     def _eval_autocast(self):
         """On GPU the sweep computes in the trainer's compute dtype (bf16 under ``bf16-mixed``), as training does."""
@@ -373,12 +368,3 @@ class LightningRLModule(LoraTraining, RLStep, PlannerTraining, LightningModule):
         if dtype is None or device.type != "cuda":
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=dtype)
-
-
-def _all_gather_object(obj) -> list:
-    """Every rank's ``obj``, in rank order (``torch.distributed.all_gather_object``; a collective)."""
-    import torch.distributed as dist
-
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out

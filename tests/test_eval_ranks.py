@@ -73,7 +73,7 @@ def test_one_rank_of_two_decodes_only_its_share(peaky_checkpoint, monkeypatch):
         gathered.append(obj)
         return [obj]
 
-    monkeypatch.setattr("lrl.module._all_gather_object", fake_gather)
+    monkeypatch.setattr("lrl.evaluation.pareto.all_gather_object", fake_gather)
     from lrl.module import LightningRLModule
     from lrl.tasks import get_task
 

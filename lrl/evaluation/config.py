@@ -48,6 +48,15 @@ class EvalConfig:
                 raise ValueError(f"{key}.{name} must be > 0 (or null: the rollout's), got {value}")
 
 
+    def engine_bounds(self, rollout=None) -> dict:
+        """The evaluation engine's ``max_rows`` / ``kv_cache_gb`` / ``transient_gb``: these settings where given,
+        else the rollout's (``rollout``: a `datamodules.rollout.RolloutBackend`, or None: the engine's defaults),
+        so the evaluation never needs more memory than the budget the plan counts for it."""
+        pick = {k: getattr(self, k) if getattr(self, k) is not None else getattr(rollout, k, None)
+                for k in ("max_rows", "kv_cache_gb", "transient_gb")}
+        return {k: v for k, v in pick.items() if v is not None}
+
+
 def as_eval_config(value) -> EvalConfig:
     """``model.init_args.eval`` as given (an `EvalConfig`, a dict, a jsonargparse Namespace or None) → `EvalConfig`."""
     if value is None:

@@ -243,6 +243,15 @@ class _Rows:
         return float(self.response_lengths.sum()) / total if total else 0.0
 
 
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` in rank order (``torch.distributed.all_gather_object``; a collective)."""
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def sound_accuracy(task, texts, scores) -> float | None:
     """% of ``texts`` scored correct whose worked steps hold (``task.worked_steps_hold``); None for tasks without
     the check or an empty batch."""
