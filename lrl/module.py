@@ -119,7 +119,7 @@ class LightningRLModule(LoraTraining, RLStep, PlannerTraining, LightningModule):
         attention: Literal["sdpa", "flex"] = "sdpa",
         max_skipped_steps: int = 3,
         max_rl_steps: int | None = None,
-        eval: EvalConfig | None = None,
+        eval: EvalConfig = EvalConfig(),
         planner_head: dict | None = None,
         planner_lr: float | None = None,
         freeze_backbone: bool = False,

@@ -132,7 +132,7 @@ def test_the_plan_counts_the_retained_bytes_of_the_8b_config():
     every 10 = 8 saves, the newest 2 kept and last a link; one best-AUP HF export (4 B/param); at the peak one more
     checkpoint and one more export are being written. Keeping every save plus a full last.ckpt (the config before
     this change) is 9 checkpoints."""
-    from lrl.cli import merged_config
+    from lrl.config_files import merged_config
     from lrl.plan import build_plan
 
     cfg = merged_config([str(ROOT / "configs" / "sdar_8b_b32.yaml")])
