@@ -125,6 +125,7 @@ def check_ckpt_path(config, subcommand: str, key: str = "--ckpt_path") -> None:
     model_cls, model = _section(config, "model")
     if model_cls.endswith(_RL_MODULE):
         _check_loss_group(ckpt, path, key)
+        _check_eval_group(ckpt, path, key)
     if not model_cls.endswith(_RL_MODULE) or not config.get("checkpoint"):
         return
     _check_same_model(ckpt, config["checkpoint"], path, key)
@@ -144,6 +145,20 @@ def _check_loss_group(ckpt: dict, path, key: str) -> None:
         raise ValueError(f"{key}: {path} was saved before the loss knobs became model.init_args.loss (its "
                          f"hyperparameters hold {', '.join(flat)} at the top level); move them under "
                          "hyper_parameters['loss'] as docs/rl_step.md shows, or use the code it was trained with")
+
+
+def _check_eval_group(ckpt: dict, path, key: str) -> None:
+    """The same for the evaluation knobs (``eval_thresholds`` … before they became ``model.init_args.eval``)."""
+    from dataclasses import fields
+
+    from lrl.evaluation.config import EvalConfig
+
+    old = {f"eval_{f.name}" for f in fields(EvalConfig)}
+    flat = sorted(set(ckpt.get("hyper_parameters") or {}) & old)
+    if flat:
+        raise ValueError(f"{key}: {path} was saved before the evaluation knobs became model.init_args.eval (its "
+                         f"hyperparameters hold {', '.join(flat)}); move them under hyper_parameters['eval'] "
+                         "without the eval_ prefix as docs/evaluation.md shows, or use the code it was trained with")
 
 
 def _check_same_model(ckpt: dict, base: str, path, key: str) -> None:

@@ -29,3 +29,25 @@ def test_quickstart_validation_sweep_is_pinned(peaky_checkpoint, tmp_path, monke
 PINNED = [("static_1tok", 3, 144, 144, 36, 0.0), ("dynamic@0.9", 3, 144, 119, 36, 0.0),
           ("dynamic@0.7", 3, 144, 90, 36, 0.0), ("dynamic@0.5", 3, 144, 57, 36, 0.0),
           ("dynamic@0.3", 3, 144, 40, 36, 0.0)]
+
+
+def test_a_checkpoint_with_the_flat_evaluation_knobs_is_refused_naming_the_move(tmp_path):
+    import pytest
+    import torch
+
+    from lrl.cli_checks import check_ckpt_path
+
+    old = tmp_path / "old.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"eval_thresholds": [0.9], "eval_max_new_tokens": 8}}, old)
+    config = {"ckpt_path": str(old), "model": {"class_path": "lrl.module.LightningRLModule", "init_args": {}}}
+    with pytest.raises(ValueError, match=r"eval_max_new_tokens, eval_thresholds\); move them under "
+                                         r"hyper_parameters\['eval'\]"):
+        check_ckpt_path(config, "fit")
+    # the migration of docs/evaluation.md: the check passes it (the next check wants this model's weights)
+    ckpt = torch.load(old, weights_only=False)
+    hp = ckpt["hyper_parameters"]
+    hp["eval"] = {k[len("eval_"):]: hp.pop(k) for k in [k for k in hp if k.startswith("eval_")]}
+    torch.save(ckpt, old)
+    check_ckpt_path(config, "fit")
+    migrated = torch.load(old, weights_only=False)["hyper_parameters"]
+    assert migrated == {"eval": {"thresholds": [0.9], "max_new_tokens": 8}}
