@@ -25,7 +25,7 @@ def _sweep(ckpt: str, rank: int, world: int) -> dict:
     from lrl.module import LightningRLModule
     from lrl.tasks import get_task
 
-    module = LightningRLModule(ckpt, block_size=4, kl_beta=0.0, eval=EVAL)
+    module = LightningRLModule(ckpt, block_size=4, loss={"kl_beta": 0.0}, eval=EVAL)
     module.configure_model()
     module._trainer = _Trainer(rank, world)
     task = get_task("synthetic", **TASK)
@@ -77,7 +77,7 @@ def test_one_rank_of_two_decodes_only_its_share(peaky_checkpoint, monkeypatch):
     from lrl.module import LightningRLModule
     from lrl.tasks import get_task
 
-    module = LightningRLModule(str(peaky_checkpoint), block_size=4, kl_beta=0.0, eval=EVAL)
+    module = LightningRLModule(str(peaky_checkpoint), block_size=4, loss={"kl_beta": 0.0}, eval=EVAL)
     module.configure_model()
     module._trainer = _Trainer(1, 2)
     task = get_task("synthetic", **TASK)

@@ -16,7 +16,7 @@ def test_eval_runs_under_bf16_autocast_on_the_fp32_policy(peaky_checkpoint):
     from lrl.module import LightningRLModule
     from lrl.tasks import get_task
 
-    module = LightningRLModule(str(peaky_checkpoint), block_size=4, kl_beta=0.0,
+    module = LightningRLModule(str(peaky_checkpoint), block_size=4, loss={"kl_beta": 0.0},
                                eval={"max_new_tokens": 8, "thresholds": [0.5]})
     module.configure_model()
     module.policy.to("cuda")

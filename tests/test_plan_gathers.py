@@ -26,7 +26,7 @@ def _plan(shape, rollout: dict, trainer: dict | None = None, world: int = 1):
     t = {"precision": "32-true", "devices": world, "callbacks": [EVAL_CB, {"class_path": "callbacks.WeightSync"}],
          **(trainer or {})}
     return build_plan({"checkpoint": "x", "block_size": 4, "model": {"class_path": "lrl.module.LightningRLModule",
-                       "init_args": {"kl_beta": 0.0, "eval": {"max_new_tokens": 16, "thresholds": [0.5]}}},
+                       "init_args": {"loss": {"kl_beta": 0.0}, "eval": {"max_new_tokens": 16, "thresholds": [0.5]}}},
                        "data": {"class_path": DATA, "init_args": {"rollout": rollout}}, "trainer": t},
                       shape=shape, world_size=world, device_gb=1)
 
@@ -36,7 +36,7 @@ def _measured_eval_peak(checkpoint, kv_cache_gb: float, transient_gb: float) -> 
     from lrl.module import LightningRLModule
     from lrl.tasks import get_task
 
-    module = LightningRLModule(str(checkpoint), block_size=4, kl_beta=0.0,
+    module = LightningRLModule(str(checkpoint), block_size=4, loss={"kl_beta": 0.0},
                                eval={"max_new_tokens": 16, "thresholds": [0.5]})
     module.configure_model()
     dm = SimpleNamespace(rollout_cfg=RolloutBackend(kv_cache_gb=kv_cache_gb, transient_gb=transient_gb))
