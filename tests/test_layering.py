@@ -19,7 +19,7 @@ PACKAGES = ("lrl", "callbacks", "datamodules")
 # Lowest first. A module may import its own layer or lower ones. Each entry is a module or package prefix, except
 # `lrl` (lrl/__init__.py only): a new lrl.<name> must be placed here by hand.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("models", ("lrl", "lrl.models", "lrl.metrics", "lrl.config_files")),
+    ("models", ("lrl", "lrl.models", "lrl.metrics", "lrl.config_files", "lrl.atomic")),
     ("rollout", ("lrl.rollout",)),
     ("rewards/algorithms", ("lrl.rewards", "lrl.algorithms", "lrl.tasks", "lrl.evaluation")),
     ("module/datamodules", ("lrl.module", "lrl.module_step", "lrl.module_planner", "lrl.module_lora", "lrl.sft",
