@@ -20,9 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _fit(ckpt, out: Path, steps: int, *extra: str):
     callbacks = (
-        "[{class_path: callbacks.TPFAwareFilter, init_args: {all_wrong: false, tpf_range_threshold: null}}, "
-        "{class_path: callbacks.WeightSync}, "
-        f"{{class_path: callbacks.ParetoFrontierCheckpoint, init_args: {{dirpath: {out}/pareto, every_n_steps: 1, "
+        f"[{{class_path: callbacks.ParetoFrontierCheckpoint, init_args: {{dirpath: {out}/pareto, every_n_steps: 1, "
         "eval_size: 2, evaluate_at_start: false, keep: best}}, "
         f"{{class_path: callbacks.RLCheckpoint, init_args: {{dirpath: {out}/ckpts, save_last: link, "
         "every_n_rl_steps: 1, keep_last: 2}}]"
@@ -35,6 +33,7 @@ def _fit(ckpt, out: Path, steps: int, *extra: str):
         "--model.init_args.eval.max_new_tokens=8", "--model.init_args.eval.thresholds=[0.5]",
         f"--model.init_args.max_rl_steps={steps}", f"--trainer.default_root_dir={out}",
         "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={out}",
+        "--data.init_args.filter={all_wrong: false, tpf_range_threshold: null}",  # every group trains
         f"--trainer.callbacks={callbacks}", *extra,
     ])
 

@@ -23,7 +23,7 @@ EVAL_CB = {"class_path": "callbacks.ParetoFrontierCheckpoint", "init_args": {"ev
 
 
 def _plan(shape, rollout: dict, trainer: dict | None = None, world: int = 1):
-    t = {"precision": "32-true", "devices": world, "callbacks": [EVAL_CB, {"class_path": "callbacks.WeightSync"}],
+    t = {"precision": "32-true", "devices": world, "callbacks": [EVAL_CB],
          **(trainer or {})}
     return build_plan({"checkpoint": "x", "block_size": 4, "model": {"class_path": "lrl.module.LightningRLModule",
                        "init_args": {"loss": {"kl_beta": 0.0}, "eval": {"max_new_tokens": 16, "thresholds": [0.5]}}},
@@ -77,7 +77,7 @@ def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
         layers = {type(m) for m in lm.model.modules() if m.__class__.__name__.endswith("DecoderLayer")}
         wrapped = wrap_fsdp(lm, layers, device=torch.device("cpu"))
         local = sum(p.numel() for p in wrapped.parameters())
-        state = full_state_dict(wrapped, prefix=submodule_prefix(wrapped, wrapped.module.model))  # WeightSync's call
+        state = full_state_dict(wrapped, prefix=submodule_prefix(wrapped, wrapped.module.model))  # what the sync calls
         storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in state.values()}
         torch.save({"bytes": sum(storages.values()), "local": local,
                     "shapes": {k: tuple(v.shape) for k, v in state.items()}}, f"{out}/rank{rank}.pt")

@@ -254,13 +254,13 @@ def build_plan(config: dict, *, world_size: int | None = None, device_gb: float 
 
     callbacks = {str(c.get("class_path", "")).rsplit(".", 1)[-1]: dict(c.get("init_args") or {})
                  for c in (t.get("callbacks") or []) if isinstance(c, dict)}
-    # ---- weight sync (WeightSync, after the step's gradients are freed): under FSDP every rank gathers the whole
-    # state dict in the parameters' dtype (`gathered_policy_state` → get_model_state_dict(full_state_dict=True));
-    # unsharded policies hand over their own tensors (no copy); a native engine's own copy is off the device then
-    if fsdp and "WeightSync" in callbacks:
+    # ---- weight sync (`lrl.pipeline.RLStep.sync`, at the next rollout, after the step's gradients are freed): under
+    # FSDP every rank gathers the whole state dict in the parameters' dtype (`gathered_policy_state` →
+    # get_model_state_dict(full_state_dict=True)); an unsharded policy hands over its own tensors (no copy)
+    if fsdp:
         unit = max(shape.root_params, shape.layer_params) * pb  # the unit being unsharded while its copy is made
         rows.append(Row("weight sync: gathered policy", "weight sync", P * pb + unit, "trainer.strategy",
-                        f"full state dict, {pb} B/param, on every rank (WeightSync), + one unit unsharded"))
+                        f"full state dict, {pb} B/param, on every rank, + one unit unsharded"))
 
     # ---- evaluation (Pareto sweep through the native engine over the policy's weights; lrl.module.run_pareto)
     if "ParetoFrontierCheckpoint" in callbacks:
