@@ -102,7 +102,7 @@ def _validate(base, logs: Path, *extra) -> dict:
     args = ["validate", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--checkpoint", str(base),
             "--block_size", "4", "--data.init_args.task_kwargs={num_train: 10, num_eval: 4}",
             "--data.init_args.eval_size=4", "--data.init_args.max_new_tokens=8",
-            "--model.init_args.eval_max_new_tokens=8", "--model.init_args.eval_thresholds=[0.5]",
+            "--model.init_args.eval.max_new_tokens=8", "--model.init_args.eval.thresholds=[0.5]",
             f"--trainer.logger.init_args.save_dir={logs}", "--trainer.enable_progress_bar=false", *extra]
     cli_main(args)
     return json.loads(next(logs.rglob("pareto.json")).read_text())
@@ -120,11 +120,11 @@ def test_validate_evaluates_the_adapters_like_their_export(straight, peaky_check
     ckpt = out / "ckpts" / "last.ckpt"
     lora = _validate(peaky_checkpoint, tmp_path / "lora", LORA, f"--ckpt_path={ckpt}")
     merged = _validate(export_policy(ckpt, tmp_path / "policy"), tmp_path / "merged")
-    # (a --ckpt_path file's hyperparameters win over the command line's: the run's eval_thresholds=[0.5])
+    # (a --ckpt_path file's hyperparameters win over the command line's: the run's eval.thresholds=[0.5])
     pick = [(p["setting"], p["accuracy"], p["tpf"]) for p in lora["points"]]
     assert pick == [(p["setting"], p["accuracy"], p["tpf"]) for p in merged["points"]]
     assert [p[0] for p in pick] == ["static_1tok", "dynamic@0.5"]
-    base = _validate(peaky_checkpoint, tmp_path / "base", "--model.init_args.eval_thresholds=[0.5]")
+    base = _validate(peaky_checkpoint, tmp_path / "base", "--model.init_args.eval.thresholds=[0.5]")
     assert base["points"][1]["tpf"] != lora["points"][1]["tpf"]  # the adapters were evaluated, not the base
     assert lora["checkpoint"] == str(ckpt)
 

@@ -114,7 +114,7 @@ def test_lora_model_states_and_checkpoint_bytes_are_exact(tiny_lm, tmp_path):
     assert rows["gradients"] == adapter_bytes and rows["reference weights"] == 0  # the base, adapters disabled
     states = [t for s in opt.state.values() for k, t in s.items() if k != "step"]
     disk = {r.component: r.bytes for r in plan.disk}
-    assert disk["training checkpoint (.ckpt)"] == adapter_bytes + sum(t.numel() * t.element_size() for t in states)
+    assert disk["one training checkpoint (.ckpt)"] == adapter_bytes + sum(t.numel() * t.element_size() for t in states)
 
 
 def test_lora_plan_has_no_reference_copy_and_no_engine_copy():
