@@ -113,7 +113,9 @@ class RLCheckpoint(ModelCheckpoint):
         keep_last: how many numbered checkpoints (``rl_step=N.ckpt``) stay on disk: the newest ``keep_last`` by
             RL step; -1 keeps every one, 0 none (only ``last.ckpt``, then a full file). Replaces
             `ModelCheckpoint`'s ``save_top_k`` / ``monitor``.
-        **kwargs: `ModelCheckpoint` arguments (``dirpath``, ``filename``, ``save_last``: ``link`` makes
+        **kwargs: `ModelCheckpoint` arguments (``dirpath``: default ``<trainer.default_root_dir>/checkpoints``,
+            fixed before ``--ckpt_path last`` looks for it, so a config that sets ``default_root_dir`` resumes
+            from its own folder; ``filename``, ``save_last``: ``link`` makes
             ``last.ckpt`` a link to the newest numbered checkpoint, ``true`` a full copy); the optimizer-step and
             epoch triggers (``every_n_train_steps``, ``train_time_interval``, ``every_n_epochs``) and
             ``save_top_k`` / ``monitor`` / ``mode`` are not accepted, and files are named ``rl_step=N.ckpt``.
@@ -151,8 +153,15 @@ class RLCheckpoint(ModelCheckpoint):
         self._previous_handlers: dict = {}
 
     # ------------------------------------------------------------------ setup and signals
+    def bind_dirpath(self, trainer) -> None:
+        """``dirpath`` None → ``<trainer.default_root_dir>/checkpoints`` (Lightning's own default is inside the
+        logger's version folder, which ``--ckpt_path last`` cannot know before the run)."""
+        if self.dirpath is None:
+            self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
+
     @override
     def setup(self, trainer, pl_module, stage: str) -> None:
+        self.bind_dirpath(trainer)
         super().setup(trainer, pl_module, stage)
         use_atomic_checkpoint_io(trainer)
 

@@ -51,6 +51,10 @@ class LRLCLI(LightningCLI):
             default=None,
             help="Override of the checkpoint's mask token id (must agree with the tokenizer)",
         )
+        parser.add_argument("--base", type=str | None, default=None,
+                            help="in a config file: the config it overlays, relative to its folder (e.g. "
+                                 "`base: lightningrl.yaml`); `--config` reads the base first, unless an earlier "
+                                 "`--config` already read it")
         parser.add_argument("--skip_plan", type=bool, default=False,
                             help="fit on a GPU: run even if the memory plan (`lrl plan`) says it does not fit")
         parser.add_argument("--collective_timeout_s", type=int | None, default=None,
@@ -123,6 +127,11 @@ class LRLCLI(LightningCLI):
         trainer.callbacks.append(RunStarted())  # errors before it fires are bad input: one line, exit 2
         config = self.config[self.subcommand] if self.subcommand else self.config
         apply_collective_timeout(trainer.strategy, config.get("collective_timeout_s"))
+        from callbacks.checkpoint import RLCheckpoint
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, RLCheckpoint):
+                cb.bind_dirpath(trainer)  # before --ckpt_path last looks in it
         from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
         if getattr(getattr(self.model, "hparams", None), "max_rl_steps", None) is not None:
@@ -199,8 +208,11 @@ def cli_main(args: list[str] | None = None, run: bool = True, exit_on_error: boo
     instead of printing the usage and exiting: `main` reports them in one short block."""
     import warnings
 
+    from lrl.config_files import expand_config_args
+
     for pattern in _EXPECTED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
+    args = expand_config_args(list(sys.argv[1:] if args is None else args))  # overlays read their `base:` first
     return LRLCLI(
         LightningModule,
         LightningDataModule,
@@ -230,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
 
     cli_errors.reset()
     try:
-        cli_main(argv, exit_on_error=cli_errors.debug_requested())  # None: LightningCLI reads sys.argv itself
+        cli_main(argv, exit_on_error=cli_errors.debug_requested())  # None: sys.argv
     except SIGTERMException:
         sys.exit(_preempted_exit())
     except Exception as exc:  # noqa: BLE001 - bad input gets one line; everything else keeps its traceback

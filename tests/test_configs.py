@@ -15,14 +15,13 @@ PIECES = {
     d: sorted((ROOT / "configs" / d).glob("*.yaml")) for d in ("model", "data", "trainer", "algorithm", "rollout")
 }
 # recipes of committed bases, and those of past experiments kept beside their page (docs/experiments/recipes/)
-SFT_PIECES = sorted([*(ROOT / "configs" / "sft").glob("*.yaml"), *(ROOT / "docs" / "experiments" / "recipes").glob("*.yaml")])
+SFT_PIECES = sorted([*(ROOT / "configs" / "sft").glob("*.yaml"),
+                     *(ROOT / "docs" / "experiments" / "recipes").glob("*.yaml")])
 
 
 def _stack(config: Path) -> list[Path]:
-    """How a shipped experiment file is used: an overlay (no `model.class_path` of its own, e.g. grpo_traj.yaml)
-    goes on top of the paper profile, `--config configs/lightningrl.yaml --config configs/<overlay>`."""
-    model = (yaml.safe_load(config.read_text()) or {}).get("model") or {}
-    return [config] if "class_path" in model else [ROOT / "configs" / "lightningrl.yaml", config]
+    """How a shipped experiment file is used: alone; an overlay's `base:` is read first by the CLI itself."""
+    return [config]
 
 
 def _instantiate(tiny_checkpoint, configs, *extra):
@@ -48,10 +47,11 @@ def test_experiment_config_instantiates(config, tiny_checkpoint, tmp_path, monke
     assert cli.datamodule.checkpoint == str(tiny_checkpoint)  # linked: one source
 
 
-def _resolved(tiny_checkpoint, configs) -> dict:
+def _resolved(tiny_checkpoint, configs, *extra) -> dict:
     """Every resolved value of a composition, flattened to dotted keys (list items as `key[i]`)."""
-    cfg = _instantiate(tiny_checkpoint, configs).config.as_dict()
+    cfg = _instantiate(tiny_checkpoint, configs, *extra).config.as_dict()
     cfg.pop("config", None)  # the paths given, not a value
+    cfg.pop("base", None)  # which file an overlay sits on, not a value
 
     def flat(value, prefix=""):
         if isinstance(value, dict):
@@ -73,7 +73,6 @@ PROFILE_CHANGES = {
         "data.init_args.rewards[1].init_args.weight": 0.0,
         "data.init_args.advantage": "prompt_group",
         "data.init_args.filter.tpf_range_threshold": None,  # all-wrong groups only
-        "trainer.callbacks[2].init_args.dirpath": "outputs/grpo_traj/checkpoints",
         "trainer.default_root_dir": "outputs/grpo_traj",
         "trainer.logger.init_args.name": "grpo_traj",
     },
@@ -86,7 +85,6 @@ PROFILE_CHANGES = {
         "data.init_args.refill": False,
         "data.init_args.max_refill_rounds": 1,
         "trainer.precision": "16-mixed",
-        "trainer.callbacks[2].init_args.dirpath": "outputs/lightningrl_released/checkpoints",
         "trainer.default_root_dir": "outputs/lightningrl_released",
         "trainer.logger.init_args.name": "lightningrl_released",
     },
@@ -106,11 +104,24 @@ def test_profile_differs_from_the_paper_profile_exactly_as_written(name, tiny_ch
     assert all(paper[k] != v for k, v in PROFILE_CHANGES[name].items())  # each listed change is a change
 
 
-def test_every_shipped_experiment_is_a_full_profile_or_an_overlay_of_the_paper_profile():
-    """An overlay alone would be an incomplete config; the files say how they are used."""
-    for config in EXPERIMENTS:
-        if len(_stack(config)) == 2:
-            assert "--config configs/lightningrl.yaml --config configs/" + config.name in config.read_text(), config
+OVERLAYS = [p for p in EXPERIMENTS if "base" in (yaml.safe_load(p.read_text()) or {})]
+
+
+def test_the_overlays_are_the_sdar_profiles_grpo_traj_released_and_dultra():
+    assert sorted(p.name for p in OVERLAYS) == ["dultra.yaml", "grpo_traj.yaml", "lightningrl_released.yaml",
+                                                "sdar_1p7b_1gpu.yaml", "sdar_8b_b32.yaml", "sdar_8b_lora_1gpu.yaml"]
+
+
+@pytest.mark.parametrize("config", OVERLAYS, ids=lambda p: p.name)
+def test_an_overlay_alone_equals_its_base_then_it(config, tiny_checkpoint, tmp_path, monkeypatch):
+    """`--config overlay.yaml` reads its `base:` first: the same run as `--config <base> --config overlay.yaml`
+    (the base is not read twice), and the file's usage line says so."""
+    monkeypatch.chdir(tmp_path)
+    base = config.parent / yaml.safe_load(config.read_text())["base"]
+    cpu = ("--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.strategy=auto")
+    alone, both = (_resolved(tiny_checkpoint, c, *cpu) for c in ([config], [base, config]))
+    assert alone == both and alone["model.init_args.max_rl_steps"] is not None
+    assert f"lrl fit --config configs/{config.name}" in config.read_text()
 
 
 @pytest.mark.parametrize("piece", [p for ps in PIECES.values() for p in ps], ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -315,3 +315,27 @@ def test_outputs_readme_lists_every_committed_base_and_the_demo_base():
     assert checkpoint.startswith("outputs/base/")
     demo_rows = [ln for ln in text.splitlines() if "make demo" in ln and ln.startswith("|")]
     assert len(demo_rows) == 1 and f"`base/{checkpoint.removeprefix('outputs/base/')}`" in demo_rows[0]
+
+
+def test_the_readme_reward_example_is_a_working_reward_term():
+    """The README's "your own reward" class runs as written: one raw value per response (shorter is higher),
+    shaped per prompt group like the shipped terms."""
+    import torch
+
+    from lrl.rollout.types import RolloutBatch
+
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1)
+    namespace: dict = {}
+    exec(code, namespace)  # noqa: S102 - the project's own README
+    term = namespace["ShortAnswers"](weight=0.5)
+    n = 4
+    responses = [[5] * 3, [5], [5] * 2, [5] * 2]
+    batch = RolloutBatch(prompt_ids=[[1]] * n, response_ids=responses, texts=[""] * n,
+                         step_maps=[[1] * len(r) for r in responses], num_forwards=torch.ones(n, dtype=torch.long),
+                         num_store_passes=torch.zeros(n, dtype=torch.long), finish_reasons=["stop"] * n,
+                         group_index=torch.tensor([0, 0, 1, 1]))
+    raw = term.raw(batch)
+    assert raw.tolist() == [-3.0, -1.0, -2.0, -2.0]
+    # z-scored per group × 0.5: the shorter of group 0 gets +0.5, the flat group 1 gets 0
+    assert term.shape(raw, batch.group_index).tolist() == [-0.5, 0.5, 0.0, 0.0]
+    assert term.name == "short"

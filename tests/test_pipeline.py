@@ -3,13 +3,13 @@ configs refused), and refill rounds that every rank agrees on (two gloo processe
 
 from __future__ import annotations
 
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from fit_utils import free_port
 
 from lrl.rollout.base import RolloutGenerator
 from lrl.rollout.types import RolloutBatch
@@ -164,15 +164,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.timeout(120)
 def test_ranks_run_the_same_refill_rounds_when_one_ranks_groups_are_dropped(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     # rank 0 filled its 2 groups in round 1; rank 1 drew 2 prompts in each of the 3 rounds and kept none
     assert r0["calls"] == [2] and r1["calls"] == [2, 2, 2]
