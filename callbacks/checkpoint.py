@@ -159,10 +159,18 @@ class RLCheckpoint(ModelCheckpoint):
         if self.dirpath is None:
             self.dirpath = os.path.realpath(os.path.join(trainer.default_root_dir, "checkpoints"))
 
+    def _claim_last_name(self) -> None:
+        """``last.ckpt`` is always this run's to replace (atomically): without a ``last_model_path`` (a fresh run, or
+        one resumed from a checkpoint written before the first ``last``), Lightning's version counter would write
+        ``last-v1.ckpt`` beside an existing one."""
+        if self.save_last and not self.last_model_path and self.dirpath:
+            self.last_model_path = os.path.join(self.dirpath, self.CHECKPOINT_NAME_LAST + self.FILE_EXTENSION)
+
     @override
     def setup(self, trainer, pl_module, stage: str) -> None:
         self.bind_dirpath(trainer)
         super().setup(trainer, pl_module, stage)
+        self._claim_last_name()
         use_atomic_checkpoint_io(trainer)
 
     @override
@@ -269,6 +277,7 @@ class RLCheckpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self.last_rl_step_saved = int(state_dict.get("last_rl_step_saved", -1))
+        self._claim_last_name()
 
 
 def save_sharded_atomically(trainer, filepath: str | os.PathLike, weights_only: bool = False) -> None:

@@ -147,3 +147,30 @@ def test_the_plan_counts_the_retained_bytes_of_the_8b_config():
     ckpt_cb["init_args"].update(keep_last=-1, save_last=True)
     old = {r.component: r.bytes for r in build_plan(cfg, world_size=8, device_gb=80).disk}
     assert old["retained training checkpoints"] == 9 * 12 * p
+
+
+def test_without_a_dirpath_checkpoints_follow_default_root_dir_and_resume_from_last(tiny_checkpoint, tmp_path):
+    """The shipped configs give RLCheckpoint no dirpath (an overlay moves its checkpoints by moving
+    `trainer.default_root_dir`): saves land in `<default_root_dir>/checkpoints`, where `--ckpt_path last` looks,
+    not in Lightning's default (inside the logger's version folder)."""
+
+    def fit(out, steps, *extra):
+        return cli_main([
+            "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--checkpoint", str(tiny_checkpoint),
+            "--block_size", "4", "--data.init_args.prompts_per_step=2", "--data.init_args.group_size=2",
+            "--data.init_args.max_new_tokens=8", "--data.init_args.task_kwargs={num_train: 40, num_eval: 4}",
+            "--data.init_args.max_refill_rounds=1", "--model.init_args.micro_batch_size=4",
+            "--data.init_args.filter={all_wrong: false, tpf_range_threshold: null}",
+            f"--model.init_args.max_rl_steps={steps}", f"--trainer.default_root_dir={out}",
+            "--trainer.enable_progress_bar=false", f"--trainer.logger.init_args.save_dir={out}",
+            "--trainer.callbacks=[{class_path: callbacks.RLCheckpoint, "
+            "init_args: {every_n_rl_steps: 1, save_last: link}}]", *extra,
+        ])
+
+    out = tmp_path / "run"
+    fit(out, 1)
+    assert _names(out / "checkpoints") == ["last.ckpt", "rl_step=1.ckpt"]
+    cli = fit(out, 2, "--ckpt_path", "last")
+    assert cli.model.rl_step == 2
+    assert _names(out / "checkpoints") == ["last.ckpt", "rl_step=1.ckpt", "rl_step=2.ckpt"]
+    assert not list(out.glob("*/main/checkpoints"))  # nothing in the logger's version folder
