@@ -151,11 +151,13 @@ def cast_copy(lm: nn.Module, dtype: torch.dtype, source=None) -> nn.Module:
     with torch.device("meta"):
         skeleton = type(hf)._from_config(hf.config, dtype=dtype)
     skeleton.to_empty(device=lm.device)
+    if getattr(hf.config, "tie_word_embeddings", False):
+        skeleton.tie_weights()  # to_empty replaces each module's parameters: the tied head became its own tensor
     with torch.no_grad():
         if source is not None:
             src = source
         else:
-            src = dict(hf.named_parameters())
+            src = dict(hf.named_parameters(remove_duplicate=False))
             src.update(dict(hf.named_buffers()))
         for name, t in [*skeleton.named_parameters(), *skeleton.named_buffers()]:
             t.copy_(src[name])

@@ -129,7 +129,7 @@ class NativeEngine(RolloutGenerator):
         and shape is checked before anything is copied, so a bad update leaves the weights and ``weight_version``
         as they were.
         """
-        own = dict(self.lm.model.named_parameters())
+        own = dict(self.lm.model.named_parameters(remove_duplicate=False))  # a tied head by its own name too
         own.update(dict(self.lm.model.named_buffers()))
         if getattr(self.lm, "planner", None) is not None:
             own.update({f"planner.{k}": v for k, v in self.lm.planner.state_dict(keep_vars=True).items()})
