@@ -30,6 +30,7 @@ import json
 import os
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -115,8 +116,9 @@ class PhasePeaks(Callback):
         self._open(entry)
         try:
             yield
-        except torch.OutOfMemoryError:
-            self.oom = self.oom or name
+        except Exception as exc:
+            if _is_oom(exc):
+                self.oom = self.oom or name
             raise
         finally:
             self._close(entry)
@@ -170,6 +172,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="outputs/gpu/plan_1p7b", help="folder for plan_check.json (and the checkpoint)")
     p.add_argument("--checkpoint", default=None, help="an SDAR-format checkpoint to use (default: write one)")
+    p.add_argument("--checkpoint-dir", default="outputs/sdar_like",
+                   help="where the random checkpoint is written (reused when present; not under --out: 3.4 GB)")
     p.add_argument("--config", default=str(ROOT / "configs" / "sdar_1p7b_1gpu.yaml"), help="the lrl fit config")
     p.add_argument("--max-new-tokens", type=int, default=None, help="response length (default: the config's, 2048)")
     p.add_argument("--prompts-per-step", type=int, default=None, help="prompts per RL step (default: the config's)")
@@ -186,7 +190,7 @@ def _checkpoint(args, out: Path) -> Path:
         return Path(args.checkpoint)
     from lrl.models.sdar_like import build_sdar_like_checkpoint
 
-    path = out / ("sdar_like_tiny" if args.smoke else "sdar_like_1p7b")
+    path = Path(args.checkpoint_dir) / ("tiny" if args.smoke else "sdar_1p7b")
     if not (path / "config.json").exists():
         t0 = time.perf_counter()
         build_sdar_like_checkpoint(path, **(SMOKE_SHAPE if args.smoke else SDAR_1P7B))
@@ -245,7 +249,7 @@ def _fit(args, ckpt: Path, out: Path, overrides: list[str]) -> tuple[PhasePeaks 
     from lrl.cli import cli_main
 
     argv = ["fit", "--config", str(args.config), f"--checkpoint={ckpt}", *overrides, "--skip_plan=true",
-            f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
+            f"--trainer.default_root_dir={out / 'fit'}", f"--trainer.logger.init_args.save_dir={out / 'fit'}",
             "--trainer.enable_progress_bar=false",
             "--trainer.callbacks=[{class_path: gpu_plan_check.PhasePeaks}]"]  # no Pareto evaluation, no checkpoints
     cls = _imported_class()  # the class jsonargparse instantiates
@@ -253,9 +257,15 @@ def _fit(args, ckpt: Path, out: Path, overrides: list[str]) -> tuple[PhasePeaks 
     error = None
     try:
         cli_main(argv)
-    except torch.OutOfMemoryError as exc:
-        error = f"out of memory: {str(exc).splitlines()[0]}"
+    except Exception as exc:  # noqa: BLE001 - the report is written whatever stopped the run (an OOM above all)
+        traceback.print_exc()
+        first = (str(exc).splitlines() or [""])[0]
+        error = f"{'out of memory' if _is_oom(exc) else type(exc).__name__}: {first}"
     return cls.last, error
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
 def _imported_class():
@@ -269,10 +279,11 @@ def _imported_class():
 
 
 def _plan(args, ckpt: Path, overrides: list[str], prompt_tokens: int, device_gb: float):
+    import yaml
+
     from lrl.config_files import merged_config
     from lrl.plan import build_plan
     from lrl.plan.command import _set
-    import yaml
 
     cfg = merged_config([str(args.config)])
     cfg["checkpoint"] = str(ckpt)
@@ -317,7 +328,8 @@ def format_report(rep: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(1)
+    if args.smoke:
+        torch.set_num_threads(1)  # the CPU check runs beside other work
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not args.smoke and not torch.cuda.is_available():
         raise SystemExit("gpu_plan_check: no CUDA device (use --smoke for the CPU check)")

@@ -16,7 +16,7 @@ def test_smoke_reports_every_phase(tmp_path, monkeypatch):
     import gpu_plan_check
 
     monkeypatch.chdir(tmp_path)
-    rep = gpu_plan_check.main(["--smoke", "--out", str(tmp_path / "out")])
+    rep = gpu_plan_check.main(["--smoke", "--out", str(tmp_path / "out"), "--checkpoint-dir", str(tmp_path / "ckpt")])
     assert json.loads((tmp_path / "out" / "plan_check.json").read_text()) == json.loads(json.dumps(rep))
     assert rep["error"] is None
     rows = {r["phase"]: r for r in rep["phases"]}
