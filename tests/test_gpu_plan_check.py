@@ -37,3 +37,31 @@ def test_smoke_reports_every_phase(tmp_path, monkeypatch):
     # the synthetic task's prompts went through the real tokenizer's chat template (<|im_start|>user\n)
     assert rep["first_prompt_ids"][:3] == [151644, 872, 198]
     assert rep["prompt_tokens"] > 10
+
+
+def test_tied_head_survives_the_engine_copy_and_a_weight_sync(tiny_tokenizer):
+    """SDAR-1.7B ties its LM head to the embedding: the rollout engine's bf16 copy (`cast_copy`) stays tied and a
+    sync's state dict (which names ``lm_head.weight`` too) is accepted (both raised KeyError before)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from lrl.models import BlockDiffusionLM
+    from lrl.models.config import BlockDiffusionConfig
+    from lrl.models.sharding import cast_copy
+    from lrl.rollout import NativeEngine
+
+    vocab = len(tiny_tokenizer)
+    cfg = Qwen3Config(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    lm = BlockDiffusionLM(Qwen3ForCausalLM(cfg), BlockDiffusionConfig(mask_token_id=vocab - 1, block_size=4))
+    copy = cast_copy(lm, torch.bfloat16)
+    head, emb = copy.model.lm_head.weight, copy.model.model.embed_tokens.weight
+    assert head is emb and head.dtype == torch.bfloat16
+    assert torch.equal(emb, lm.model.model.embed_tokens.weight.to(torch.bfloat16))
+    engine = NativeEngine(copy, tiny_tokenizer)
+    state = {k: v + 1.0 for k, v in lm.model.state_dict().items()}  # lists lm_head.weight beside the embedding
+    assert "lm_head.weight" in state
+    engine.update_weights(state, version=3)
+    assert engine.weight_version == 3
+    assert torch.equal(copy.model.model.embed_tokens.weight, state["model.embed_tokens.weight"].to(torch.bfloat16))
