@@ -170,7 +170,7 @@ class PhasePeaks(Callback):
 # -------------------------------------------------------------------- the run
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="outputs/gpu/plan_1p7b", help="folder for plan_check.json (and the checkpoint)")
+    p.add_argument("--out", default="outputs/gpu/plan_1p7b", help="folder for plan_check.json and the run's logs")
     p.add_argument("--checkpoint", default=None, help="an SDAR-format checkpoint to use (default: write one)")
     p.add_argument("--checkpoint-dir", default="outputs/sdar_like",
                    help="where the random checkpoint is written (reused when present; not under --out: 3.4 GB)")
